@@ -1,0 +1,185 @@
+"""``explain()``: every method inside one safety context, sharing work, on the images' device."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor, nn
+
+from lightning_saliency.errors import SaliencyConfigError
+from lightning_saliency.layers import LayerSpec, find_target_layer, resolve_layer
+from lightning_saliency.methods import METHODS, ExplainSession, canonical_name
+
+DEFAULT_METHODS: tuple[str, ...] = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
+
+
+class Explanations(dict):
+    """Method name → maps, plus what the pass learnt on the way.
+
+    Attributes:
+        logits: ``(N, num_classes)`` float32 scores of the images.
+        targets: ``(N,)`` the class each map explains.
+        layer_name: the target layer used by layer methods (``None`` if none was needed).
+        extras: e.g. ``dff_concept_scores`` ``(K, num_classes)``, ``ig_steps``,
+            ``ig_completeness_error`` ``(N,)``.
+        errors: method → exception, only with ``on_error="collect"``.
+    """
+
+    logits: Tensor
+    targets: Tensor
+    layer_name: str | None
+    extras: dict[str, Any]
+    errors: dict[str, BaseException]
+
+
+def normalize_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
+    """Canonical, de-duplicated method names; raises listing the known ones.
+
+    Example:
+        >>> normalize_methods("gradcam,ig")
+        ('gradcam', 'integrated_gradients')
+    """
+    if isinstance(methods, str):
+        methods = [m for m in methods.split(",") if m.strip()]
+    names = tuple(dict.fromkeys(canonical_name(m) for m in methods))
+    if not names:
+        raise SaliencyConfigError("methods is empty; pass at least one, e.g. ('gradcam',).")
+    return names
+
+
+def default_options(methods: Sequence[str]) -> dict[str, Any]:
+    """The options the given methods read, with their defaults."""
+    options: dict[str, Any] = {}
+    for name in methods:
+        options.update(METHODS[name].options)
+    return options
+
+
+def check_options(methods: Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
+    """Merge user options over the defaults, refusing names no method reads."""
+    known: dict[str, Any] = {}
+    for method in METHODS.values():
+        known.update(method.options)
+    unknown = sorted(set(options) - set(known) - {"ig_steps_start"})
+    if unknown:
+        raise SaliencyConfigError(
+            f"unknown option(s) {unknown}; options are: {', '.join(sorted(known))}."
+        )
+    return {**default_options(methods), **options}
+
+
+@contextlib.contextmanager
+def explanation_context(model: nn.Module) -> Iterator[None]:
+    """Make a model safe to explain, and put everything back afterwards.
+
+    Inside: eval mode, parameters frozen (no weight gradients, ``.grad`` untouched), gradients
+    enabled even under ``no_grad``/``inference_mode``, autocast off (maps in float32), and the
+    global RNG isolated. On exit, also after an error: train/eval flags, ``requires_grad`` and
+    RNG states are exactly as found.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+        >>> with torch.no_grad(), explanation_context(net):
+        ...     print(net.training, torch.is_grad_enabled(), net[0].weight.requires_grad)
+        False True False
+        >>> net.training, net[0].weight.requires_grad
+        (True, True)
+    """
+    training = [(module, module.training) for module in model.modules()]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(isolate_rng(include_cuda=include_cuda))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        with contextlib.suppress(RuntimeError):  # device types without autocast
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        try:
+            model.eval()
+            for param, _ in frozen:
+                param.requires_grad_(False)
+            yield
+        finally:
+            for module, flag in training:
+                module.training = flag
+            for param, flag in frozen:
+                param.requires_grad_(flag)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's parameters (float32 if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor | Sequence[int] | int | None = None,
+    methods: str | Sequence[str] = DEFAULT_METHODS,
+    target_layer: LayerSpec = None,
+    on_error: Literal["raise", "collect"] = "raise",
+    **options: Any,
+) -> Explanations:
+    """Saliency maps of ``images`` under ``model``, on ``images.device``, at input resolution.
+
+    Args:
+        model: an image classifier returning ``(N, num_classes)`` scores.
+        images: ``(N, C, H, W)`` model inputs (normalised as the model expects).
+        targets: class per image (tensor, list or int); ``None`` explains the prediction.
+        methods: names from :func:`lightning_saliency.available_methods` (``ig`` is an alias).
+        target_layer: dotted path or module for layer methods; ``None`` auto-detects.
+        on_error: ``"collect"`` puts a failing method's exception in ``.errors`` and goes on.
+        **options: ``ig_steps`` (int or ``"auto"``), ``ig_baseline``,
+            ``ig_internal_batch_size``, ``ig_method``, ``ig_tolerance``, ``dff_components``.
+
+    Returns:
+        :class:`Explanations`: ``(N, H, W)`` float32 maps (``dff``: ``(N, K, H, W)``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+        >>> maps = explain(net, torch.rand(2, 3, 16, 16), methods=("gradcam", "ig"), ig_steps=8)
+        >>> maps["gradcam"].shape, maps["integrated_gradients"].dtype
+        (torch.Size([2, 16, 16]), torch.float32)
+    """
+    names = normalize_methods(methods)
+    opts = check_options(names, options)
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise SaliencyConfigError(
+            f"images must be a float tensor (N, C, H, W); got {shape}. Saliency maps need "
+            "image inputs."
+        )
+    if targets is not None and not isinstance(targets, Tensor):
+        targets = torch.as_tensor(targets)
+    result = Explanations()
+    result.errors = {}
+    with explanation_context(model):
+        x = images.detach().clone().to(model_dtype(model))
+        layer_name, layer = None, None
+        if any(METHODS[n].needs_layer for n in names):
+            if target_layer is None:
+                layer_name, layer = find_target_layer(model, x)
+            else:
+                layer_name, layer = resolve_layer(model, target_layer)
+        session = ExplainSession(model, x, targets, layer, names, opts)
+        for name in names:
+            try:
+                maps = METHODS[name].compute(session)
+                result[name] = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0)
+            except SaliencyConfigError:
+                raise
+            except Exception as err:  # a monitor reports, the caller decides
+                if on_error == "raise":
+                    raise
+                result.errors[name] = err
+        result.logits = session.logits.detach().float()
+        result.targets = session.targets
+        result.layer_name = layer_name
+        result.extras = session.extras
+    return result

@@ -1,0 +1,162 @@
+"""Target-layer resolution: dotted paths, modules, and auto-detection of the last spatial map."""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lightning_saliency.errors import SaliencyConfigError
+
+LayerSpec = str | nn.Module | None
+
+# Names of modules that turn an image into tokens: never a sensible CAM layer.
+_PATCH_EMBED_HINTS = ("patch_embed", "conv_proj", "to_patch", "patchify", "stem.proj")
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
+    """Return ``(dotted_name, module)`` for a dotted path or a module of ``model``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        >>> resolve_layer(net, "0")[0]
+        '0'
+    """
+    names = {name: module for name, module in model.named_modules() if name}
+    if isinstance(layer, nn.Module):
+        for name, module in names.items():
+            if module is layer:
+                return name, module
+        raise SaliencyConfigError(
+            f"target_layer {type(layer).__name__} is not a submodule of the model; "
+            "pass a module of this model or its dotted name (e.g. 'backbone.layer4')."
+        )
+    if not isinstance(layer, str):
+        raise SaliencyConfigError(
+            f"target_layer must be a dotted module path, an nn.Module or None, got {type(layer)!r}."
+        )
+    if layer in names:
+        return layer, names[layer]
+    close = difflib.get_close_matches(layer, list(names), n=5, cutoff=0.5)
+    hint = f" Closest names: {', '.join(close)}." if close else ""
+    raise SaliencyConfigError(
+        f"target_layer {layer!r} is not a module of {type(model).__name__}.{hint} "
+        "List them with `[n for n, _ in model.named_modules()]`."
+    )
+
+
+def token_grid(num_tokens: int) -> tuple[int, int] | None:
+    """The ``(prefix_tokens, side)`` of a square token grid, allowing a class token or two.
+
+    Example:
+        >>> token_grid(197)
+        (1, 14)
+        >>> token_grid(50) is None
+        False
+        >>> token_grid(7) is None
+        True
+    """
+    for prefix in (0, 1, 2):
+        side = math.isqrt(num_tokens - prefix) if num_tokens > prefix else 0
+        if side > 1 and side * side == num_tokens - prefix:
+            return prefix, side
+    return None
+
+
+def to_spatial(output: Tensor) -> Tensor:
+    """View a layer output as ``(N, C, h, w)``: maps pass through, ``(N, T, C)`` tokens are
+    reshaped onto their square grid (class tokens dropped).
+
+    Example:
+        >>> to_spatial(torch.zeros(2, 1 + 16, 8)).shape
+        torch.Size([2, 8, 4, 4])
+    """
+    if output.dim() == 4:
+        return output
+    if output.dim() == 3:
+        grid = token_grid(output.shape[1])
+        if grid is not None:
+            prefix, side = grid
+            tokens = output[:, prefix:, :]
+            return tokens.transpose(1, 2).reshape(output.shape[0], output.shape[2], side, side)
+    raise SaliencyConfigError(
+        f"the target layer outputs shape {tuple(output.shape)}, which is not a spatial map "
+        "(N, C, H, W) nor square tokens (N, T, C); choose a convolutional block with target_layer=."
+    )
+
+
+def _is_spatial(output: object) -> bool:
+    return isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1
+
+
+def _is_tokens(output: object) -> bool:
+    return isinstance(output, Tensor) and output.dim() == 3 and token_grid(output.shape[1]) is not None
+
+
+@torch.no_grad()
+def probe_outputs(model: nn.Module, images: Tensor) -> list[tuple[str, nn.Module, object]]:
+    """Run one forward with hooks on every submodule and return, in completion order,
+    ``(name, module, output)``. Hooks are removed before returning."""
+    finished: list[tuple[str, nn.Module, object]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        handles.append(
+            module.register_forward_hook(
+                lambda mod, _inp, out, _name=name: finished.append((_name, mod, out))
+            )
+        )
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return finished
+
+
+def find_target_layer(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]:
+    """Auto-detect the layer for CAM methods: the last module whose output is still a
+    spatial map (``h * w > 1``); for transformers the last square token sequence. Patch
+    embeddings are never chosen.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                     nn.Flatten(), nn.Linear(8, 2))
+        >>> find_target_layer(net, torch.zeros(1, 3, 16, 16))[0]
+        '1'
+    """
+    finished = probe_outputs(model, images[:1])
+    spatial = [(n, m) for n, m, out in finished if _is_spatial(out)]
+    tokens = [(n, m) for n, m, out in finished if _is_tokens(out)]
+    if tokens:
+        # A transformer: the spatial maps are its patch embedding. Only the class token feeds the
+        # head after the last block, so explain the tokens entering the last block's attention
+        # (its first norm), as pytorch-grad-cam recommends; else the last token output.
+        first_norms = [(n, m) for n, m in tokens if n.endswith(("norm1", "ln_1", "ln1"))]
+        return (first_norms or tokens)[-1]
+    spatial = [(n, m) for n, m in spatial if not any(h in n for h in _PATCH_EMBED_HINTS)]
+    if not spatial:
+        raise SaliencyConfigError(
+            f"{type(model).__name__} has no layer with a spatial output (N, C, H, W) for an input "
+            f"of shape {tuple(images.shape)}; CAM methods need one. Pass target_layer='...' or use "
+            "methods=('integrated_gradients',), which needs no layer."
+        )
+    return spatial[-1]
+
+
+def find_classifier_head(model: nn.Module, channels: int) -> nn.Module | None:
+    """The last ``nn.Linear`` taking ``channels`` features: DFF sends its concepts through it.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 2))
+        >>> find_classifier_head(net, 8)
+        Linear(in_features=8, out_features=2, bias=True)
+    """
+    head = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.in_features == channels:
+            head = module
+    return head
