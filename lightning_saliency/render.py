@@ -1,0 +1,191 @@
+"""Pictures on the device: colour maps (matplotlib LUTs), overlays, captions, grids.
+
+Everything here takes and returns tensors on the maps' device; only the finished ``uint8`` grid
+leaves it (in :mod:`lightning_saliency.loggers`). Text is drawn from a glyph atlas that PIL
+renders once per device, so captions cost a gather, not a host round trip per tile.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.utils import make_grid
+
+SIGNED_METHODS = frozenset({"integrated_gradients", "smoothgrad"})
+CONCEPT_COLORS = "tab10"
+_FIRST_CHAR, _LAST_CHAR = 32, 126
+
+
+@functools.lru_cache(maxsize=16)
+def _lut_cpu(name: str) -> Tensor:
+    colors = matplotlib.colormaps[name](torch.linspace(0, 1, 256).numpy())[:, :3]
+    return torch.tensor(colors, dtype=torch.float32)
+
+
+def colormap_lut(name: str, device: torch.device) -> Tensor:
+    """A ``(256, 3)`` float LUT of a matplotlib colour map, on ``device``.
+
+    Example:
+        >>> colormap_lut("jet", torch.device("cpu")).shape
+        torch.Size([256, 3])
+    """
+    return _lut_cpu(name).to(device)
+
+
+def apply_colormap(values: Tensor, name: str) -> Tensor:
+    """Colour ``(N, H, W)`` values in ``[0, 1]`` → ``(N, 3, H, W)`` in ``[0, 1]``."""
+    lut = colormap_lut(name, values.device)
+    index = (values.clamp(0, 1) * 255).round().long()
+    return lut[index].permute(0, 3, 1, 2)
+
+
+def scale_maps(maps: Tensor, signed: bool = False, quantile: float = 0.995) -> Tensor:
+    """Per-image scaling to ``[0, 1]`` for display. Unsigned maps: ``0 → 0``, a high quantile →
+    1 (a few hot pixels cannot wash the rest out). Signed maps: ``0 → 0.5``. Constant maps
+    become zeros (or 0.5), never NaN.
+
+    Example:
+        >>> scale_maps(torch.zeros(1, 2, 2)).sum().item()
+        0.0
+    """
+    flat = maps.flatten(1).float()
+    ref = flat.abs() if signed else flat.clamp(min=0)
+    top = torch.quantile(ref, quantile, dim=1, keepdim=True) if flat.shape[1] > 1 else ref
+    top = torch.maximum(top, ref.amax(dim=1, keepdim=True) * 1e-3).clamp(min=1e-12)
+    scaled = flat / top
+    scaled = (scaled.clamp(-1, 1) + 1) / 2 if signed else scaled.clamp(0, 1)
+    return torch.nan_to_num(scaled, nan=0.0).reshape(maps.shape)
+
+
+def to_picture(images: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
+    """Model inputs → displayable ``(N, 3, H, W)`` in ``[0, 1]``: undo ``Normalize(mean, std)``
+    when known, else per-image min-max; 1-channel images become grey RGB, >3 keep the first 3.
+    """
+    x = images.detach().float()
+    if mean is not None and std is not None:
+        m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
+        s = torch.as_tensor(std, device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
+        x = x * s + m
+    else:
+        lo = x.flatten(1).amin(1).reshape(-1, 1, 1, 1)
+        hi = x.flatten(1).amax(1).reshape(-1, 1, 1, 1)
+        x = (x - lo) / (hi - lo).clamp(min=1e-12)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] != 3:
+        x = x[:, :3] if x.shape[1] > 3 else torch.cat([x, x[:, :1].expand(-1, 3 - x.shape[1], -1, -1)], 1)
+    return x.clamp(0, 1)
+
+
+def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize ``(N, C, H, W)`` pictures for display (nearest when enlarging, area when shrinking)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    mode = "nearest" if size[0] >= x.shape[-2] else "area"
+    return F.interpolate(x, size=size, mode=mode)
+
+
+def overlay(picture: Tensor, maps: Tensor, signed: bool = False, cmap: str | None = None,
+            alpha: float = 0.5) -> Tensor:
+    """Blend coloured maps over pictures; the map's strength sets the opacity, so cold regions
+    show the image itself."""
+    values = scale_maps(maps, signed=signed)
+    heat = apply_colormap(values, cmap or ("RdBu_r" if signed else "jet"))
+    strength = (values - 0.5).abs() * 2 if signed else values
+    weight = alpha * (0.35 + 0.65 * strength[:, None])
+    return picture * (1 - weight) + heat * weight
+
+
+def concept_overlay(picture: Tensor, concepts: Tensor, alpha: float = 0.6) -> Tensor:
+    """DFF ``(N, K, H, W)`` → each pixel coloured by its dominant concept, opacity by strength."""
+    k = concepts.shape[1]
+    palette = colormap_lut(CONCEPT_COLORS, concepts.device)[
+        (torch.arange(k, device=concepts.device) * 255 // 9).clamp(max=255)
+    ]
+    norm = concepts / concepts.flatten(2).amax(dim=2).clamp(min=1e-12)[..., None, None]
+    strength, winner = norm.max(dim=1)
+    colours = palette[winner].permute(0, 3, 1, 2)
+    weight = alpha * strength.clamp(0, 1)[:, None]
+    return picture * (1 - weight) + colours * weight
+
+
+def concept_palette(k: int, device: torch.device) -> Tensor:
+    """The ``(K, 3)`` colours :func:`concept_overlay` uses."""
+    return colormap_lut(CONCEPT_COLORS, device)[(torch.arange(k, device=device) * 255 // 9).clamp(max=255)]
+
+
+# -- text -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _glyphs_cpu() -> list[Tensor]:
+    """One ``(12, advance)`` mask per printable ASCII character, drawn once with PIL's font."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    glyphs = []
+    for code in range(_FIRST_CHAR, _LAST_CHAR + 1):
+        char = chr(code)
+        advance = max(2, round(font.getlength(char))) if hasattr(font, "getlength") else 6
+        img = Image.new("L", (advance, 12))
+        ImageDraw.Draw(img).text((0, 0), char, fill=255, font=font)
+        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        glyphs.append(data.reshape(12, advance).float() / 255)
+    return glyphs
+
+
+@functools.lru_cache(maxsize=512)
+def _text_mask_cpu(text: str) -> Tensor:
+    glyphs = _glyphs_cpu()
+    codes = [ord(c) if _FIRST_CHAR <= ord(c) <= _LAST_CHAR else ord("?") for c in text] or [32]
+    return torch.cat([glyphs[c - _FIRST_CHAR] for c in codes], dim=1)
+
+
+def text_mask(text: str, device: torch.device) -> Tensor:
+    """A ``(12, width)`` float mask of ``text`` (ASCII; others become '?'), on ``device``.
+
+    Example:
+        >>> text_mask("ok", torch.device("cpu")).shape[0]
+        12
+    """
+    return _text_mask_cpu(text).to(device)
+
+
+def caption(tiles: Tensor, texts: Sequence[str], color: Sequence[float] = (1, 1, 1)) -> Tensor:
+    """Append a dark caption strip under each ``(N, 3, H, W)`` tile with its text."""
+    n, _, _, w = tiles.shape
+    strip = torch.zeros(n, 3, 14, w, device=tiles.device, dtype=tiles.dtype)
+    col = torch.tensor(color, device=tiles.device, dtype=tiles.dtype)[:, None, None]
+    for i, text in enumerate(texts):
+        mask = text_mask(text, tiles.device)[:, : w - 2]
+        strip[i, :, 1 : 1 + mask.shape[0], 1 : 1 + mask.shape[1]] = col * mask
+    return torch.cat([tiles, strip], dim=2)
+
+
+def label_row(texts: Sequence[str], width: int, device: torch.device,
+              swatches: Tensor | None = None) -> Tensor:
+    """Lines of text (a legend) as a ``(3, 14 * L, width)`` picture; optional colour swatches."""
+    rows = []
+    for i, text in enumerate(texts):
+        row = torch.zeros(3, 14, width, device=device)
+        offset = 1
+        if swatches is not None:
+            row[:, 2:12, 1:11] = swatches[i][:, None, None]
+            offset = 14
+        mask = text_mask(text, device)[:, : max(0, width - offset - 1)]
+        row[:, 1 : 1 + mask.shape[0], offset : offset + mask.shape[1]] = mask
+        rows.append(row)
+    return torch.cat(rows, dim=1)
+
+
+def grid(tiles: Tensor, ncol: int) -> Tensor:
+    """Tiles ``(N, 3, H, W)`` → one ``(3, H', W')`` picture with thin separators."""
+    return make_grid(tiles, nrow=max(1, ncol), padding=2, pad_value=0.15)
+
+
+def to_uint8(picture: Tensor) -> Tensor:
+    """``[0, 1]`` float picture → ``uint8`` (still on its device)."""
+    return (torch.nan_to_num(picture, nan=0.0).clamp(0, 1) * 255).round().to(torch.uint8)

@@ -1,0 +1,194 @@
+"""Numbers about maps, computed in torch on the maps' device (a few milliseconds per epoch).
+
+Every score is per sample ``(N,)``; the callback logs the mean and a per-class breakdown.
+
+=========================  ======  =================================================  ==========
+score                      range   meaning                                            alarming
+=========================  ======  =================================================  ==========
+``drift_prev``             -1..1   Spearman rank correlation of a map with the same   (info)
+                                   sample's map at the previous logged epoch
+``drift_first``            -1..1   ... with its map at the first logged epoch         (info)
+``object_energy``          0..1    share of the map's mass inside the object mask     --
+``object_enrichment``      0..     object_energy / object area: 1 = no preference,    < 1
+                                   above 1 = the map prefers the object
+``rank_accuracy``          0..1    share of the k hottest pixels inside the object     --
+                                   (k = object area)
+``pointing_game``          0..1    hottest pixel inside the object, within one         --
+                                   feature-map cell of tolerance (hit rate)
+``corner_enrichment``      0..     mass in the hottest image corner / its area        > 5
+``border_enrichment``      0..     mass on the outer border band / its area           --
+``consensus``              -1..1   mean correlation between maps of *different*       > 0.5
+                                   images: objects move, a planted patch does not
+``dead_maps``              0..1    share of all-zero maps (Grad-CAM found nothing)     > 0.5
+``ig_completeness_error``  0..     |sum(IG) - (F(x) - F(baseline))| / |F(x)-F(b)|     > 0.05
+=========================  ======  =================================================  ==========
+
+Spearman (not Pearson) for drift because display scaling and overall strength change while a
+net trains; the ordering of where it looks is what drift is about.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_EPS = 1e-12
+
+
+def _mass(maps: Tensor) -> Tensor:
+    """Non-negative mass of ``(N, H, W)`` maps: signed maps count by magnitude."""
+    return maps.abs().float() if bool((maps < 0).any()) else maps.float()
+
+
+def _small(maps: Tensor, side: int = 32) -> Tensor:
+    h, w = maps.shape[-2:]
+    if h <= side and w <= side:
+        return maps.float()
+    return F.adaptive_avg_pool2d(maps[:, None].float(), (min(h, side), min(w, side)))[:, 0]
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """Average ranks along the last dim (ties share their mean rank)."""
+    sorted_x, _ = x.sort(dim=-1)
+    lower = torch.searchsorted(sorted_x, x, right=False)
+    upper = torch.searchsorted(sorted_x, x, right=True)
+    return (lower + upper - 1).float() / 2
+
+
+def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    denom = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(denom > _EPS, (a * b).sum(-1) / denom.clamp(min=_EPS), torch.zeros_like(denom))
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample Spearman rank correlation of two ``(N, H, W)`` map stacks (0 if constant).
+
+    Example:
+        >>> m = torch.rand(2, 8, 8)
+        >>> spearman(m, m * 3 + 1).round(decimals=4).tolist()
+        [1.0, 1.0]
+    """
+    a, b = _small(a).flatten(1).contiguous(), _small(b).flatten(1).contiguous()
+    return _pearson(_ranks(a), _ranks(b))
+
+
+def object_energy(maps: Tensor, masks: Tensor) -> Tensor:
+    """Share of each map's mass inside its object mask."""
+    mass = _mass(maps)
+    inside = (mass * masks.float()).flatten(1).sum(1)
+    return inside / mass.flatten(1).sum(1).clamp(min=_EPS)
+
+
+def enrichment(maps: Tensor, region: Tensor) -> Tensor:
+    """Mass share in ``region`` divided by the region's area share (1 = indifferent).
+
+    Example:
+        >>> maps = torch.zeros(1, 4, 4); maps[0, 0, 0] = 1
+        >>> region = torch.zeros(4, 4, dtype=torch.bool); region[:2, :2] = True
+        >>> enrichment(maps, region).item()
+        4.0
+    """
+    region = region.float().expand_as(maps)
+    area = region.flatten(1).mean(1).clamp(min=_EPS)
+    return object_energy(maps, region) / area
+
+
+def rank_accuracy(maps: Tensor, masks: Tensor) -> Tensor:
+    """Share of the ``k`` hottest pixels inside the object, ``k`` = object area."""
+    flat, inside = _mass(maps).flatten(1), masks.flatten(1).float()
+    k = inside.sum(1).long().clamp(min=1)
+    order = flat.argsort(dim=1, descending=True)
+    top = torch.arange(flat.shape[1], device=flat.device)[None] < k[:, None]
+    hits = inside.gather(1, order) * top
+    return hits.sum(1) / k.float()
+
+
+def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 1) -> Tensor:
+    """1 where the hottest pixel falls in the object mask grown by ``tolerance`` pixels."""
+    grown = masks.float()[:, None]
+    if tolerance > 0:
+        grown = F.max_pool2d(grown, 2 * tolerance + 1, stride=1, padding=tolerance)
+    flat = _mass(maps).flatten(1)
+    hottest = flat.argmax(dim=1)
+    return grown.flatten(1).gather(1, hottest[:, None]).squeeze(1)
+
+
+def corner_regions(size: tuple[int, int], fraction: float = 1 / 6) -> Tensor:
+    """Four boolean ``(H, W)`` corner squares of side ``fraction`` of the image."""
+    h, w = size
+    side_h, side_w = max(1, round(h * fraction)), max(1, round(w * fraction))
+    regions = torch.zeros(4, h, w, dtype=torch.bool)
+    regions[0, :side_h, :side_w] = True
+    regions[1, :side_h, -side_w:] = True
+    regions[2, -side_h:, :side_w] = True
+    regions[3, -side_h:, -side_w:] = True
+    return regions
+
+
+def corner_enrichment(maps: Tensor, fraction: float = 1 / 6) -> Tensor:
+    """The largest corner enrichment per map: a planted corner patch drives it up."""
+    regions = corner_regions(tuple(maps.shape[-2:]), fraction).to(maps.device)
+    return torch.stack([enrichment(maps, r) for r in regions], dim=1).amax(dim=1)
+
+
+def border_enrichment(maps: Tensor, fraction: float = 1 / 8) -> Tensor:
+    """Enrichment of the outer band (width ``fraction`` of the side): frames, watermarks."""
+    h, w = maps.shape[-2:]
+    band = torch.ones(h, w, dtype=torch.bool, device=maps.device)
+    bh, bw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    band[bh:-bh, bw:-bw] = False
+    return enrichment(maps, band)
+
+
+def consensus(maps: Tensor) -> Tensor:
+    """Per sample, its mean correlation with the maps of the other samples (16×16 grid)."""
+    n = maps.shape[0]
+    if n < 2:
+        return torch.zeros(n, device=maps.device)
+    small = _small(_mass(maps), 16).flatten(1)
+    small = small - small.mean(1, keepdim=True)
+    small = small / small.norm(dim=1, keepdim=True).clamp(min=_EPS)
+    corr = small @ small.T
+    corr = corr - torch.diag_embed(torch.diagonal(corr))
+    return corr.sum(1) / (n - 1)
+
+
+def dead_maps(maps: Tensor) -> Tensor:
+    """1 for a map that is zero everywhere (e.g. Grad-CAM of an untrained or saturated net)."""
+    return (_mass(maps).flatten(1).amax(1) <= _EPS).float()
+
+
+def map_scores(
+    maps: Tensor,
+    masks: Tensor | None = None,
+    previous: Tensor | None = None,
+    first: Tensor | None = None,
+    tolerance: int = 1,
+) -> dict[str, Tensor]:
+    """All per-sample scores that apply to ``(N, H, W)`` maps.
+
+    Example:
+        >>> maps = torch.rand(3, 16, 16); masks = torch.zeros(3, 16, 16, dtype=torch.bool)
+        >>> sorted(map_scores(maps, masks))[:3]
+        ['border_enrichment', 'consensus', 'corner_enrichment']
+    """
+    out: dict[str, Tensor] = {
+        "corner_enrichment": corner_enrichment(maps),
+        "border_enrichment": border_enrichment(maps),
+        "consensus": consensus(maps),
+        "dead_maps": dead_maps(maps),
+    }
+    if previous is not None:
+        out["drift_prev"] = spearman(maps, previous)
+    if first is not None:
+        out["drift_first"] = spearman(maps, first)
+    if masks is not None:
+        masks = masks.to(maps.device).bool()
+        out["object_energy"] = object_energy(maps, masks)
+        out["object_enrichment"] = enrichment(maps, masks)
+        out["rank_accuracy"] = rank_accuracy(maps, masks)
+        out["pointing_game"] = pointing_game(maps, masks, tolerance)
+    return out

@@ -1,0 +1,158 @@
+"""explain() leaves the model, its gradients, hooks and the RNG exactly as it found them."""
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from models import MLP, FunctionalCNN, SmallCNN, seeded
+from torch import nn
+
+from lightning_saliency import DEFAULT_METHODS, SaliencyConfigError, explain
+from lightning_saliency.methods import METHODS
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "hooks": _hook_count(model),
+        "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()),
+    }
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    for key in ("params", "grads", "buffers"):
+        assert before[key].keys() == after[key].keys(), key
+        for name in before[key]:
+            assert torch.equal(before[key][name], after[key][name]), (key, name)
+    assert before["training"] == after["training"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["hooks"] == after["hooks"]
+    assert torch.equal(before["rng"][0], after["rng"][0])
+    assert before["rng"][1] == after["rng"][1]
+    assert np.array_equal(before["rng"][2], after["rng"][2])
+
+
+@pytest.fixture
+def trained_state_model(images):
+    """A model mid-training: train mode, accumulated grads, one frozen parameter, a user hook."""
+    model = seeded(SmallCNN()).train()
+    model(images).sum().backward()
+    model.features[0].bias.requires_grad_(False)
+    model.features[1].eval()  # a frozen BN, as in fine-tuning
+    model.fc.register_forward_hook(lambda *a: None)
+    return model
+
+
+@pytest.mark.parametrize("context", ["plain", "no_grad", "inference_mode"])
+def test_explain_leaves_everything_as_found(trained_state_model, images, context):
+    model = trained_state_model
+    before = _snapshot(model)
+    if context == "inference_mode":
+        with torch.inference_mode():
+            inputs = images * 1.0  # an inference tensor, as trainer.validate() hands it over
+            assert inputs.is_inference()
+            out = explain(model, inputs, ig_steps=8)
+    elif context == "no_grad":
+        with torch.no_grad():
+            out = explain(model, images, ig_steps=8)
+    else:
+        out = explain(model, images, ig_steps=8)
+    _assert_same(before, _snapshot(model))
+    assert set(out) == set(DEFAULT_METHODS)
+    for maps in out.values():
+        assert torch.isfinite(maps).all()
+
+
+def test_state_restored_when_a_method_raises(trained_state_model, images, monkeypatch):
+    model = trained_state_model
+    before = _snapshot(model)
+
+    def boom(session):
+        session.layer_gradients()
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setitem(METHODS, "guided_gradcam", replace(METHODS["guided_gradcam"], compute=boom))
+    with pytest.raises(RuntimeError, match="simulated"):
+        explain(model, images, methods=("gradcam", "guided_gradcam"))
+    _assert_same(before, _snapshot(model))
+
+    out = explain(model, images, methods=("gradcam", "guided_gradcam"), on_error="collect")
+    assert "gradcam" in out and "guided_gradcam" not in out
+    assert "simulated" in str(out.errors["guided_gradcam"])
+    _assert_same(before, _snapshot(model))
+
+
+def test_constant_model_gives_finite_zero_maps(images):
+    model = SmallCNN()
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    out = explain(model.eval(), images, ig_steps=8)
+    for name, maps in out.items():
+        assert torch.isfinite(maps).all(), name
+    assert out["gradcam"].abs().max() == 0
+
+
+def test_functional_relu_model_runs_all_methods(images):
+    out = explain(seeded(FunctionalCNN()).eval(), images, ig_steps=8)
+    assert out["guided_gradcam"].abs().sum() > 0
+
+
+def test_model_without_relu_warns_for_guided_backprop(images):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="no ReLU"):
+        explain(model, images, methods=("guided_gradcam",))
+
+
+def test_float64_and_bfloat16_models_give_float32_maps(images):
+    for dtype in (torch.float64, torch.bfloat16):
+        model = seeded(SmallCNN()).eval().to(dtype)
+        out = explain(model, images, methods=("gradcam", "dff", "ig"), ig_steps=8)
+        for maps in out.values():
+            assert maps.dtype == torch.float32 and torch.isfinite(maps).all()
+
+
+def test_layer_auto_detection_resnet18_and_plain_cnn():
+    import torchvision
+
+    resnet = torchvision.models.resnet18(num_classes=10)
+    out = explain(resnet, torch.randn(1, 3, 64, 64), methods=("gradcam",))
+    assert out.layer_name == "layer4"
+    out = explain(SmallCNN(), torch.randn(2, 3, 32, 32), methods=("gradcam",))
+    assert out.layer_name == "features"
+
+
+def test_mlp_is_refused_with_a_clear_message():
+    with pytest.raises(SaliencyConfigError, match="no layer with a spatial output"):
+        explain(MLP(), torch.randn(2, 3, 8, 8), methods=("gradcam",))
+
+
+def test_unknown_layer_lists_close_matches():
+    with pytest.raises(SaliencyConfigError, match="Closest names: features"):
+        explain(SmallCNN(), torch.randn(2, 3, 32, 32), target_layer="feature")
+
+
+def test_bad_arguments_are_named():
+    model, x = SmallCNN(), torch.randn(2, 3, 32, 32)
+    with pytest.raises(SaliencyConfigError, match="known methods: .*gradcam"):
+        explain(model, x, methods=("gradcan",))
+    with pytest.raises(SaliencyConfigError, match="unknown option"):
+        explain(model, x, methods=("gradcam",), ig_stepz=3)
+    with pytest.raises(SaliencyConfigError, match="float tensor"):
+        explain(model, torch.zeros(2, 32, 32), methods=("gradcam",))
+    with pytest.raises(SaliencyConfigError, match="out of range"):
+        explain(model, x, targets=[0, 9], methods=("gradcam",))
