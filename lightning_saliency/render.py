@@ -97,7 +97,7 @@ def overlay(picture: Tensor, maps: Tensor, signed: bool = False, cmap: str | Non
     values = scale_maps(maps, signed=signed)
     heat = apply_colormap(values, cmap or ("RdBu_r" if signed else "jet"))
     strength = (values - 0.5).abs() * 2 if signed else values
-    weight = alpha * (0.35 + 0.65 * strength[:, None])
+    weight = (alpha + 0.2) * strength[:, None].pow(0.6)
     return picture * (1 - weight) + heat * weight
 
 
@@ -189,3 +189,40 @@ def grid(tiles: Tensor, ncol: int) -> Tensor:
 def to_uint8(picture: Tensor) -> Tensor:
     """``[0, 1]`` float picture → ``uint8`` (still on its device)."""
     return (torch.nan_to_num(picture, nan=0.0).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# -- composed pictures ------------------------------------------------------------------------
+def method_tiles(method: str, maps: Tensor, picture: Tensor) -> Tensor:
+    """Tiles for one method: coloured overlays, or concept colouring for DFF."""
+    size = tuple(picture.shape[-2:])
+    if maps.dim() == 4:
+        return concept_overlay(picture, resize(maps, size))
+    return overlay(picture, resize(maps[:, None], size)[:, 0], signed=method in SIGNED_METHODS)
+
+
+def method_grid(tiles: Tensor, captions: Sequence[str], ncol: int,
+                legend: Sequence[str] | None = None, swatches: Tensor | None = None) -> Tensor:
+    """A captioned grid of one method's tiles, with an optional legend below."""
+    picture = grid(caption(tiles, captions), ncol)
+    if legend:
+        rows = label_row(legend, picture.shape[-1], picture.device, swatches)
+        picture = torch.cat([picture, rows], dim=1)
+    return picture
+
+
+def overview(picture: Tensor, tiles: dict[str, Tensor], captions: Sequence[str]) -> Tensor:
+    """A row per sample: the input (captioned), then each method's tile (named)."""
+    n = picture.shape[0]
+    columns = [caption(picture, captions)]
+    for name, method_tile in tiles.items():
+        columns.append(caption(method_tile, [name[:18]] * n, color=(0.8, 0.9, 1.0)))
+    stacked = torch.stack(columns, dim=1).flatten(0, 1)
+    return grid(stacked, len(columns))
+
+
+def timeline(columns: Sequence[Tensor], labels: Sequence[str]) -> Tensor:
+    """Samples as rows, logged epochs as columns, each tile captioned with its epoch."""
+    captioned = [caption(col.float() / 255, [label] * col.shape[0]) for col, label in
+                 zip(columns, labels)]
+    stacked = torch.stack(captioned, dim=1).flatten(0, 1)
+    return grid(stacked, len(captioned))

@@ -1,0 +1,243 @@
+"""Choosing and holding the fixed samples the callback explains every epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+
+from lightning_saliency.errors import SaliencyConfigError
+
+
+@dataclass
+class BatchKeys:
+    """Where images, labels and masks live in a batch: dict keys, or tuple positions."""
+
+    image: str = "image"
+    label: str = "label"
+    mask: str = "mask"
+
+
+_IMAGE_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
+_LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+_MASK_KEYS = ("mask", "masks", "segmentation", "object_mask")
+
+
+@dataclass
+class FixedSamples:
+    """The images (model inputs), their labels and object masks, and where they came from."""
+
+    images: Tensor
+    labels: Tensor | None = None
+    masks: Tensor | None = None
+    indices: list[int] | None = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device) -> FixedSamples:
+        return FixedSamples(
+            self.images.to(device),
+            None if self.labels is None else self.labels.to(device),
+            None if self.masks is None else self.masks.to(device),
+            self.indices,
+        )
+
+    def state(self) -> dict[str, Any]:
+        """Plain tensors and lists: loads with ``torch.load(weights_only=True)``."""
+        return {
+            "images": self.images.detach().cpu().clone(),
+            "labels": None if self.labels is None else self.labels.detach().cpu().clone(),
+            "masks": None if self.masks is None else self.masks.detach().cpu().clone(),
+            "indices": self.indices,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> FixedSamples:
+        return cls(state["images"], state.get("labels"), state.get("masks"), state.get("indices"))
+
+
+def _pick(batch: Mapping[str, Any], preferred: str, fallbacks: Sequence[str]) -> Any:
+    if preferred in batch:
+        return batch[preferred]
+    for key in fallbacks:
+        if key in batch:
+            return batch[key]
+    return None
+
+
+def split_batch(batch: Any, keys: BatchKeys = BatchKeys()) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(images, labels, masks)`` from a batch that is ``x``, ``(x, y[, mask])`` or a dict.
+
+    Example:
+        >>> x, y, m = split_batch({"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([0, 1])})
+        >>> x.shape, y.tolist(), m
+        (torch.Size([2, 3, 8, 8]), [0, 1], None)
+    """
+    labels = masks = None
+    if isinstance(batch, Tensor):
+        images = batch
+    elif isinstance(batch, Mapping):
+        images = _pick(batch, keys.image, _IMAGE_KEYS)
+        labels = _pick(batch, keys.label, _LABEL_KEYS)
+        masks = _pick(batch, keys.mask, _MASK_KEYS)
+        if images is None:
+            raise SaliencyConfigError(
+                f"no image key in the batch (keys: {sorted(batch)}); set "
+                f"SaliencyCallback(image_key=...) to the key that holds the images."
+            )
+    elif isinstance(batch, (tuple, list)) and batch:
+        images = batch[0]
+        labels = batch[1] if len(batch) > 1 else None
+        masks = batch[2] if len(batch) > 2 else None
+    else:
+        raise SaliencyConfigError(f"cannot find images in a batch of type {type(batch).__name__}.")
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise SaliencyConfigError(
+            f"the model input must be a float image tensor (N, C, H, W); the batch holds {shape}. "
+            "SaliencyCallback explains image classifiers; pass samples=... if images live elsewhere."
+        )
+    n = images.shape[0]
+    if not (isinstance(labels, Tensor) and labels.dim() == 1 and labels.shape[0] == n
+            and not labels.is_floating_point()):
+        labels = None
+    if isinstance(masks, Tensor) and masks.dim() == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if not (isinstance(masks, Tensor) and masks.dim() == 3 and masks.shape[0] == n
+            and masks.shape[-2:] == images.shape[-2:]):
+        masks = None
+    return images, labels, masks
+
+
+def _dataset_labels(dataset: Dataset, keys: BatchKeys, pool: Sequence[int]) -> dict[int, int] | None:
+    """Labels of ``pool`` items: from ``targets``/``labels`` attributes, else by reading items."""
+    for attr in ("targets", "labels"):
+        values = getattr(dataset, attr, None)
+        if values is not None:
+            try:
+                return {i: int(values[i]) for i in pool}
+            except (TypeError, ValueError, IndexError):
+                break
+    labels = {}
+    for i in pool:
+        item = dataset[i]
+        label = None
+        if isinstance(item, Mapping):
+            label = _pick(item, keys.label, _LABEL_KEYS)
+        elif isinstance(item, (tuple, list)) and len(item) > 1:
+            label = item[1]
+        try:
+            labels[i] = int(label)
+        except (TypeError, ValueError):
+            return None
+    return labels
+
+
+def choose_indices(dataset: Dataset, num: int, seed: int, keys: BatchKeys = BatchKeys()) -> list[int]:
+    """``num`` indices of a map-style dataset, chosen by a private generator and spread over
+    classes (round robin) when labels are known. The global RNG is never touched.
+
+    Example:
+        >>> ds = [(torch.zeros(3, 4, 4), i % 2) for i in range(10)]
+        >>> idx = choose_indices(ds, 4, seed=0)
+        >>> sorted(ds[i][1] for i in idx)
+        [0, 0, 1, 1]
+    """
+    size = len(dataset)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(size, generator=gen).tolist()
+    if num >= size:
+        return sorted(order)
+    pool = order[: min(size, max(8 * num, 64))]
+    labels = _dataset_labels(dataset, keys, pool)
+    if not labels:
+        return pool[:num]
+    by_class: dict[int, list[int]] = {}
+    for i in pool:
+        by_class.setdefault(labels[i], []).append(i)
+    chosen: list[int] = []
+    while len(chosen) < num:
+        for cls in sorted(by_class):
+            if by_class[cls] and len(chosen) < num:
+                chosen.append(by_class[cls].pop(0))
+    return chosen
+
+
+def collect_samples(loader: Any, num: int, seed: int, keys: BatchKeys = BatchKeys()) -> Any:
+    """A collated batch of ``num`` fixed samples from a dataloader's dataset (by index), or
+    the first ``num`` of its stream for an ``IterableDataset``. Returns ``(batch, indices)``."""
+    dataset = getattr(loader, "dataset", None)
+    collate = getattr(loader, "collate_fn", None) or default_collate
+    if (dataset is not None and not isinstance(dataset, IterableDataset)
+            and hasattr(dataset, "__len__") and len(dataset) > 0):
+        indices = choose_indices(dataset, num, seed, keys)
+        return collate([dataset[i] for i in indices]), indices
+    batches, count = [], 0
+    for batch in loader:
+        batches.append(batch)
+        images, *_ = split_batch(batch, keys)
+        count += images.shape[0]
+        if count >= num:
+            break
+    if not batches:
+        return None, None
+    return _concat(batches, num), None
+
+
+def _concat(batches: list[Any], num: int) -> Any:
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.cat(batches)[:num]
+    if isinstance(first, Mapping):
+        return {k: _concat([b[k] for b in batches], num) if isinstance(first[k], Tensor) else first[k]
+                for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([b[i] for b in batches], num) if isinstance(first[i], Tensor)
+                           else first[i] for i in range(len(first)))
+    return first
+
+
+def pick_loader(loaders: Any, dataloader_idx: int) -> DataLoader | None:
+    """One loader out of what a ``val_dataloader()`` hook returned (loader, list, dict)."""
+    if loaders is None:
+        return None
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        if not loaders:
+            return None
+        if dataloader_idx >= len(loaders):
+            raise SaliencyConfigError(
+                f"dataloader_idx={dataloader_idx} but there are {len(loaders)} val dataloaders."
+            )
+        return loaders[dataloader_idx]
+    return loaders
+
+
+def find_normalize(dataset: Any) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` of a torchvision ``Normalize`` among the dataset's transforms, if any."""
+    from torchvision import transforms
+
+    seen: set[int] = set()
+    stack = [dataset]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, transforms.Normalize):
+            return list(map(float, torch.as_tensor(obj.mean).flatten())), list(
+                map(float, torch.as_tensor(obj.std).flatten())
+            )
+        for attr in ("transform", "transforms", "dataset", "datasets"):
+            child = getattr(obj, attr, None)
+            if isinstance(child, (list, tuple)):
+                stack.extend(child)
+            elif child is not None:
+                stack.append(child)
+    return None
