@@ -160,7 +160,10 @@ def explain(
     result = Explanations()
     result.errors = {}
     with explanation_context(model):
+        # Clones made here are normal tensors even if the inputs are inference tensors.
         x = images.detach().clone().to(model_dtype(model))
+        if targets is not None:
+            targets = targets.detach().clone()
         layer_name, layer = None, None
         if any(METHODS[n].needs_layer for n in names):
             if target_layer is None:

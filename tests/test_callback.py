@@ -1,0 +1,422 @@
+"""SaliencyCallback in a real Trainer: what reaches TensorBoard, and that training is unchanged."""
+
+import gc
+import io
+import pickle
+import warnings
+from dataclasses import replace
+
+import lightning as L
+import pytest
+import torch
+from helpers import read_events, state_of, tiny_datamodule, tiny_model, trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from PIL import Image
+
+from lightning_saliency import DEFAULT_METHODS, SaliencyCallback, SaliencyConfigError, render
+from lightning_saliency.methods import METHODS
+
+
+def _fit(tmp_path, callbacks, seed=0, model=None, dm=None, **kwargs):
+    L.seed_everything(seed)
+    model = model or tiny_model()
+    dm = dm or tiny_datamodule()
+    tr = trainer(str(tmp_path), callbacks, **kwargs)
+    tr.fit(model, dm)
+    return tr, model
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in model.modules())
+
+
+def test_training_is_bitwise_unchanged(tmp_path):
+    """Seeded runs with and without the callback, gradient accumulation and mid-epoch
+    validation (where Lightning does not zero the grads first), end identical."""
+    common = dict(max_epochs=2, accumulate_grad_batches=2, val_check_interval=0.5,
+                  num_sanity_val_steps=2)
+    tr_a, model_a = _fit(tmp_path / "a", [], **common)
+    state_a = state_of(model_a, tr_a.optimizers[0])
+    callback = SaliencyCallback(num_samples=4, ig_steps=8)
+    tr_b, model_b = _fit(tmp_path / "b", [callback], **common)
+    state_b = state_of(model_b, tr_b.optimizers[0])
+
+    assert callback._first, "the callback did explain"
+    for name, tensor in state_a["params"].items():
+        assert torch.equal(tensor, state_b["params"][name]), name
+    for pid, entry in state_a["optimizer"]["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(
+                state_b["optimizer"]["state"][pid][key])), (pid, key)
+    assert torch.equal(state_a["rng"], state_b["rng"])
+    assert _hooks(model_b) == 0
+    assert all(p.requires_grad for p in model_b.parameters())
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """One 3-epoch run with the default methods, shared by the read-back tests."""
+    log_dir = tmp_path_factory.mktemp("tb")
+    callback = SaliencyCallback(num_samples=6, ig_steps=8)
+    tr, _ = _fit(log_dir, [callback], max_epochs=3)
+    return log_dir, tr, callback
+
+
+def test_tensorboard_receives_grids_overview_and_scalars(logged_run):
+    log_dir, tr, callback = logged_run
+    events = read_events(str(log_dir))
+    tags = set(events.Tags()["images"])
+    expected = {f"saliency/{m}" for m in DEFAULT_METHODS} | {"saliency/overview", "saliency/timeline"}
+    assert expected <= tags
+    val_steps = [e.step for e in events.Scalars("val_acc/dataloader_idx_0")]
+    for method in DEFAULT_METHODS:
+        images = events.Images(f"saliency/{method}")
+        assert [e.step for e in images] == val_steps  # at the step of the val metrics
+        picture = Image.open(io.BytesIO(images[-1].encoded_image_string))
+        assert picture.size == (images[-1].width, images[-1].height)
+        assert picture.mode == "RGB" and picture.width > 3 * 112
+    overview = events.Images("saliency/overview")[-1]
+    assert overview.height > 6 * 112 and overview.width > 5 * 112  # a row per sample
+    scalar_tags = set(events.Tags()["scalars"])
+    for name in ("object_enrichment", "corner_enrichment", "consensus", "drift_prev",
+                 "drift_first", "pointing_game", "rank_accuracy", "dead_maps"):
+        assert f"saliency/gradcam/{name}" in scalar_tags, name
+    assert "saliency/integrated_gradients/ig_completeness_error" in scalar_tags
+    assert any(t.startswith("saliency/gradcam/object_enrichment/") for t in scalar_tags)
+    drift = events.Scalars("saliency/gradcam/drift_first")
+    assert len(drift) == 2  # from the second logged epoch on
+    assert "saliency/alarms" in tr.callback_metrics
+
+
+def test_event_file_bytes_per_epoch_stay_small(logged_run):
+    import glob
+    import os
+
+    log_dir, _, _ = logged_run
+    size = sum(os.path.getsize(p) for p in glob.glob(f"{log_dir}/**/events*", recursive=True))
+    per_epoch = size / 3
+    print(f"event-file bytes per logged epoch: {per_epoch:.0f}")
+    assert per_epoch < 1_500_000
+
+
+def test_timeline_png_is_saved_beside_the_logs(logged_run):
+    _, _, callback = logged_run
+    picture = Image.open(callback.timeline_path)
+    assert picture.width > 3 * 64  # three epochs side by side
+
+
+def test_captions_show_label_prediction_and_confidence(logged_run):
+    _, _, callback = logged_run
+    samples = callback._samples
+    from lightning_saliency.explain import explain
+
+    model = tiny_model()
+    out = explain(model, samples.images, methods=("gradcam",))
+    captions = callback._captions(samples, out)
+    assert len(captions) == len(samples)
+    assert all(">" in c and "%" in c for c in captions)
+    assert captions[0].split(">")[0] in callback.class_names
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "64-true"])
+def test_precisions_give_finite_float32_pictures(tmp_path, precision):
+    callback = SaliencyCallback(num_samples=4, ig_steps=8)
+    _fit(tmp_path, [callback], max_epochs=1, precision=precision)
+    events = read_events(str(tmp_path))
+    assert "saliency/gradcam" in events.Tags()["images"]
+    assert torch.isfinite(callback._prev["gradcam"]).all()
+    assert callback._prev["gradcam"].dtype == torch.float32
+
+
+class InferenceBatchModel(type(tiny_model())):
+    """Arithmetic after transfer: under validate() the batch becomes inference tensors."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        batch["image"] = batch["image"] * 1.0
+        return batch
+
+
+def test_validate_under_inference_mode(tmp_path):
+    callback = SaliencyCallback(num_samples=4, ig_steps=8)
+    model = InferenceBatchModel(width=8)
+    tr = trainer(str(tmp_path), [callback])
+    with torch.inference_mode():
+        probe = torch.ones(1) * 1.0
+    assert probe.is_inference()
+    tr.validate(model, tiny_datamodule())
+    assert callback._samples.images.is_inference()
+    events = read_events(str(tmp_path))
+    assert {f"saliency/{m}" for m in DEFAULT_METHODS} <= set(events.Tags()["images"])
+
+
+def test_samples_fixed_by_own_generator_and_spread_over_classes(tmp_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    dm = tiny_datamodule()
+    a = SaliencyCallback(num_samples=8, seed=5, methods=("gradcam",))
+    _fit(tmp_path / "a", [a], seed=1, dm=dm, max_epochs=1)
+    b = SaliencyCallback(num_samples=8, seed=5, methods=("gradcam",))
+    _fit(tmp_path / "b", [b], seed=2, dm=tiny_datamodule(), max_epochs=1)
+    assert a._samples.indices == b._samples.indices  # the global seed does not matter
+    labels = a._samples.labels.tolist()
+    assert sorted(set(labels)) == [0, 1, 2, 3] and max(labels.count(c) for c in set(labels)) == 2
+    assert a._samples.masks is not None
+    del before
+
+
+def test_every_n_epochs_and_method_cadence(tmp_path):
+    callback = SaliencyCallback(num_samples=4, ig_steps=8, every_n_epochs=2,
+                                method_every_n_epochs={"ig": 4})
+    _fit(tmp_path, [callback], max_epochs=5)
+    events = read_events(str(tmp_path))
+    assert len(events.Images("saliency/gradcam")) == 3  # epochs 0, 2, 4
+    assert len(events.Images("saliency/integrated_gradients")) == 2  # epochs 0, 4
+
+
+def test_explicit_samples_with_masks(tmp_path):
+    from lightning_saliency.data import make_shortcut_images
+
+    data = make_shortcut_images(5, size=32, shortcut_p=1.0, seed=9)
+    callback = SaliencyCallback(samples=data["images"], labels=data["labels"],
+                                masks=data["masks"], methods=("gradcam",))
+    _fit(tmp_path, [callback], max_epochs=1)
+    assert torch.equal(callback._samples.images, data["images"])
+    assert "saliency/gradcam/object_enrichment" in read_events(str(tmp_path)).Tags()["scalars"]
+
+
+def test_state_dict_resume_keeps_samples_and_references(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callback = SaliencyCallback(num_samples=4, ig_steps=8)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(tmp_path / "a", [callback, ckpt], max_epochs=2, enable_checkpointing=True)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    state = checkpoint["callbacks"][callback.state_key]
+    assert torch.equal(state["samples"]["images"], callback._samples.images.cpu())
+
+    resumed = SaliencyCallback(num_samples=4, ig_steps=8)
+    L.seed_everything(0)
+    tr = trainer(str(tmp_path / "b"), [resumed, ModelCheckpoint(dirpath=tmp_path / "c")],
+                 max_epochs=3, enable_checkpointing=True)
+    tr.fit(tiny_model(), tiny_datamodule(seed=7), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert torch.equal(resumed._samples.images, callback._samples.images)
+    assert torch.equal(resumed._first["gradcam"], callback._first["gradcam"])
+    assert len(resumed._timeline) == 3
+    assert pickle.loads(pickle.dumps(resumed)).methods == resumed.methods
+
+
+def test_failure_mid_run_warns_once_and_skips_the_method(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = METHODS["integrated_gradients"].compute
+
+    def flaky(session):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(session)
+
+    monkeypatch.setitem(METHODS, "integrated_gradients",
+                        replace(METHODS["integrated_gradients"], compute=flaky))
+    callback = SaliencyCallback(num_samples=4, ig_steps=8)
+    with pytest.warns(UserWarning, match="integrated_gradients failed") as record:
+        _fit(tmp_path, [callback], max_epochs=4)
+    assert sum("failed" in str(w.message) for w in record) == 1
+    events = read_events(str(tmp_path))
+    assert len(events.Images("saliency/integrated_gradients")) == 1
+    assert len(events.Images("saliency/gradcam")) == 4
+    assert calls["n"] == 2
+
+
+def test_memory_flat_over_30_logged_epochs(tmp_path):
+    counts = {}
+
+    class Count(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch in (9, 29):
+                render._text_mask_cpu.cache_clear()  # caption bitmaps: an LRU of bounded size
+                gc.collect()
+                counts[trainer.current_epoch] = sum(
+                    t.numel() for t in gc.get_objects()
+                    if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)
+                    and t.device.type == "cpu" and t.dtype != torch.float64
+                )
+
+    callback = SaliencyCallback(num_samples=4, ig_steps=8)
+    dm = tiny_datamodule(n_train=16, n_val=8, batch_size=16)
+    tr, model = _fit(tmp_path, [callback, Count()], max_epochs=30, dm=dm, logger=CSVLogger(tmp_path))
+    growth = counts[29] - counts[9]
+    # 20 more columns of the (capped) timeline: 4 uint8 tiles of 3x64x64 each, nothing else
+    assert growth == 20 * 4 * 3 * 64 * 64, counts
+    assert _hooks(model) == 0
+
+
+class NoValModel(type(tiny_model())):
+    validation_step = L.LightningModule.validation_step
+
+
+@pytest.mark.parametrize("case", ["limit_val_batches=0", "no validation_step"])
+def test_without_validation_explains_at_train_epoch_end(tmp_path, case):
+    callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
+    model = NoValModel(width=8) if case == "no validation_step" else tiny_model()
+    kwargs = {"limit_val_batches": 0} if case.startswith("limit") else {}
+    with pytest.warns(UserWarning, match="end of training epochs"):
+        _fit(tmp_path, [callback], model=model, max_epochs=2, **kwargs)
+    assert len(read_events(str(tmp_path)).Images("saliency/gradcam")) == 2
+
+
+def test_fast_dev_run_is_skipped_quietly(tmp_path):
+    callback = SaliencyCallback(num_samples=4)
+    _fit(tmp_path, [callback], fast_dev_run=True)
+    assert callback._samples is None
+
+
+def test_second_val_dataloader_by_index(tmp_path):
+    callback = SaliencyCallback(num_samples=4, methods=("gradcam",), dataloader_idx=1)
+    dm = tiny_datamodule()
+    _fit(tmp_path, [callback], dm=dm, max_epochs=1)
+    broken = dm.broken_set
+    expected = torch.stack([broken[i]["image"] for i in callback._samples.indices])
+    assert torch.allclose(callback._samples.images, expected)
+
+
+def test_fewer_images_than_asked_warns(tmp_path):
+    callback = SaliencyCallback(num_samples=8, methods=("gradcam",))
+    with pytest.warns(UserWarning, match="only 5 images"):
+        _fit(tmp_path, [callback], dm=tiny_datamodule(n_val=5), max_epochs=1)
+    assert len(callback._samples) == 5
+
+
+class StreamDataModule(L.LightningDataModule):
+    def train_dataloader(self):
+        return tiny_datamodule().setup_and(lambda d: d.train_dataloader())
+
+    def val_dataloader(self):
+        dm = tiny_datamodule()
+        dm.setup()
+
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                for i in range(len(dm.val_set)):
+                    item = dm.val_set[i]
+                    yield item["image"], item["label"]
+
+        return torch.utils.data.DataLoader(Stream(), batch_size=3)
+
+
+def test_iterable_val_set_takes_the_first_images(tmp_path):
+    callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
+    dm = tiny_datamodule()
+    dm.setup()
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(len(dm.val_set)):
+                item = dm.val_set[i]
+                yield item["image"], item["label"]
+
+    class StreamModel(type(tiny_model())):
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(Stream(), batch_size=3)
+
+        def train_dataloader(self):
+            return dm.train_dataloader()
+
+    L.seed_everything(0)
+    tr = trainer(str(tmp_path), [callback], max_epochs=1)
+    tr.fit(StreamModel(width=8))
+    expected = torch.stack([dm.val_set[i]["image"] for i in range(4)])
+    assert torch.equal(callback._samples.images, expected)
+    assert callback._samples.indices is None
+
+
+def test_csv_logger_gets_png_files(tmp_path):
+    callback = SaliencyCallback(num_samples=4, methods=("gradcam", "dff"))
+    logger = CSVLogger(tmp_path)
+    _fit(tmp_path, [callback], max_epochs=2, logger=logger)
+    pngs = sorted((tmp_path / "lightning_logs" / "version_0" / "saliency").rglob("*.png"))
+    names = {p.parent.name for p in pngs}
+    assert {"gradcam", "dff", "overview"} <= names
+    assert len([p for p in pngs if p.parent.name == "gradcam"]) == 2
+    Image.open(pngs[0]).verify()
+
+
+# -- bad input: a clear error before any training step -----------------------------------------
+class TokenModel(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.emb(x).mean(1))
+
+    def training_step(self, batch, _):
+        return self(batch[0]).sum()
+
+    def validation_step(self, batch, _):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def _loader(self):
+        data = torch.utils.data.TensorDataset(torch.randint(10, (8, 5)), torch.zeros(8).long())
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+    train_dataloader = val_dataloader = _loader
+
+
+def test_non_image_input_fails_at_setup(tmp_path):
+    model = TokenModel()
+    before = model.fc.weight.detach().clone()
+    with pytest.raises(SaliencyConfigError, match="float image tensor"):
+        trainer(str(tmp_path), [SaliencyCallback()]).fit(model)
+    assert torch.equal(model.fc.weight, before)  # no training step ran
+
+
+def test_unknown_layer_fails_at_setup_with_close_matches(tmp_path):
+    with pytest.raises(SaliencyConfigError, match="Closest names: features"):
+        _fit(tmp_path, [SaliencyCallback(target_layer="featurs")])
+
+
+def test_no_logger_fails_at_setup(tmp_path):
+    with pytest.raises(SaliencyConfigError, match="needs a logger"):
+        _fit(None, [SaliencyCallback()], logger=False)
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(SaliencyConfigError, match="known methods"):
+        SaliencyCallback(methods=("gradcam", "lime"))
+    with pytest.raises(SaliencyConfigError, match="num_samples"):
+        SaliencyCallback(num_samples=0)
+    with pytest.raises(SaliencyConfigError, match="target must be"):
+        SaliencyCallback(target="random")
+    with pytest.raises(SaliencyConfigError, match="no alarm for score"):
+        SaliencyCallback(thresholds={"objekt": 1.0})
+
+
+def test_sharded_strategy_is_refused(tmp_path):
+    callback = SaliencyCallback()
+
+    class FakeTrainer:
+        fast_dev_run = False
+        loggers = [TensorBoardLogger(str(tmp_path))]
+        strategy = type("FSDPStrategy", (), {})()
+
+    with pytest.raises(SaliencyConfigError, match="strategy='ddp'"):
+        callback.setup(FakeTrainer(), tiny_model(), "fit")
+
+
+def test_target_class_out_of_range(tmp_path):
+    with pytest.raises(SaliencyConfigError, match="model has 4 classes"):
+        _fit(tmp_path, [SaliencyCallback(target=7)])
+
+
+def test_no_warnings_beyond_alarms_in_a_clean_run(tmp_path):
+    callback = SaliencyCallback(num_samples=4, ig_steps=8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path, [callback], max_epochs=1, dm=tiny_datamodule(shortcut=False))
+    ours = [w for w in record if "lightning_saliency" in w.filename or "Saliency" in str(w.message)]
+    assert not [w for w in ours if "alarm" not in str(w.message)], [str(w.message) for w in ours]
