@@ -45,8 +45,12 @@ class EpochTable(L.Callback):
                "acc": m.get("val_acc/dataloader_idx_0", m.get("val_acc", float("nan"))),
                "acc_broken": m.get("val_acc/dataloader_idx_1", float("nan")),
                "alarms": m.get("saliency/alarms", 0.0)}
+        prefix = f"saliency/{self.method}/"
+        for key, value in m.items():  # every score of the method, without per-class ones
+            if key.startswith(prefix) and "/" not in key[len(prefix):]:
+                row[key[len(prefix):]] = value
         for score in TABLE_SCORES:
-            row[score] = m.get(f"saliency/{self.method}/{score}", float("nan"))
+            row.setdefault(score, float("nan"))
         self.rows.append(row)
         if not trainer.is_global_zero:
             return
@@ -101,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clean", action="store_true", help="no shortcut: the control run")
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--shortcut-p", type=float, default=1.0,
+                   help="share of training images whose patch gives the class away")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-val", type=int, default=256)
     p.add_argument("--size", type=int, default=48, help="image side in pixels")
@@ -125,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = ShapesClassifier(num_classes=10)
         name = "cifar10"
     else:
-        dm = ShortcutDataModule(shortcut=not args.clean, n_train=args.n_train, n_val=args.n_val,
-                                size=args.size, seed=args.seed)
+        dm = ShortcutDataModule(shortcut=not args.clean, shortcut_p=args.shortcut_p,
+                                n_train=args.n_train, n_val=args.n_val, size=args.size,
+                                seed=args.seed)
         model = ShapesClassifier(num_classes=4)
         name = "clean" if args.clean else "shortcut"
     saliency = SaliencyCallback(methods=args.methods.split(","), num_samples=args.num_samples,
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("Alarms raised: " + (", ".join(alarms) if alarms else "none"))
     print(f"Logs:     {logger.log_dir}")
     print(f"Timeline: {saliency.timeline_path}")
-    print(f"Open:     tensorboard --logdir {args.logdir} --samples_per_plugin images=0")
+    print(f"Open:     tensorboard --logdir {args.logdir} --samples_per_plugin images=500")
     return {"rows": table.rows, "alarms": alarms, "timeline": saliency.timeline_path,
             "log_dir": logger.log_dir, "seconds": seconds}
 

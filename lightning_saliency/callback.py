@@ -38,7 +38,13 @@ from lightning_saliency.samples import (
 )
 from lightning_saliency.scores import _small, map_scores
 
-PER_CLASS_SCORES = ("object_enrichment", "object_energy", "pointing_game", "corner_enrichment")
+PER_CLASS_SCORES = ("object_enrichment", "object_energy", "pointing_game", "corner_enrichment",
+                    "dead_maps")
+
+
+def _finite(values: dict[str, float]) -> dict[str, float]:
+    """Drop NaN scores (every map of the group was dead): nothing to log or alarm on."""
+    return {k: v for k, v in values.items() if v == v}
 
 
 class SaliencyCallback(L.Callback):
@@ -415,18 +421,17 @@ class SaliencyCallback(L.Callback):
             if method == "integrated_gradients" and "ig_completeness_error" in out.extras:
                 scores["ig_completeness_error"] = out.extras["ig_completeness_error"]
                 metrics[f"saliency/{method}/steps"] = float(out.extras["ig_steps"])
-            means = {k: float(v.float().mean()) for k, v in scores.items()}
-            per_class: dict[str, dict[str, float]] = {}
-            for cls in groups.unique().tolist():
-                chosen = groups == cls
-                per_class[self._class_name(int(cls))] = {
-                    k: float(scores[k][chosen].float().mean()) for k in PER_CLASS_SCORES if k in scores
-                }
+            means, per_class = self._group_means(scores, groups, None)
             for name, value in means.items():
                 metrics[f"saliency/{method}/{name}"] = value
             for class_name, values in per_class.items():
                 for name, value in values.items():
                     metrics[f"saliency/{method}/{name}/{class_name}"] = value
+            # Alarms judge the samples the model gets right: right for the wrong reason is a
+            # shortcut; the maps of a class the model does not know yet mean nothing.
+            if samples.labels is not None:
+                correct = out.logits.argmax(1) == samples.labels.to(out.logits.device)
+                means, per_class = self._group_means(scores, groups, correct)
             alarms = alarm_rules.check(method, means, per_class, self.thresholds)
             for score in self.thresholds:
                 if any(a.score == score for a in alarms) or score in means:
@@ -444,6 +449,25 @@ class SaliencyCallback(L.Callback):
         for name, value in metrics.items():
             pl_module.log(name, value, on_epoch=True, on_step=False, sync_dist=False,
                           logger=True, prog_bar=False)
+
+    def _group_means(self, scores: dict[str, Tensor], groups: Tensor, select: Tensor | None,
+                     min_count: int = 2) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Mean of each score over the selected samples, and per class (groups with fewer than
+        ``min_count`` selected samples are left out when a selection is given)."""
+        select = torch.ones_like(groups, dtype=torch.bool) if select is None else select
+        enough = (lambda n: n >= min_count) if not bool(select.all()) else (lambda n: n > 0)
+        means: dict[str, float] = {}
+        if enough(int(select.sum())):
+            means = _finite({k: float(v[select].float().nanmean()) for k, v in scores.items()})
+        per_class: dict[str, dict[str, float]] = {}
+        for cls in groups.unique().tolist():
+            chosen = (groups == cls) & select
+            if enough(int(chosen.sum())):
+                per_class[self._class_name(int(cls))] = _finite({
+                    k: float(scores[k][chosen].float().nanmean())
+                    for k in PER_CLASS_SCORES if k in scores
+                })
+        return means, per_class
 
     def _cell_tolerance(self, samples: FixedSamples) -> int:
         """One feature-map cell, in input pixels (pointing-game tolerance)."""

@@ -191,4 +191,10 @@ def map_scores(
         out["object_enrichment"] = enrichment(maps, masks)
         out["rank_accuracy"] = rank_accuracy(maps, masks)
         out["pointing_game"] = pointing_game(maps, masks, tolerance)
+    # A map that is zero everywhere points nowhere: it counts in dead_maps, not as a miss.
+    dead = out["dead_maps"].bool()
+    for name in ("corner_enrichment", "border_enrichment", "object_energy", "object_enrichment",
+                 "rank_accuracy", "pointing_game"):
+        if name in out:
+            out[name] = out[name].masked_fill(dead, float("nan"))
     return out

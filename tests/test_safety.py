@@ -77,6 +77,22 @@ def test_explain_leaves_everything_as_found(trained_state_model, images, context
         assert torch.isfinite(maps).all()
 
 
+class NoisyCNN(SmallCNN):
+    """Draws from the global RNG in every forward, even in eval (noise layers, stochastic ops)."""
+
+    def forward(self, x):
+        self.seen_requires_grad = {p.requires_grad for p in self.parameters()}
+        return super().forward(x + 0.01 * torch.randn_like(x))
+
+
+def test_rng_isolated_and_parameters_frozen_while_explaining(images):
+    model = seeded(NoisyCNN()).eval()
+    before = _snapshot(model)
+    explain(model, images, ig_steps=8)
+    assert model.seen_requires_grad == {False}  # no weight gradients are ever computed
+    _assert_same(before, _snapshot(model))
+
+
 def test_state_restored_when_a_method_raises(trained_state_model, images, monkeypatch):
     model = trained_state_model
     before = _snapshot(model)

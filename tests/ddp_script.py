@@ -1,0 +1,56 @@
+"""Run by tests/test_distributed.py: 2 CPU processes (gloo) with SaliencyCallback.
+
+Usage: python tests/ddp_script.py STRATEGY OUT_DIR
+"""
+
+import json
+import os
+import sys
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import tiny_datamodule, tiny_model  # noqa: E402
+
+from lightning_saliency import SaliencyCallback  # noqa: E402
+
+
+class CountingCallback(SaliencyCallback):
+    """Records, per rank, how many pictures this process wrote."""
+
+    def __init__(self, out_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+        self.written = 0
+
+    def _emit(self, tag, picture, step):
+        self.written += 1
+        super()._emit(tag, picture, step)
+
+    def on_fit_end(self, trainer, pl_module):
+        super().on_fit_end(trainer, pl_module)
+        record = {"rank": trainer.global_rank, "written": self.written,
+                  "explained": sorted(self._prev), "alarms": float(
+                      trainer.callback_metrics.get("saliency/alarms", torch.tensor(-1.0)))}
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(record, f)
+
+
+def main() -> None:
+    strategy, out_dir = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    callback = CountingCallback(out_dir, num_samples=4, ig_steps=8)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=2,
+        logger=TensorBoardLogger(out_dir, name="ddp"), callbacks=[callback],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        num_sanity_val_steps=2,
+    )
+    trainer.fit(tiny_model(), tiny_datamodule())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Non-TensorBoard loggers get the same pictures through their own image APIs."""
+
+import lightning as L
+import numpy as np
+from helpers import tiny_datamodule, tiny_model, trainer
+from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+from lightning.pytorch.loggers.logger import DummyLogger
+
+from lightning_saliency import SaliencyCallback
+from lightning_saliency.loggers import FileSink, MLFlowSink, WandbSink, sink_for
+
+
+class FakeWandb(WandbLogger):
+    """A WandbLogger that records ``log_image`` calls instead of needing a wandb account."""
+
+    def __init__(self):
+        L.pytorch.loggers.Logger.__init__(self)
+        self.calls = []
+        self._experiment = None
+        self._checkpoint_callback = None
+        self._log_model = False
+
+    def finalize(self, status):
+        pass
+
+    def after_save_checkpoint(self, checkpoint_callback):
+        pass
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.calls.append((key, images, step))
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    @property
+    def name(self):
+        return "fake"
+
+    @property
+    def version(self):
+        return 0
+
+    @property
+    def save_dir(self):
+        return None
+
+
+class FakeMlflowClient:
+    def __init__(self):
+        self.calls = []
+
+    def log_image(self, run_id, image, key=None, step=None):
+        self.calls.append((run_id, image, key, step))
+
+
+class FakeMLFlow(MLFlowLogger):
+    def __init__(self):
+        L.pytorch.loggers.Logger.__init__(self)
+        self.client = FakeMlflowClient()
+
+    def finalize(self, status="success"):
+        pass
+
+    def after_save_checkpoint(self, checkpoint_callback):
+        pass
+
+    @property
+    def experiment(self):
+        return self.client
+
+    @property
+    def run_id(self):
+        return "run-1"
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params):
+        pass
+
+    @property
+    def name(self):
+        return "fake"
+
+    @property
+    def version(self):
+        return "run-1"
+
+    @property
+    def save_dir(self):
+        return None
+
+
+def test_dispatch_by_logger_type():
+    assert isinstance(sink_for(FakeWandb()), WandbSink)
+    assert isinstance(sink_for(FakeMLFlow()), MLFlowSink)
+    assert sink_for(DummyLogger()) is None
+    assert isinstance(sink_for(L.pytorch.loggers.CSVLogger("x")), FileSink)
+
+
+def test_wandb_and_mlflow_receive_every_grid(tmp_path):
+    wandb, mlflow = FakeWandb(), FakeMLFlow()
+    callback = SaliencyCallback(num_samples=4, methods=("gradcam", "dff"))
+    L.seed_everything(0)
+    trainer(None, [callback], logger=[wandb, mlflow], max_epochs=2).fit(
+        tiny_model(), tiny_datamodule())
+    keys = [c[0] for c in wandb.calls]
+    assert keys.count("saliency/gradcam") == 2 and "saliency/overview" in keys
+    image = wandb.calls[0][1][0]
+    assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape[2] == 3
+    ml_keys = [c[2] for c in mlflow.client.calls]
+    assert ml_keys.count("saliency_gradcam") == 2
+    assert all(c[0] == "run-1" and c[3] is not None for c in mlflow.client.calls)

@@ -1,0 +1,101 @@
+"""End to end on the generated set: the shortcut is caught, the clean control stays quiet."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from lightning_saliency.data import ShortcutDataModule, make_shortcut_images
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "examples", "shortcut_demo.py")
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("shortcut_demo", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ARGS = ["--epochs", "5", "--n-train", "1000", "--methods", "gradcam,integrated_gradients"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    demo = _demo()
+    log_dir = str(tmp_path_factory.mktemp("demo"))
+    shortcut = demo.main(ARGS + ["--logdir", log_dir])
+    clean = demo.main(ARGS + ["--logdir", log_dir, "--clean"])
+    return shortcut, clean
+
+
+@pytest.mark.slow
+def test_shortcut_run_alarms_before_or_with_the_collapse(runs):
+    shortcut, _ = runs
+    rows = shortcut["rows"]
+    assert "gradcam/corner_enrichment" in shortcut["alarms"]
+    collapsed = [r["epoch"] for r in rows if r["acc_broken"] < 0.5 and r["acc"] > 0.5]
+    alarmed = [r["epoch"] for r in rows if r["alarms"] > 0]
+    assert collapsed and alarmed
+    assert alarmed[0] <= collapsed[0]
+    print(f"shortcut: first alarm at epoch {alarmed[0]}, broken-split collapse at {collapsed[0]}")
+    assert rows[-1]["acc"] > 0.9 and rows[-1]["acc_broken"] < 0.4  # the shortcut was learnt
+
+
+@pytest.mark.slow
+def test_clean_run_raises_no_alarm_and_looks_at_the_object(runs):
+    shortcut, clean = runs
+    assert clean["alarms"] == []
+    assert all(r["alarms"] == 0 for r in clean["rows"])
+    last_s, last_c = shortcut["rows"][-1], clean["rows"][-1]
+    assert last_s["object_energy"] < 0.6 * last_c["object_energy"], (last_s, last_c)
+    assert last_c["corner_enrichment"] < 1.5 < 3.0 < last_s["corner_enrichment"]
+    assert abs(last_c["acc"] - last_c["acc_broken"]) < 0.15  # the patch means nothing to it
+
+
+@pytest.mark.slow
+def test_timeline_png_shows_every_epoch(runs):
+    shortcut, _ = runs
+    picture = Image.open(shortcut["timeline"])
+    assert picture.width >= 5 * 64 and picture.height >= 8 * 64
+
+
+def test_dataset_is_deterministic_and_the_patch_follows_p():
+    a = make_shortcut_images(200, size=32, shortcut_p=0.9, seed=3)
+    b = make_shortcut_images(200, size=32, shortcut_p=0.9, seed=3)
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["masks"], b["masks"])
+    agree = (a["patch_labels"] == a["labels"]).float().mean()
+    assert 0.82 < agree < 0.97
+    broken = make_shortcut_images(200, size=32, shortcut_p=0.0, seed=3)
+    assert (broken["patch_labels"] != broken["labels"]).all()
+    assert not (a["masks"] & a["patch_mask"]).any()  # the object never hides under the patch
+    clean = make_shortcut_images(400, size=32, shortcut_p=None, seed=3)
+    assert 0.15 < (clean["patch_labels"] == clean["labels"]).float().mean() < 0.35
+
+
+def test_datamodule_splits():
+    dm = ShortcutDataModule(n_train=32, n_val=16, size=32)
+    dm.setup("fit")
+    val, broken = dm.val_dataloader()
+    batch = next(iter(val))
+    assert set(batch) == {"image", "label", "mask"} and batch["mask"].dtype == torch.bool
+
+
+def test_cifar10_path_runs_on_generated_data(tmp_path, monkeypatch):
+    """The real-data path, with torchvision's CIFAR10 swapped for generated images offline."""
+    import torchvision
+    from torchvision.datasets import FakeData
+
+    def fake_cifar(root, train, transform, download=False):
+        assert not download  # nothing downloads unless the user asks
+        data = FakeData(64 if train else 32, (3, 32, 32), 10, transform=transform,
+                        random_offset=0 if train else 1000)
+        data.classes = [str(i) for i in range(10)]
+        return data
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar)
+    result = _demo().main(["--data", "cifar10", "--epochs", "1", "--logdir", str(tmp_path),
+                           "--methods", "gradcam,dff", "--num-samples", "4"])
+    assert result["rows"] and os.path.exists(result["timeline"])
