@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -117,6 +118,11 @@ def probe_outputs(model: nn.Module, images: Tensor) -> list[tuple[str, nn.Module
     return finished
 
 
+_DETECTED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def find_target_layer(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]:
     """Auto-detect the layer for CAM methods: the last module whose output is still a
     spatial map (``h * w > 1``); for transformers the last square token sequence. Patch
@@ -128,7 +134,18 @@ def find_target_layer(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]
         >>> find_target_layer(net, torch.zeros(1, 3, 16, 16))[0]
         '1'
     """
-    finished = probe_outputs(model, images[:1])
+    shape = tuple(images.shape[1:])
+    known = _DETECTED.get(model, {}).get(shape)
+    modules = dict(model.named_modules())
+    if known in modules:  # the probe ran for this model and input shape before
+        return known, modules[known]
+    name, module = _detect(model, images[:1])
+    _DETECTED.setdefault(model, {})[shape] = name
+    return name, module
+
+
+def _detect(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]:
+    finished = probe_outputs(model, images)
     spatial = [(n, m) for n, m, out in finished if _is_spatial(out)]
     tokens = [(n, m) for n, m, out in finished if _is_tokens(out)]
     if tokens:

@@ -17,9 +17,25 @@ from lightning_saliency.methods.base import ExplainSession, SaliencyMethod, regi
 _EPS = 1e-8
 
 
+def _top_singular(v: Tensor, k: int, iterations: int = 6) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``k`` SVD by subspace iteration from a fixed cosine basis: deterministic (no RNG)
+    and a few matmuls instead of a full SVD."""
+    cols = v.shape[1]
+    grid = torch.arange(cols, device=v.device, dtype=v.dtype)[:, None] + 0.5
+    basis = torch.cos(torch.pi * grid * torch.arange(k + 2, device=v.device, dtype=v.dtype) / cols)
+    q = torch.linalg.qr(v @ basis).Q
+    for _ in range(iterations):
+        q = torch.linalg.qr(v @ (v.T @ q)).Q
+    u_small, s, vh = torch.linalg.svd(q.T @ v, full_matrices=False)
+    return (q @ u_small)[:, :k], s[:k], vh[:k]
+
+
 def _nndsvda(v: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Boutsidis & Gallopoulos' NNDSVD start, zeros filled with the mean (``a`` variant)."""
-    u, s, vh = torch.linalg.svd(v, full_matrices=False)
+    if min(v.shape) > 4 * (k + 2):
+        u, s, vh = _top_singular(v, k)
+    else:
+        u, s, vh = torch.linalg.svd(v, full_matrices=False)
     rows, cols = v.shape
     w = torch.zeros(rows, k, device=v.device, dtype=v.dtype)
     h = torch.zeros(k, cols, device=v.device, dtype=v.dtype)
@@ -41,8 +57,9 @@ def _nndsvda(v: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return w, h
 
 
-def nmf(v: Tensor, k: int, iterations: int = 300) -> tuple[Tensor, Tensor]:
-    """Factor a non-negative ``(C, M)`` matrix as ``W (C, K) @ H (K, M)`` on ``v.device``.
+def nmf(v: Tensor, k: int, iterations: int = 100, tol: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Factor a non-negative ``(C, M)`` matrix as ``W (C, K) @ H (K, M)`` on ``v.device``
+    (multiplicative updates, Frobenius loss; stops early once the error stalls).
 
     Example:
         >>> v = torch.rand(6, 2) @ torch.rand(2, 10)
@@ -51,9 +68,15 @@ def nmf(v: Tensor, k: int, iterations: int = 300) -> tuple[Tensor, Tensor]:
         True
     """
     w, h = _nndsvda(v, k)
-    for _ in range(iterations):
+    previous = float("inf")
+    for step in range(1, iterations + 1):
         h = h * (w.T @ v) / (w.T @ w @ h + _EPS)
         w = w * (v @ h.T) / (w @ (h @ h.T) + _EPS)
+        if step % 25 == 0:  # stop when the error stalls (one host sync per 25 steps)
+            error = float((v - w @ h).norm())
+            if previous - error < tol * previous:
+                break
+            previous = error
     return w, h
 
 

@@ -1,0 +1,263 @@
+"""Cost of lightning-saliency, as ratios measured in one run (never as timed tests).
+
+    python benchmarks/overhead.py            # engine: resnet18, 8 x 224 px, 10 classes
+    python benchmarks/overhead.py --fit      # + training-time overhead of the callback
+    python benchmarks/overhead.py --quick    # smaller shapes, for a smoke run
+
+Prints (a) our seconds per method and in total, (b) the floor: the passes the methods need
+when they share work, parameters frozen, (c) the naive per-image loop of the tutorials
+(pytorch-grad-cam GradCAM, GuidedBackpropReLUModel x CAM, DeepFeatureFactorization, captum IG
+with its defaults), then the ratios; IG steps for <= 1 % completeness error; IG peak memory by
+chunk size; and with --fit, a demo-sized fit with and without the callback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torchvision
+
+from lightning_saliency import explain
+from lightning_saliency.explain import explanation_context
+
+METHODS = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> float:
+    fn()  # warm-up (allocator, kernels)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def floor_passes(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, steps: int,
+                 chunk: int) -> dict[str, Callable[[], object]]:
+    """The passes the four methods need when they share work, with parameters frozen."""
+    layer = model.layer4
+    index = torch.arange(x.shape[0])
+
+    def shared() -> None:  # one forward; one backward to the layer, one to the input
+        kept = {}
+        handle = layer.register_forward_hook(lambda m, i, o: kept.setdefault("a", o))
+        inp = x.clone().requires_grad_(True)
+        out = model(inp)[index, targets].sum()
+        handle.remove()
+        torch.autograd.grad(out, kept["a"], retain_graph=True)
+        torch.autograd.grad(out, inp)
+
+    def forward_layer() -> None:  # Grad-CAM alone: forward + backward to the layer
+        kept = {}
+
+        def keep(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+            kept["a"] = output.detach().requires_grad_()
+            return kept["a"]
+
+        handle = layer.register_forward_hook(keep)
+        out = model(x)[index, targets].sum()
+        handle.remove()
+        torch.autograd.grad(out, kept["a"])
+
+    def forward_only() -> None:  # DFF: one forward
+        with torch.no_grad():
+            model(x)
+
+    def ig() -> None:  # N x steps images, forward and input-gradient backward, in chunks
+        per = max(1, chunk // x.shape[0])
+        alphas = torch.linspace(0, 1, steps)
+        for start in range(0, steps, per):
+            a = alphas[start:start + per]
+            batch = (a[:, None, None, None, None] * x[None]).flatten(0, 1).requires_grad_(True)
+            out = model(batch)[torch.arange(batch.shape[0]), targets.repeat(len(a))].sum()
+            torch.autograd.grad(out, batch)
+
+    return {"shared": shared, "gradcam": forward_layer, "dff": forward_only, "ig": ig}
+
+
+def naive_loop(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
+               ) -> dict[str, Callable[[], object]]:
+    """The per-image tutorial use of pytorch-grad-cam and captum."""
+    from captum.attr import IntegratedGradients
+    from pytorch_grad_cam import DeepFeatureFactorization, GradCAM, GuidedBackpropReLUModel
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    def cams() -> None:
+        m = copy.deepcopy(model)
+        for i in range(x.shape[0]):
+            img = x[i:i + 1]
+            with GradCAM(m, [m.layer4]) as cam:
+                mask = cam(img, targets=[ClassifierOutputTarget(int(targets[i]))])
+            gb = GuidedBackpropReLUModel(m, device="cpu")(img, target_category=int(targets[i]))
+            _ = gb * mask[0][..., None]
+            dff = DeepFeatureFactorization(m, m.layer4, computation_on_concepts=m.fc)
+            dff(img, n_components=4)
+            del dff
+
+    def ig() -> None:
+        m = copy.deepcopy(model)
+        method = IntegratedGradients(m)
+        for i in range(x.shape[0]):
+            method.attribute(x[i:i + 1], target=int(targets[i]))  # captum defaults: 50 steps
+
+    return {"cams": cams, "ig": ig}
+
+
+def realistic_resnet18() -> torch.nn.Module:
+    """resnet18 with random weights and *trained-looking* BatchNorm statistics. Untouched, a
+    random resnet18 is positively homogeneous (no biases, zero BN shifts) and IG is exact at
+    any step count, which would flatter the IG numbers."""
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.2, generator=gen)
+    return model
+
+
+def ig_memory_child(chunk: int, steps: int, n: int, size: int) -> None:
+    """Peak resident memory of one IG call (run in a fresh process)."""
+    torch.set_num_threads(2)
+    model = realistic_resnet18()
+    x = torch.randn(n, 3, size, size)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    explain(model, x, methods=("ig",), ig_steps=steps, ig_internal_batch_size=chunk)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"chunk": chunk, "peak_mb": (peak - base) / 1024}))
+
+
+def ig_memory(steps: int, n: int, size: int, chunks: tuple[int, ...]) -> dict[int, float]:
+    out = {}
+    for chunk in chunks:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--ig-memory-child", str(chunk), "--steps", str(steps),
+             "--n", str(n), "--size", str(size)], capture_output=True, text=True, check=True)
+        out[chunk] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+    return out
+
+
+def fit_overhead(epochs: int) -> dict[str, float]:
+    """The demo-sized fit with and without the callback (default settings), one run each."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_saliency import SaliencyCallback
+    from lightning_saliency.data import ShortcutDataModule
+    from lightning_saliency.demo import ShapesClassifier
+
+    def run(callbacks: list) -> float:
+        L.seed_everything(0)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = L.Trainer(max_epochs=epochs, logger=TensorBoardLogger(tmp), callbacks=callbacks,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                enable_checkpointing=False, num_sanity_val_steps=0)
+            start = time.perf_counter()
+            trainer.fit(ShapesClassifier(), ShortcutDataModule())
+            return time.perf_counter() - start
+
+    run([])  # warm-up
+    plain = run([])
+    cb = SaliencyCallback()
+    with_cb = run([cb])
+    return {"fit_s": plain, "fit_with_callback_s": with_cb,
+            "overhead": with_cb / plain - 1}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--fit", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ig-memory-child", type=int, default=None)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    args = p.parse_args()
+    if args.ig_memory_child is not None:
+        return ig_memory_child(args.ig_memory_child, args.steps, args.n, args.size)
+    if args.quick:
+        args.size, args.steps = 96, 16
+    torch.set_num_threads(min(2, os.cpu_count() or 1)) if args.device == "cpu" else None
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = realistic_resnet18().to(device)
+    x = torch.randn(args.n, 3, args.size, args.size, device=device)
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    chunk = 16
+    print(f"resnet18, {args.n} x {args.size} px, {device}, {torch.get_num_threads()} threads, "
+          f"IG {args.steps} steps, chunk {chunk}\n")
+
+    ours = {m: timed(lambda m=m: explain(model, x, targets, methods=(m,), ig_steps=args.steps))
+            for m in METHODS}
+    ours["total"] = timed(lambda: explain(model, x, targets, methods=METHODS, ig_steps=args.steps))
+    ours["cams"] = timed(lambda: explain(model, x, targets, methods=METHODS[:3]))
+
+    passes = floor_passes(model, x, targets, args.steps, chunk)
+    with explanation_context(model):
+        floor = {k: timed(f) for k, f in passes.items()}
+    floor_by_method = {"gradcam": floor["gradcam"], "guided_gradcam": floor["shared"],
+                       "dff": floor["dff"], "integrated_gradients": floor["ig"],
+                       "cams": floor["shared"], "total": floor["shared"] + floor["ig"]}
+
+    print(f"{'method':<22}{'ours s':>10}{'floor s':>10}{'ours/floor':>12}")
+    for name in (*METHODS, "cams", "total"):
+        print(f"{name:<22}{ours[name]:>10.3f}{floor_by_method[name]:>10.3f}"
+              f"{ours[name] / floor_by_method[name]:>12.2f}")
+
+    naive = naive_loop(model.cpu(), x.cpu(), targets.cpu()) if device.type == "cpu" else \
+        naive_loop(model, x, targets)
+    naive_cams = timed(naive["cams"])
+    print(f"\nGrad-CAM + Guided Grad-CAM + DFF: naive per-image loop {naive_cams:.2f} s, "
+          f"ours {ours['cams']:.2f} s -> {naive_cams / ours['cams']:.1f}x faster")
+
+    auto = explain(model, x, targets, methods=("ig",), ig_steps="auto")
+    steps = auto.extras["ig_steps"]
+    err = float(auto.extras["ig_completeness_error"].max())
+    ours_auto = timed(lambda: explain(model, x, targets, methods=("ig",), ig_steps=steps))
+    naive_ig = timed(naive["ig"], repeat=1) if not args.quick else float("nan")
+    print(f"IG: 'auto' needs {steps} steps for a completeness error of {err:.2%} (<= 1 %); "
+          f"captum default is 50 steps, one image at a time: {naive_ig:.1f} s; ours at {steps} "
+          f"steps batched: {ours_auto:.2f} s -> {naive_ig / ours_auto:.1f}x at equal accuracy")
+
+    if device.type == "cpu":
+        mem = ig_memory(args.steps, args.n, args.size, (8, 16, 64, args.n * args.steps))
+        print("IG peak memory by images per pass: " +
+              ", ".join(f"{c}: {mb:.0f} MB" for c, mb in mem.items()))
+    else:
+        for c in (8, 16, 64, args.n * args.steps):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            explain(model, x, targets, methods=("ig",), ig_steps=args.steps,
+                    ig_internal_batch_size=c)
+            print(f"IG peak GPU memory, {c} images per pass: "
+                  f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MB")
+
+    if args.fit:
+        res = fit_overhead(epochs=4)
+        print(f"\nDemo fit (2000 x 48 px, 4 epochs, every epoch, default methods, 8 samples): "
+              f"{res['fit_s']:.1f} s without, {res['fit_with_callback_s']:.1f} s with the callback "
+              f"-> overhead {res['overhead']:.1%}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
