@@ -44,8 +44,9 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> float:
     return best
 
 
-def floor_passes(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, steps: int,
-                 chunk: int) -> dict[str, Callable[[], object]]:
+def floor_passes(
+    model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, steps: int, chunk: int
+) -> dict[str, Callable[[], object]]:
     """The passes the four methods need when they share work, with parameters frozen."""
     layer = model.layer4
     index = torch.arange(x.shape[0])
@@ -79,7 +80,7 @@ def floor_passes(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
         per = max(1, chunk // x.shape[0])
         alphas = torch.linspace(0, 1, steps)
         for start in range(0, steps, per):
-            a = alphas[start:start + per]
+            a = alphas[start : start + per]
             batch = (a[:, None, None, None, None] * x[None]).flatten(0, 1).requires_grad_(True)
             out = model(batch)[torch.arange(batch.shape[0]), targets.repeat(len(a))].sum()
             torch.autograd.grad(out, batch)
@@ -87,8 +88,9 @@ def floor_passes(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
     return {"shared": shared, "gradcam": forward_layer, "dff": forward_only, "ig": ig}
 
 
-def naive_loop(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
-               ) -> dict[str, Callable[[], object]]:
+def naive_loop(
+    model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
+) -> dict[str, Callable[[], object]]:
     """The per-image tutorial use of pytorch-grad-cam and captum."""
     from captum.attr import IntegratedGradients
     from pytorch_grad_cam import DeepFeatureFactorization, GradCAM, GuidedBackpropReLUModel
@@ -97,7 +99,7 @@ def naive_loop(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
     def cams() -> None:
         m = copy.deepcopy(model)
         for i in range(x.shape[0]):
-            img = x[i:i + 1]
+            img = x[i : i + 1]
             with GradCAM(m, [m.layer4]) as cam:
                 mask = cam(img, targets=[ClassifierOutputTarget(int(targets[i]))])
             gb = GuidedBackpropReLUModel(m, device="cpu")(img, target_category=int(targets[i]))
@@ -110,7 +112,7 @@ def naive_loop(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
         m = copy.deepcopy(model)
         method = IntegratedGradients(m)
         for i in range(x.shape[0]):
-            method.attribute(x[i:i + 1], target=int(targets[i]))  # captum defaults: 50 steps
+            method.attribute(x[i : i + 1], target=int(targets[i]))  # captum defaults: 50 steps
 
     return {"cams": cams, "ig": ig}
 
@@ -145,14 +147,31 @@ def ig_memory(steps: int, n: int, size: int, chunks: tuple[int, ...]) -> dict[in
     out = {}
     for chunk in chunks:
         proc = subprocess.run(
-            [sys.executable, __file__, "--ig-memory-child", str(chunk), "--steps", str(steps),
-             "--n", str(n), "--size", str(size)], capture_output=True, text=True, check=True)
+            [
+                sys.executable,
+                __file__,
+                "--ig-memory-child",
+                str(chunk),
+                "--steps",
+                str(steps),
+                "--n",
+                str(n),
+                "--size",
+                str(size),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[chunk] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
     return out
 
 
-def fit_overhead(epochs: int) -> dict[str, float]:
-    """The demo-sized fit with and without the callback (default settings), one run each."""
+def fit_overhead(epochs: int = 10) -> dict[str, float]:
+    """The demo-sized fit (2000 x 48 px train, 2 x 256 val) without the callback, with it at
+    default settings every epoch, and every 5th epoch; one run each after a warm-up."""
+    import tempfile
+
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -160,24 +179,27 @@ def fit_overhead(epochs: int) -> dict[str, float]:
     from lightning_saliency.data import ShortcutDataModule
     from lightning_saliency.demo import ShapesClassifier
 
-    def run(callbacks: list) -> float:
+    def run(callbacks: list, max_epochs: int = epochs) -> float:
         L.seed_everything(0)
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = L.Trainer(max_epochs=epochs, logger=TensorBoardLogger(tmp), callbacks=callbacks,
-                                enable_progress_bar=False, enable_model_summary=False,
-                                enable_checkpointing=False, num_sanity_val_steps=0)
+            trainer = L.Trainer(
+                max_epochs=max_epochs,
+                logger=TensorBoardLogger(tmp),
+                callbacks=callbacks,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+                num_sanity_val_steps=0,
+            )
             start = time.perf_counter()
             trainer.fit(ShapesClassifier(), ShortcutDataModule())
             return time.perf_counter() - start
 
-    run([])  # warm-up
+    run([], 1)  # warm-up
     plain = run([])
-    cb = SaliencyCallback()
-    with_cb = run([cb])
-    return {"fit_s": plain, "fit_with_callback_s": with_cb,
-            "overhead": with_cb / plain - 1}
+    every = run([SaliencyCallback()])
+    every5 = run([SaliencyCallback(every_n_epochs=5)])
+    return {"plain": plain, "every_epoch": every, "every_5": every5}
 
 
 def main() -> None:
@@ -203,59 +225,86 @@ def main() -> None:
     with torch.no_grad():
         targets = model(x).argmax(1)
     chunk = 16
-    print(f"resnet18, {args.n} x {args.size} px, {device}, {torch.get_num_threads()} threads, "
-          f"IG {args.steps} steps, chunk {chunk}\n")
+    print(
+        f"resnet18, {args.n} x {args.size} px, {device}, {torch.get_num_threads()} threads, "
+        f"IG {args.steps} steps, chunk {chunk}\n"
+    )
 
-    ours = {m: timed(lambda m=m: explain(model, x, targets, methods=(m,), ig_steps=args.steps))
-            for m in METHODS}
+    ours = {
+        m: timed(lambda m=m: explain(model, x, targets, methods=(m,), ig_steps=args.steps))
+        for m in METHODS
+    }
     ours["total"] = timed(lambda: explain(model, x, targets, methods=METHODS, ig_steps=args.steps))
     ours["cams"] = timed(lambda: explain(model, x, targets, methods=METHODS[:3]))
 
     passes = floor_passes(model, x, targets, args.steps, chunk)
     with explanation_context(model):
         floor = {k: timed(f) for k, f in passes.items()}
-    floor_by_method = {"gradcam": floor["gradcam"], "guided_gradcam": floor["shared"],
-                       "dff": floor["dff"], "integrated_gradients": floor["ig"],
-                       "cams": floor["shared"], "total": floor["shared"] + floor["ig"]}
+    floor_by_method = {
+        "gradcam": floor["gradcam"],
+        "guided_gradcam": floor["shared"],
+        "dff": floor["dff"],
+        "integrated_gradients": floor["ig"],
+        "cams": floor["shared"],
+        "total": floor["shared"] + floor["ig"],
+    }
 
     print(f"{'method':<22}{'ours s':>10}{'floor s':>10}{'ours/floor':>12}")
     for name in (*METHODS, "cams", "total"):
-        print(f"{name:<22}{ours[name]:>10.3f}{floor_by_method[name]:>10.3f}"
-              f"{ours[name] / floor_by_method[name]:>12.2f}")
+        print(
+            f"{name:<22}{ours[name]:>10.3f}{floor_by_method[name]:>10.3f}"
+            f"{ours[name] / floor_by_method[name]:>12.2f}"
+        )
 
-    naive = naive_loop(model.cpu(), x.cpu(), targets.cpu()) if device.type == "cpu" else \
-        naive_loop(model, x, targets)
+    naive = (
+        naive_loop(model.cpu(), x.cpu(), targets.cpu())
+        if device.type == "cpu"
+        else naive_loop(model, x, targets)
+    )
     naive_cams = timed(naive["cams"])
-    print(f"\nGrad-CAM + Guided Grad-CAM + DFF: naive per-image loop {naive_cams:.2f} s, "
-          f"ours {ours['cams']:.2f} s -> {naive_cams / ours['cams']:.1f}x faster")
+    print(
+        f"\nGrad-CAM + Guided Grad-CAM + DFF: naive per-image loop {naive_cams:.2f} s, "
+        f"ours {ours['cams']:.2f} s -> {naive_cams / ours['cams']:.1f}x faster"
+    )
 
     auto = explain(model, x, targets, methods=("ig",), ig_steps="auto")
     steps = auto.extras["ig_steps"]
     err = float(auto.extras["ig_completeness_error"].max())
     ours_auto = timed(lambda: explain(model, x, targets, methods=("ig",), ig_steps=steps))
     naive_ig = timed(naive["ig"], repeat=1) if not args.quick else float("nan")
-    print(f"IG: 'auto' needs {steps} steps for a completeness error of {err:.2%} (<= 1 %); "
-          f"captum default is 50 steps, one image at a time: {naive_ig:.1f} s; ours at {steps} "
-          f"steps batched: {ours_auto:.2f} s -> {naive_ig / ours_auto:.1f}x at equal accuracy")
+    print(
+        f"IG: 'auto' needs {steps} steps for a completeness error of {err:.2%} (<= 1 %); "
+        f"captum default is 50 steps, one image at a time: {naive_ig:.1f} s; ours at {steps} "
+        f"steps batched: {ours_auto:.2f} s -> {naive_ig / ours_auto:.1f}x at equal accuracy"
+    )
 
     if device.type == "cpu":
         mem = ig_memory(args.steps, args.n, args.size, (8, 16, 64, args.n * args.steps))
-        print("IG peak memory by images per pass: " +
-              ", ".join(f"{c}: {mb:.0f} MB" for c, mb in mem.items()))
+        print(
+            "IG peak memory by images per pass: "
+            + ", ".join(f"{c}: {mb:.0f} MB" for c, mb in mem.items())
+        )
     else:
         for c in (8, 16, 64, args.n * args.steps):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            explain(model, x, targets, methods=("ig",), ig_steps=args.steps,
-                    ig_internal_batch_size=c)
-            print(f"IG peak GPU memory, {c} images per pass: "
-                  f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MB")
+            explain(
+                model, x, targets, methods=("ig",), ig_steps=args.steps, ig_internal_batch_size=c
+            )
+            print(
+                f"IG peak GPU memory, {c} images per pass: "
+                f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MB"
+            )
 
     if args.fit:
-        res = fit_overhead(epochs=4)
-        print(f"\nDemo fit (2000 x 48 px, 4 epochs, every epoch, default methods, 8 samples): "
-              f"{res['fit_s']:.1f} s without, {res['fit_with_callback_s']:.1f} s with the callback "
-              f"-> overhead {res['overhead']:.1%}")
+        res = fit_overhead()
+        per_epoch = (res["every_epoch"] - res["plain"]) / 10
+        print(
+            f"\nDemo fit, 10 epochs: {res['plain']:.1f} s without the callback; default "
+            f"settings every epoch {res['every_epoch']:.1f} s (+{res['every_epoch'] / res['plain'] - 1:.1%}, "
+            f"{per_epoch:.2f} s per logged epoch); every 5th epoch {res['every_5']:.1f} s "
+            f"(+{res['every_5'] / res['plain'] - 1:.1%})"
+        )
 
 
 if __name__ == "__main__":

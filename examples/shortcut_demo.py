@@ -41,25 +41,33 @@ class EpochTable(L.Callback):
         if trainer.sanity_checking:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        row = {"epoch": trainer.current_epoch,
-               "acc": m.get("val_acc/dataloader_idx_0", m.get("val_acc", float("nan"))),
-               "acc_broken": m.get("val_acc/dataloader_idx_1", float("nan")),
-               "alarms": m.get("saliency/alarms", 0.0)}
+        row = {
+            "epoch": trainer.current_epoch,
+            "acc": m.get("val_acc/dataloader_idx_0", m.get("val_acc", float("nan"))),
+            "acc_broken": m.get("val_acc/dataloader_idx_1", float("nan")),
+            "alarms": m.get("saliency/alarms", 0.0),
+        }
         prefix = f"saliency/{self.method}/"
         for key, value in m.items():  # every score of the method, without per-class ones
-            if key.startswith(prefix) and "/" not in key[len(prefix):]:
-                row[key[len(prefix):]] = value
+            if key.startswith(prefix) and "/" not in key[len(prefix) :]:
+                row[key[len(prefix) :]] = value
         for score in TABLE_SCORES:
             row.setdefault(score, float("nan"))
         self.rows.append(row)
         if not trainer.is_global_zero:
             return
         if len(self.rows) == 1:
-            print(f"\n{'epoch':>5} {'acc':>6} {'acc_broken':>10} " +
-                  " ".join(f"{s:>17}" for s in TABLE_SCORES) + f" {'alarms':>6}")
-        print(f"{row['epoch']:>5} {row['acc']:>6.2f} {row['acc_broken']:>10.2f} " +
-              " ".join(f"{row[s]:>17.2f}" for s in TABLE_SCORES) + f" {int(row['alarms']):>6}",
-              flush=True)
+            print(
+                f"\n{'epoch':>5} {'acc':>6} {'acc_broken':>10} "
+                + " ".join(f"{s:>17}" for s in TABLE_SCORES)
+                + f" {'alarms':>6}"
+            )
+        print(
+            f"{row['epoch']:>5} {row['acc']:>6.2f} {row['acc_broken']:>10.2f} "
+            + " ".join(f"{row[s]:>17.2f}" for s in TABLE_SCORES)
+            + f" {int(row['alarms']):>6}",
+            flush=True,
+        )
 
 
 class Cifar10DataModule(L.LightningDataModule):
@@ -67,18 +75,29 @@ class Cifar10DataModule(L.LightningDataModule):
 
     classes = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-    def __init__(self, data_dir: str, batch_size: int = 128, download: bool = False,
-                 limit: int | None = None) -> None:
+    def __init__(
+        self, data_dir: str, batch_size: int = 128, download: bool = False, limit: int | None = None
+    ) -> None:
         super().__init__()
-        self.data_dir, self.batch_size, self.download, self.limit = data_dir, batch_size, download, limit
+        self.data_dir, self.batch_size, self.download, self.limit = (
+            data_dir,
+            batch_size,
+            download,
+            limit,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         from torchvision import datasets, transforms
 
-        tf = transforms.Compose([transforms.ToTensor(),
-                                 transforms.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))])
-        self.train_set = _AsDict(datasets.CIFAR10(self.data_dir, True, tf, download=self.download), self.limit)
-        self.val_set = _AsDict(datasets.CIFAR10(self.data_dir, False, tf, download=self.download), self.limit)
+        tf = transforms.Compose(
+            [transforms.ToTensor(), transforms.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))]
+        )
+        self.train_set = _AsDict(
+            datasets.CIFAR10(self.data_dir, True, tf, download=self.download), self.limit
+        )
+        self.val_set = _AsDict(
+            datasets.CIFAR10(self.data_dir, False, tf, download=self.download), self.limit
+        )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
@@ -105,8 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clean", action="store_true", help="no shortcut: the control run")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--shortcut-p", type=float, default=1.0,
-                   help="share of training images whose patch gives the class away")
+    p.add_argument(
+        "--shortcut-p",
+        type=float,
+        default=1.0,
+        help="share of training images whose patch gives the class away",
+    )
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-val", type=int, default=256)
     p.add_argument("--size", type=int, default=48, help="image side in pixels")
@@ -126,23 +149,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     L.seed_everything(args.seed, workers=True)
     if args.data == "cifar10":
-        dm: L.LightningDataModule = Cifar10DataModule(args.data_dir, download=args.download,
-                                                     limit=args.limit)
+        dm: L.LightningDataModule = Cifar10DataModule(
+            args.data_dir, download=args.download, limit=args.limit
+        )
         model = ShapesClassifier(num_classes=10)
         name = "cifar10"
     else:
-        dm = ShortcutDataModule(shortcut=not args.clean, shortcut_p=args.shortcut_p,
-                                n_train=args.n_train, n_val=args.n_val, size=args.size,
-                                seed=args.seed)
+        dm = ShortcutDataModule(
+            shortcut=not args.clean,
+            shortcut_p=args.shortcut_p,
+            n_train=args.n_train,
+            n_val=args.n_val,
+            size=args.size,
+            seed=args.seed,
+        )
         model = ShapesClassifier(num_classes=4)
         name = "clean" if args.clean else "shortcut"
-    saliency = SaliencyCallback(methods=args.methods.split(","), num_samples=args.num_samples,
-                                seed=args.seed)
+    saliency = SaliencyCallback(
+        methods=args.methods.split(","), num_samples=args.num_samples, seed=args.seed
+    )
     table = EpochTable()
     logger = TensorBoardLogger(args.logdir, name=name)
-    trainer = L.Trainer(max_epochs=args.epochs, logger=logger, callbacks=[saliency, table],
-                        enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, deterministic=True, log_every_n_steps=10)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        logger=logger,
+        callbacks=[saliency, table],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
+        log_every_n_steps=10,
+    )
     start = time.perf_counter()
     trainer.fit(model, dm)
     seconds = time.perf_counter() - start
@@ -152,8 +189,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"Logs:     {logger.log_dir}")
     print(f"Timeline: {saliency.timeline_path}")
     print(f"Open:     tensorboard --logdir {args.logdir} --samples_per_plugin images=500")
-    return {"rows": table.rows, "alarms": alarms, "timeline": saliency.timeline_path,
-            "log_dir": logger.log_dir, "seconds": seconds}
+    return {
+        "rows": table.rows,
+        "alarms": alarms,
+        "timeline": saliency.timeline_path,
+        "log_dir": logger.log_dir,
+        "seconds": seconds,
+    }
 
 
 if __name__ == "__main__":

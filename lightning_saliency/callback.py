@@ -38,8 +38,13 @@ from lightning_saliency.samples import (
 )
 from lightning_saliency.scores import _small, map_scores
 
-PER_CLASS_SCORES = ("object_enrichment", "object_energy", "pointing_game", "corner_enrichment",
-                    "dead_maps")
+PER_CLASS_SCORES = (
+    "object_enrichment",
+    "object_energy",
+    "pointing_game",
+    "corner_enrichment",
+    "dead_maps",
+)
 
 
 def _finite(values: dict[str, float]) -> dict[str, float]:
@@ -69,13 +74,15 @@ class SaliencyCallback(L.Callback):
         image_key, label_key, mask_key: dict-batch keys.
         dataloader_idx: which val dataloader to sample from when there are several.
         ig_steps: integration steps, or ``"auto"`` (fewest steps with <= 1 % completeness error).
-        ig_internal_batch_size: images per IG pass (bounds memory).
+        ig_internal_batch_size: images per IG pass (bounds memory); ``None``: the memory of 16
+            images at 224 px.
         dff_components: concepts for deep feature factorization.
         denormalize: undo the input normalisation for display (auto-detected ``Normalize``).
         mean, std: normalisation to undo when it cannot be detected.
         class_names: names for captions; default: the datamodule's or dataset's ``classes``.
         tile_size: side of each tile in pixels (caps event-file size).
-        thresholds: alarm thresholds overriding :data:`~lightning_saliency.alarms.DEFAULT_THRESHOLDS`.
+        thresholds: alarm thresholds over the defaults in
+            :data:`lightning_saliency.alarms.DEFAULT_THRESHOLDS`.
         timeline_method: the method shown in the timeline (default: the first map method).
         seed: the sample choice uses its own generator from this seed.
 
@@ -102,7 +109,7 @@ class SaliencyCallback(L.Callback):
         mask_key: str = "mask",
         dataloader_idx: int = 0,
         ig_steps: int | Literal["auto"] = 32,
-        ig_internal_batch_size: int = 16,
+        ig_internal_batch_size: int | None = None,
         dff_components: int = 4,
         denormalize: bool | None = None,
         mean: list[float] | None = None,
@@ -134,8 +141,11 @@ class SaliencyCallback(L.Callback):
         }
         self.options = check_options(
             self.methods,
-            {"ig_steps": ig_steps, "ig_internal_batch_size": ig_internal_batch_size,
-             "dff_components": dff_components},
+            {
+                "ig_steps": ig_steps,
+                "ig_internal_batch_size": ig_internal_batch_size,
+                "dff_components": dff_components,
+            },
         )
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
@@ -150,8 +160,9 @@ class SaliencyCallback(L.Callback):
         self.thresholds = alarm_rules.merge_thresholds(thresholds)
         map_methods = [m for m in self.methods if m != "dff"]
         self.timeline_method = (
-            normalize_methods([timeline_method])[0] if timeline_method else
-            (map_methods[0] if map_methods else None)
+            normalize_methods([timeline_method])[0]
+            if timeline_method
+            else (map_methods[0] if map_methods else None)
         )
         self.seed = seed
         self._explicit = (samples, labels, masks)
@@ -337,9 +348,9 @@ class SaliencyCallback(L.Callback):
         self._explain_and_log(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._enabled and self._on_train_end_instead:
-            if trainer.current_epoch % self.every_n_epochs == 0:
-                self._explain_and_log(trainer, pl_module)
+        due = trainer.current_epoch % self.every_n_epochs == 0
+        if self._enabled and self._on_train_end_instead and due:
+            self._explain_and_log(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Log the whole timeline once more and save it as ``saliency_timeline.png`` beside the
@@ -388,8 +399,15 @@ class SaliencyCallback(L.Callback):
         options = dict(self.options)
         if options.get("ig_steps") == "auto" and self._ig_steps_start:
             options["ig_steps_start"] = max(8, self._ig_steps_start // 2)
-        out = run_explain(pl_module, samples.images, targets, active,
-                          self.target_layer or self._layer_name, on_error="collect", **options)
+        out = run_explain(
+            pl_module,
+            samples.images,
+            targets,
+            active,
+            self.target_layer or self._layer_name,
+            on_error="collect",
+            **options,
+        )
         if "ig_steps" in out.extras:
             self._ig_steps_start = int(out.extras["ig_steps"])
         return out
@@ -406,8 +424,14 @@ class SaliencyCallback(L.Callback):
             return self.class_names[index]
         return str(index)
 
-    def _log_scores(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                    samples: FixedSamples, out: Any, epoch: int) -> None:
+    def _log_scores(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        samples: FixedSamples,
+        out: Any,
+        epoch: int,
+    ) -> None:
         metrics: dict[str, float] = {}
         raised: list[alarm_rules.Alarm] = []
         groups = out.targets if samples.labels is None else samples.labels
@@ -416,8 +440,9 @@ class SaliencyCallback(L.Callback):
             if maps.dim() != 3:
                 continue
             small = _small(maps)
-            scores = map_scores(maps, samples.masks, self._prev.get(method),
-                                self._first.get(method), tolerance)
+            scores = map_scores(
+                maps, samples.masks, self._prev.get(method), self._first.get(method), tolerance
+            )
             if method == "integrated_gradients" and "ig_completeness_error" in out.extras:
                 scores["ig_completeness_error"] = out.extras["ig_completeness_error"]
                 metrics[f"saliency/{method}/steps"] = float(out.extras["ig_steps"])
@@ -447,11 +472,19 @@ class SaliencyCallback(L.Callback):
                 self._alarmed.add(alarm.key)
                 rank_zero_warn(alarm.message(epoch))
         for name, value in metrics.items():
-            pl_module.log(name, value, on_epoch=True, on_step=False, sync_dist=False,
-                          logger=True, prog_bar=False)
+            pl_module.log(
+                name,
+                value,
+                on_epoch=True,
+                on_step=False,
+                sync_dist=False,
+                logger=True,
+                prog_bar=False,
+            )
 
-    def _group_means(self, scores: dict[str, Tensor], groups: Tensor, select: Tensor | None,
-                     min_count: int = 2) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    def _group_means(
+        self, scores: dict[str, Tensor], groups: Tensor, select: Tensor | None, min_count: int = 2
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Mean of each score over the selected samples, and per class (groups with fewer than
         ``min_count`` selected samples are left out when a selection is given)."""
         select = torch.ones_like(groups, dtype=torch.bool) if select is None else select
@@ -463,10 +496,13 @@ class SaliencyCallback(L.Callback):
         for cls in groups.unique().tolist():
             chosen = (groups == cls) & select
             if enough(int(chosen.sum())):
-                per_class[self._class_name(int(cls))] = _finite({
-                    k: float(scores[k][chosen].float().nanmean())
-                    for k in PER_CLASS_SCORES if k in scores
-                })
+                per_class[self._class_name(int(cls))] = _finite(
+                    {
+                        k: float(scores[k][chosen].float().nanmean())
+                        for k in PER_CLASS_SCORES
+                        if k in scores
+                    }
+                )
         return means, per_class
 
     def _cell_tolerance(self, samples: FixedSamples) -> int:
@@ -489,7 +525,9 @@ class SaliencyCallback(L.Callback):
                 texts.append(f"{self._class_name(labels[i])[:7]}>{p} {conf_l[i]:.0%} {mark}")
         return texts
 
-    def _log_pictures(self, trainer: L.Trainer, samples: FixedSamples, out: Any, epoch: int) -> None:
+    def _log_pictures(
+        self, trainer: L.Trainer, samples: FixedSamples, out: Any, epoch: int
+    ) -> None:
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         size = self._tile_shape(samples.images)
         picture = render.resize(render.to_picture(samples.images, self.mean, self.std), size)
@@ -512,14 +550,20 @@ class SaliencyCallback(L.Callback):
                 self._timeline = self._timeline[:16:2] + self._timeline[16:]
                 self._timeline_labels = self._timeline_labels[:16:2] + self._timeline_labels[16:]
             if len(self._timeline) % 5 == 1:  # the full picture is logged at the end of fit
-                self._emit("saliency/timeline",
-                           render.timeline(self._timeline, self._timeline_labels), step)
+                self._emit(
+                    "saliency/timeline",
+                    render.timeline(self._timeline, self._timeline_labels),
+                    step,
+                )
         for sink in self._sinks:
             sink.text("saliency/captions", "  \n".join(captions), step)
 
     def _tile_shape(self, images: Tensor) -> tuple[int, int]:
+        """Tiles at most ``tile_size``; small inputs are enlarged by a whole factor (crisp
+        pixels, and PNGs that compress well), large ones shrunk."""
         h, w = images.shape[-2:]
-        scale = self.tile_size / max(h, w)
+        side = max(h, w)
+        scale = max(1, self.tile_size // side) if side <= self.tile_size else self.tile_size / side
         return max(8, round(h * scale)), max(8, round(w * scale))
 
     def _concept_legend(self, out: Any, k: int, device: torch.device):

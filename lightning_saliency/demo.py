@@ -26,11 +26,16 @@ class ShapesClassifier(L.LightningModule):
         w = width
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout),
-                                 nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+            )
 
         self.features = nn.Sequential(
-            block(3, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2), block(2 * w, 4 * w),
+            block(3, w),
+            nn.MaxPool2d(2),
+            block(w, 2 * w),
+            nn.MaxPool2d(2),
+            block(2 * w, 4 * w),
             block(4 * w, 4 * w),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -56,8 +61,12 @@ class ShapesClassifier(L.LightningModule):
         x, y = self._unpack(batch)
         logits = self(x)
         self.log("val_loss", F.cross_entropy(logits, y), add_dataloader_idx=True)
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True,
-                 add_dataloader_idx=True)
+        self.log(
+            "val_acc",
+            (logits.argmax(1) == y).float().mean(),
+            prog_bar=True,
+            add_dataloader_idx=True,
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

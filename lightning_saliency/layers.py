@@ -89,11 +89,15 @@ def to_spatial(output: Tensor) -> Tensor:
 
 
 def _is_spatial(output: object) -> bool:
-    return isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1
+    return (
+        isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1
+    )
 
 
 def _is_tokens(output: object) -> bool:
-    return isinstance(output, Tensor) and output.dim() == 3 and token_grid(output.shape[1]) is not None
+    return (
+        isinstance(output, Tensor) and output.dim() == 3 and token_grid(output.shape[1]) is not None
+    )
 
 
 @torch.no_grad()

@@ -78,20 +78,26 @@ def to_picture(images: Tensor, mean: Sequence[float] | None, std: Sequence[float
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     elif x.shape[1] != 3:
-        x = x[:, :3] if x.shape[1] > 3 else torch.cat([x, x[:, :1].expand(-1, 3 - x.shape[1], -1, -1)], 1)
+        x = (
+            x[:, :3]
+            if x.shape[1] > 3
+            else torch.cat([x, x[:, :1].expand(-1, 3 - x.shape[1], -1, -1)], 1)
+        )
     return x.clamp(0, 1)
 
 
 def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize ``(N, C, H, W)`` pictures for display (nearest when enlarging, area when shrinking)."""
+    """Resize ``(N, C, H, W)`` pictures for display: nearest when enlarging, area when
+    shrinking."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     mode = "nearest" if size[0] >= x.shape[-2] else "area"
     return F.interpolate(x, size=size, mode=mode)
 
 
-def overlay(picture: Tensor, maps: Tensor, signed: bool = False, cmap: str | None = None,
-            alpha: float = 0.5) -> Tensor:
+def overlay(
+    picture: Tensor, maps: Tensor, signed: bool = False, cmap: str | None = None, alpha: float = 0.5
+) -> Tensor:
     """Blend coloured maps over pictures; the map's strength sets the opacity, so cold regions
     show the image itself."""
     values = scale_maps(maps, signed=signed)
@@ -116,7 +122,9 @@ def concept_overlay(picture: Tensor, concepts: Tensor, alpha: float = 0.6) -> Te
 
 def concept_palette(k: int, device: torch.device) -> Tensor:
     """The ``(K, 3)`` colours :func:`concept_overlay` uses."""
-    return colormap_lut(CONCEPT_COLORS, device)[(torch.arange(k, device=device) * 255 // 9).clamp(max=255)]
+    return colormap_lut(CONCEPT_COLORS, device)[
+        (torch.arange(k, device=device) * 255 // 9).clamp(max=255)
+    ]
 
 
 # -- text -----------------------------------------------------------------------------------
@@ -165,8 +173,9 @@ def caption(tiles: Tensor, texts: Sequence[str], color: Sequence[float] = (1, 1,
     return torch.cat([tiles, strip], dim=2)
 
 
-def label_row(texts: Sequence[str], width: int, device: torch.device,
-              swatches: Tensor | None = None) -> Tensor:
+def label_row(
+    texts: Sequence[str], width: int, device: torch.device, swatches: Tensor | None = None
+) -> Tensor:
     """Lines of text (a legend) as a ``(3, 14 * L, width)`` picture; optional colour swatches."""
     rows = []
     for i, text in enumerate(texts):
@@ -200,8 +209,13 @@ def method_tiles(method: str, maps: Tensor, picture: Tensor) -> Tensor:
     return overlay(picture, resize(maps[:, None], size)[:, 0], signed=method in SIGNED_METHODS)
 
 
-def method_grid(tiles: Tensor, captions: Sequence[str], ncol: int,
-                legend: Sequence[str] | None = None, swatches: Tensor | None = None) -> Tensor:
+def method_grid(
+    tiles: Tensor,
+    captions: Sequence[str],
+    ncol: int,
+    legend: Sequence[str] | None = None,
+    swatches: Tensor | None = None,
+) -> Tensor:
     """A captioned grid of one method's tiles, with an optional legend below."""
     picture = grid(caption(tiles, captions), ncol)
     if legend:
@@ -222,7 +236,8 @@ def overview(picture: Tensor, tiles: dict[str, Tensor], captions: Sequence[str])
 
 def timeline(columns: Sequence[Tensor], labels: Sequence[str]) -> Tensor:
     """Samples as rows, logged epochs as columns, each tile captioned with its epoch."""
-    captioned = [caption(col.float() / 255, [label] * col.shape[0]) for col, label in
-                 zip(columns, labels)]
+    captioned = [
+        caption(col.float() / 255, [label] * col.shape[0]) for col, label in zip(columns, labels)
+    ]
     stacked = torch.stack(captioned, dim=1).flatten(0, 1)
     return grid(stacked, len(captioned))

@@ -22,6 +22,7 @@ class BatchKeys:
     mask: str = "mask"
 
 
+DEFAULT_KEYS = BatchKeys()
 _IMAGE_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
 _LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 _MASK_KEYS = ("mask", "masks", "segmentation", "object_mask")
@@ -70,7 +71,9 @@ def _pick(batch: Mapping[str, Any], preferred: str, fallbacks: Sequence[str]) ->
     return None
 
 
-def split_batch(batch: Any, keys: BatchKeys = BatchKeys()) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def split_batch(
+    batch: Any, keys: BatchKeys = DEFAULT_KEYS
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(images, labels, masks)`` from a batch that is ``x``, ``(x, y[, mask])`` or a dict.
 
     Example:
@@ -100,21 +103,32 @@ def split_batch(batch: Any, keys: BatchKeys = BatchKeys()) -> tuple[Tensor, Tens
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise SaliencyConfigError(
             f"the model input must be a float image tensor (N, C, H, W); the batch holds {shape}. "
-            "SaliencyCallback explains image classifiers; pass samples=... if images live elsewhere."
+            "SaliencyCallback explains image classifiers; pass samples=... if images live "
+            "elsewhere."
         )
     n = images.shape[0]
-    if not (isinstance(labels, Tensor) and labels.dim() == 1 and labels.shape[0] == n
-            and not labels.is_floating_point()):
+    if not (
+        isinstance(labels, Tensor)
+        and labels.dim() == 1
+        and labels.shape[0] == n
+        and not labels.is_floating_point()
+    ):
         labels = None
     if isinstance(masks, Tensor) and masks.dim() == 4 and masks.shape[1] == 1:
         masks = masks[:, 0]
-    if not (isinstance(masks, Tensor) and masks.dim() == 3 and masks.shape[0] == n
-            and masks.shape[-2:] == images.shape[-2:]):
+    if not (
+        isinstance(masks, Tensor)
+        and masks.dim() == 3
+        and masks.shape[0] == n
+        and masks.shape[-2:] == images.shape[-2:]
+    ):
         masks = None
     return images, labels, masks
 
 
-def _dataset_labels(dataset: Dataset, keys: BatchKeys, pool: Sequence[int]) -> dict[int, int] | None:
+def _dataset_labels(
+    dataset: Dataset, keys: BatchKeys, pool: Sequence[int]
+) -> dict[int, int] | None:
     """Labels of ``pool`` items: from ``targets``/``labels`` attributes, else by reading items."""
     for attr in ("targets", "labels"):
         values = getattr(dataset, attr, None)
@@ -138,7 +152,9 @@ def _dataset_labels(dataset: Dataset, keys: BatchKeys, pool: Sequence[int]) -> d
     return labels
 
 
-def choose_indices(dataset: Dataset, num: int, seed: int, keys: BatchKeys = BatchKeys()) -> list[int]:
+def choose_indices(
+    dataset: Dataset, num: int, seed: int, keys: BatchKeys = DEFAULT_KEYS
+) -> list[int]:
     """``num`` indices of a map-style dataset, chosen by a private generator and spread over
     classes (round robin) when labels are known. The global RNG is never touched.
 
@@ -168,13 +184,17 @@ def choose_indices(dataset: Dataset, num: int, seed: int, keys: BatchKeys = Batc
     return chosen
 
 
-def collect_samples(loader: Any, num: int, seed: int, keys: BatchKeys = BatchKeys()) -> Any:
+def collect_samples(loader: Any, num: int, seed: int, keys: BatchKeys = DEFAULT_KEYS) -> Any:
     """A collated batch of ``num`` fixed samples from a dataloader's dataset (by index), or
     the first ``num`` of its stream for an ``IterableDataset``. Returns ``(batch, indices)``."""
     dataset = getattr(loader, "dataset", None)
     collate = getattr(loader, "collate_fn", None) or default_collate
-    if (dataset is not None and not isinstance(dataset, IterableDataset)
-            and hasattr(dataset, "__len__") and len(dataset) > 0):
+    if (
+        dataset is not None
+        and not isinstance(dataset, IterableDataset)
+        and hasattr(dataset, "__len__")
+        and len(dataset) > 0
+    ):
         indices = choose_indices(dataset, num, seed, keys)
         return collate([dataset[i] for i in indices]), indices
     batches, count = [], 0
@@ -194,11 +214,15 @@ def _concat(batches: list[Any], num: int) -> Any:
     if isinstance(first, Tensor):
         return torch.cat(batches)[:num]
     if isinstance(first, Mapping):
-        return {k: _concat([b[k] for b in batches], num) if isinstance(first[k], Tensor) else first[k]
-                for k in first}
+        return {
+            k: _concat([b[k] for b in batches], num) if isinstance(first[k], Tensor) else first[k]
+            for k in first
+        }
     if isinstance(first, (tuple, list)):
-        return type(first)(_concat([b[i] for b in batches], num) if isinstance(first[i], Tensor)
-                           else first[i] for i in range(len(first)))
+        return type(first)(
+            _concat([b[i] for b in batches], num) if isinstance(first[i], Tensor) else first[i]
+            for i in range(len(first))
+        )
     return first
 
 

@@ -60,7 +60,9 @@ def _pearson(a: Tensor, b: Tensor) -> Tensor:
     a = a - a.mean(-1, keepdim=True)
     b = b - b.mean(-1, keepdim=True)
     denom = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(denom > _EPS, (a * b).sum(-1) / denom.clamp(min=_EPS), torch.zeros_like(denom))
+    return torch.where(
+        denom > _EPS, (a * b).sum(-1) / denom.clamp(min=_EPS), torch.zeros_like(denom)
+    )
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
@@ -193,8 +195,14 @@ def map_scores(
         out["pointing_game"] = pointing_game(maps, masks, tolerance)
     # A map that is zero everywhere points nowhere: it counts in dead_maps, not as a miss.
     dead = out["dead_maps"].bool()
-    for name in ("corner_enrichment", "border_enrichment", "object_energy", "object_enrichment",
-                 "rank_accuracy", "pointing_game"):
+    for name in (
+        "corner_enrichment",
+        "border_enrichment",
+        "object_energy",
+        "object_enrichment",
+        "rank_accuracy",
+        "pointing_game",
+    ):
         if name in out:
             out[name] = out[name].masked_fill(dead, float("nan"))
     return out

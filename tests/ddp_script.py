@@ -31,9 +31,12 @@ class CountingCallback(SaliencyCallback):
 
     def on_fit_end(self, trainer, pl_module):
         super().on_fit_end(trainer, pl_module)
-        record = {"rank": trainer.global_rank, "written": self.written,
-                  "explained": sorted(self._prev), "alarms": float(
-                      trainer.callback_metrics.get("saliency/alarms", torch.tensor(-1.0)))}
+        record = {
+            "rank": trainer.global_rank,
+            "written": self.written,
+            "explained": sorted(self._prev),
+            "alarms": float(trainer.callback_metrics.get("saliency/alarms", torch.tensor(-1.0))),
+        }
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f)
 
@@ -44,9 +47,15 @@ def main() -> None:
     L.seed_everything(0)
     callback = CountingCallback(out_dir, num_samples=4, ig_steps=8)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=2,
-        logger=TensorBoardLogger(out_dir, name="ddp"), callbacks=[callback],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=2,
+        logger=TensorBoardLogger(out_dir, name="ddp"),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         num_sanity_val_steps=2,
     )
     trainer.fit(tiny_model(), tiny_datamodule())

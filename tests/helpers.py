@@ -42,8 +42,12 @@ def trainer(log_dir: str | None, callbacks: list, **kwargs: Any) -> L.Trainer:
 
 def read_events(log_dir: str) -> EventAccumulator:
     """All images and scalars of the (single) run under ``log_dir``."""
-    runs = sorted({os.path.dirname(p) for p in glob.glob(f"{log_dir}/**/events.out.tfevents.*",
-                                                        recursive=True)})
+    runs = sorted(
+        {
+            os.path.dirname(p)
+            for p in glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True)
+        }
+    )
     assert len(runs) == 1, runs
     acc = EventAccumulator(runs[0], size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()

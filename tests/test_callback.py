@@ -27,15 +27,18 @@ def _fit(tmp_path, callbacks, seed=0, model=None, dm=None, **kwargs):
 
 
 def _hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               for m in model.modules())
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
 
 
 def test_training_is_bitwise_unchanged(tmp_path):
     """Seeded runs with and without the callback, gradient accumulation and mid-epoch
     validation (where Lightning does not zero the grads first), end identical."""
-    common = dict(max_epochs=2, accumulate_grad_batches=2, val_check_interval=0.5,
-                  num_sanity_val_steps=2)
+    common = dict(
+        max_epochs=2, accumulate_grad_batches=2, val_check_interval=0.5, num_sanity_val_steps=2
+    )
     tr_a, model_a = _fit(tmp_path / "a", [], **common)
     state_a = state_of(model_a, tr_a.optimizers[0])
     callback = SaliencyCallback(num_samples=4, ig_steps=8)
@@ -47,8 +50,9 @@ def test_training_is_bitwise_unchanged(tmp_path):
         assert torch.equal(tensor, state_b["params"][name]), name
     for pid, entry in state_a["optimizer"]["state"].items():
         for key, value in entry.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(
-                state_b["optimizer"]["state"][pid][key])), (pid, key)
+            assert torch.equal(
+                torch.as_tensor(value), torch.as_tensor(state_b["optimizer"]["state"][pid][key])
+            ), (pid, key)
     assert torch.equal(state_a["rng"], state_b["rng"])
     assert _hooks(model_b) == 0
     assert all(p.requires_grad for p in model_b.parameters())
@@ -67,7 +71,10 @@ def test_tensorboard_receives_grids_overview_and_scalars(logged_run):
     log_dir, tr, callback = logged_run
     events = read_events(str(log_dir))
     tags = set(events.Tags()["images"])
-    expected = {f"saliency/{m}" for m in DEFAULT_METHODS} | {"saliency/overview", "saliency/timeline"}
+    expected = {f"saliency/{m}" for m in DEFAULT_METHODS} | {
+        "saliency/overview",
+        "saliency/timeline",
+    }
     assert expected <= tags
     val_steps = [e.step for e in events.Scalars("val_acc/dataloader_idx_0")]
     for method in DEFAULT_METHODS:
@@ -75,12 +82,20 @@ def test_tensorboard_receives_grids_overview_and_scalars(logged_run):
         assert [e.step for e in images] == val_steps  # at the step of the val metrics
         picture = Image.open(io.BytesIO(images[-1].encoded_image_string))
         assert picture.size == (images[-1].width, images[-1].height)
-        assert picture.mode == "RGB" and picture.width > 3 * 112
+        assert picture.mode == "RGB" and picture.width > 3 * 96
     overview = events.Images("saliency/overview")[-1]
-    assert overview.height > 6 * 112 and overview.width > 5 * 112  # a row per sample
+    assert overview.height > 6 * 96 and overview.width > 5 * 96  # a row per sample (32 px x 3)
     scalar_tags = set(events.Tags()["scalars"])
-    for name in ("object_enrichment", "corner_enrichment", "consensus", "drift_prev",
-                 "drift_first", "pointing_game", "rank_accuracy", "dead_maps"):
+    for name in (
+        "object_enrichment",
+        "corner_enrichment",
+        "consensus",
+        "drift_prev",
+        "drift_first",
+        "pointing_game",
+        "rank_accuracy",
+        "dead_maps",
+    ):
         assert f"saliency/gradcam/{name}" in scalar_tags, name
     assert "saliency/integrated_gradients/ig_completeness_error" in scalar_tags
     assert any(t.startswith("saliency/gradcam/object_enrichment/") for t in scalar_tags)
@@ -166,8 +181,9 @@ def test_samples_fixed_by_own_generator_and_spread_over_classes(tmp_path):
 
 
 def test_every_n_epochs_and_method_cadence(tmp_path):
-    callback = SaliencyCallback(num_samples=4, ig_steps=8, every_n_epochs=2,
-                                method_every_n_epochs={"ig": 4})
+    callback = SaliencyCallback(
+        num_samples=4, ig_steps=8, every_n_epochs=2, method_every_n_epochs={"ig": 4}
+    )
     _fit(tmp_path, [callback], max_epochs=5)
     events = read_events(str(tmp_path))
     assert len(events.Images("saliency/gradcam")) == 3  # epochs 0, 2, 4
@@ -178,8 +194,9 @@ def test_explicit_samples_with_masks(tmp_path):
     from lightning_saliency.data import make_shortcut_images
 
     data = make_shortcut_images(5, size=32, shortcut_p=1.0, seed=9)
-    callback = SaliencyCallback(samples=data["images"], labels=data["labels"],
-                                masks=data["masks"], methods=("gradcam",))
+    callback = SaliencyCallback(
+        samples=data["images"], labels=data["labels"], masks=data["masks"], methods=("gradcam",)
+    )
     _fit(tmp_path, [callback], max_epochs=1)
     assert torch.equal(callback._samples.images, data["images"])
     assert "saliency/gradcam/object_enrichment" in read_events(str(tmp_path)).Tags()["scalars"]
@@ -197,8 +214,12 @@ def test_state_dict_resume_keeps_samples_and_references(tmp_path):
 
     resumed = SaliencyCallback(num_samples=4, ig_steps=8)
     L.seed_everything(0)
-    tr = trainer(str(tmp_path / "b"), [resumed, ModelCheckpoint(dirpath=tmp_path / "c")],
-                 max_epochs=3, enable_checkpointing=True)
+    tr = trainer(
+        str(tmp_path / "b"),
+        [resumed, ModelCheckpoint(dirpath=tmp_path / "c")],
+        max_epochs=3,
+        enable_checkpointing=True,
+    )
     tr.fit(tiny_model(), tiny_datamodule(seed=7), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert torch.equal(resumed._samples.images, callback._samples.images)
     assert torch.equal(resumed._first["gradcam"], callback._first["gradcam"])
@@ -216,8 +237,9 @@ def test_failure_mid_run_warns_once_and_skips_the_method(tmp_path, monkeypatch):
             raise RuntimeError("CUDA out of memory (simulated)")
         return original(session)
 
-    monkeypatch.setitem(METHODS, "integrated_gradients",
-                        replace(METHODS["integrated_gradients"], compute=flaky))
+    monkeypatch.setitem(
+        METHODS, "integrated_gradients", replace(METHODS["integrated_gradients"], compute=flaky)
+    )
     callback = SaliencyCallback(num_samples=4, ig_steps=8)
     with pytest.warns(UserWarning, match="integrated_gradients failed") as record:
         _fit(tmp_path, [callback], max_epochs=4)
@@ -237,14 +259,19 @@ def test_memory_flat_over_30_logged_epochs(tmp_path):
                 render._text_mask_cpu.cache_clear()  # caption bitmaps: an LRU of bounded size
                 gc.collect()
                 counts[trainer.current_epoch] = sum(
-                    t.numel() for t in gc.get_objects()
-                    if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)
-                    and t.device.type == "cpu" and t.dtype != torch.float64
+                    t.numel()
+                    for t in gc.get_objects()
+                    if isinstance(t, torch.Tensor)
+                    and not isinstance(t, torch.nn.Parameter)
+                    and t.device.type == "cpu"
+                    and t.dtype != torch.float64
                 )
 
     callback = SaliencyCallback(num_samples=4, ig_steps=8)
     dm = tiny_datamodule(n_train=16, n_val=8, batch_size=16)
-    tr, model = _fit(tmp_path, [callback, Count()], max_epochs=30, dm=dm, logger=CSVLogger(tmp_path))
+    tr, model = _fit(
+        tmp_path, [callback, Count()], max_epochs=30, dm=dm, logger=CSVLogger(tmp_path)
+    )
     growth = counts[29] - counts[9]
     # 20 more columns of the (capped) timeline: 4 uint8 tiles of 3x64x64 each, nothing else
     assert growth == 20 * 4 * 3 * 64 * 64, counts

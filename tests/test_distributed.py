@@ -15,8 +15,13 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 def test_ddp_two_cpu_processes(tmp_path, strategy):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, SCRIPT, strategy, str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, strategy, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["written"] > 0 and ranks[1]["written"] == 0  # exactly one writer

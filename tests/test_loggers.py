@@ -110,7 +110,8 @@ def test_wandb_and_mlflow_receive_every_grid(tmp_path):
     callback = SaliencyCallback(num_samples=4, methods=("gradcam", "dff"))
     L.seed_everything(0)
     trainer(None, [callback], logger=[wandb, mlflow], max_epochs=2).fit(
-        tiny_model(), tiny_datamodule())
+        tiny_model(), tiny_datamodule()
+    )
     keys = [c[0] for c in wandb.calls]
     assert keys.count("saliency/gradcam") == 2 and "saliency/overview" in keys
     image = wandb.calls[0][1][0]

@@ -42,7 +42,9 @@ def test_gradcam_matches_pytorch_grad_cam(images):
 
 def test_guided_gradcam_matches_captum(images):
     model = seeded(ModuleCNN()).eval()
-    ours = explain(model, images, targets=TARGETS, methods=("guided_gradcam",), target_layer="relu2")
+    ours = explain(
+        model, images, targets=TARGETS, methods=("guided_gradcam",), target_layer="relu2"
+    )
     reference_model = copy.deepcopy(model)
     ref = GuidedGradCam(reference_model, reference_model.relu2).attribute(
         images, target=torch.tensor(TARGETS), interpolate_mode="bilinear"
@@ -56,8 +58,9 @@ def test_guided_backprop_sees_functional_and_inplace_relu(images):
     functional = seeded(FunctionalCNN()).eval()
     modular = ModuleCNN().eval()
     modular.load_state_dict(functional.state_dict())
-    ours = explain(functional, images, targets=TARGETS, methods=("guided_gradcam",),
-                   target_layer="conv2")
+    ours = explain(
+        functional, images, targets=TARGETS, methods=("guided_gradcam",), target_layer="conv2"
+    )
     ref = GuidedGradCam(modular, modular.conv2).attribute(
         images, target=torch.tensor(TARGETS), interpolate_mode="bilinear"
     )
@@ -91,7 +94,9 @@ def test_dff_reconstruction_close_to_scikit_learn():
     from sklearn.decomposition import NMF
 
     gen = torch.Generator().manual_seed(0)
-    acts = torch.relu(torch.randn(4, 32, 6, 6, generator=gen) + 0.3 * torch.randn(1, 32, 1, 1, generator=gen))
+    acts = torch.relu(
+        torch.randn(4, 32, 6, 6, generator=gen) + 0.3 * torch.randn(1, 32, 1, 1, generator=gen)
+    )
     v = acts.permute(1, 0, 2, 3).reshape(32, -1)
     v = v - v.min(dim=1, keepdim=True).values
     w, h = nmf(v, 4)

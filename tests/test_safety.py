@@ -15,7 +15,9 @@ from lightning_saliency.methods import METHODS
 
 def _hook_count(model: nn.Module) -> int:
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
         + len(getattr(m, "_backward_pre_hooks", {}))
         for m in model.modules()
     )
@@ -128,8 +130,9 @@ def test_functional_relu_model_runs_all_methods(images):
 
 
 def test_model_without_relu_warns_for_guided_backprop(images):
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
     with pytest.warns(UserWarning, match="no ReLU"):
         explain(model, images, methods=("guided_gradcam",))
 

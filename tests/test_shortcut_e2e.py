@@ -90,12 +90,29 @@ def test_cifar10_path_runs_on_generated_data(tmp_path, monkeypatch):
 
     def fake_cifar(root, train, transform, download=False):
         assert not download  # nothing downloads unless the user asks
-        data = FakeData(64 if train else 32, (3, 32, 32), 10, transform=transform,
-                        random_offset=0 if train else 1000)
+        data = FakeData(
+            64 if train else 32,
+            (3, 32, 32),
+            10,
+            transform=transform,
+            random_offset=0 if train else 1000,
+        )
         data.classes = [str(i) for i in range(10)]
         return data
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar)
-    result = _demo().main(["--data", "cifar10", "--epochs", "1", "--logdir", str(tmp_path),
-                           "--methods", "gradcam,dff", "--num-samples", "4"])
+    result = _demo().main(
+        [
+            "--data",
+            "cifar10",
+            "--epochs",
+            "1",
+            "--logdir",
+            str(tmp_path),
+            "--methods",
+            "gradcam,dff",
+            "--num-samples",
+            "4",
+        ]
+    )
     assert result["rows"] and os.path.exists(result["timeline"])

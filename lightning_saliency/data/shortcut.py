@@ -65,8 +65,9 @@ def make_shortcut_images(
     masks = _shape_masks(labels, cx, cy, r, size)
 
     background = torch.rand(n, 3, 4, 4, generator=gen) * 0.6 + 0.1
-    images = torch.nn.functional.interpolate(background, size=(size, size), mode="bilinear",
-                                             align_corners=False)
+    images = torch.nn.functional.interpolate(
+        background, size=(size, size), mode="bilinear", align_corners=False
+    )
     images = images + 0.05 * torch.randn(n, 3, size, size, generator=gen)
     colour = torch.rand(n, 3, generator=gen) * 0.7 + 0.3
     images = torch.where(masks[:, None], colour[:, :, None, None], images)
@@ -154,14 +155,16 @@ class ShortcutDataModule(L.LightningDataModule):
         hp = self.hparams
         train_p = hp.shortcut_p if hp.shortcut else None
         self.train_set = ShortcutShapes(hp.n_train, hp.size, train_p, hp.seed, hp.num_classes)
-        self.val_set = ShortcutShapes(hp.n_val, hp.size, 1.0 if hp.shortcut else None,
-                                      hp.seed + 1, hp.num_classes)
+        self.val_set = ShortcutShapes(
+            hp.n_val, hp.size, 1.0 if hp.shortcut else None, hp.seed + 1, hp.num_classes
+        )
         self.broken_set = ShortcutShapes(hp.n_val, hp.size, 0.0, hp.seed + 2, hp.num_classes)
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-                          generator=gen)
+        return DataLoader(
+            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=gen
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [

@@ -41,6 +41,22 @@ def completeness_error(
     return (total - gap).abs() / gap.abs().clamp(min=1e-6)
 
 
+def internal_batch_size(option: int | None, images: Tensor) -> int:
+    """Images per IG pass: the option, or (``None``) as many as take the memory of 16 images
+    at 224 x 224, so small inputs run in few large passes and large ones stay bounded.
+
+    Example:
+        >>> internal_batch_size(None, torch.zeros(8, 3, 224, 224))
+        16
+        >>> internal_batch_size(None, torch.zeros(8, 3, 32, 32))
+        784
+    """
+    if option is not None:
+        return int(option)
+    pixels = images.shape[-1] * images.shape[-2]
+    return max(1, (16 * 224 * 224) // pixels)
+
+
 def _forward(model: torch.nn.Module) -> Any:
     return lambda x: _as_logits(model(x))
 
@@ -51,7 +67,7 @@ def integrated_gradients(session: ExplainSession) -> Tensor:
     images, targets = session.images, session.targets
     baselines = make_baseline(images, opts["ig_baseline"])
     n = images.shape[0]
-    chunk = max(int(opts["ig_internal_batch_size"]), n)
+    chunk = max(internal_batch_size(opts["ig_internal_batch_size"], images), n)
     ig = IntegratedGradients(_forward(session.model))
     with torch.no_grad():
         logits = session.logits.detach()
@@ -64,7 +80,9 @@ def integrated_gradients(session: ExplainSession) -> Tensor:
     elif isinstance(steps_option, int) and steps_option > 0:
         schedule = [steps_option]
     else:
-        raise SaliencyConfigError(f"ig_steps must be a positive int or 'auto', got {steps_option!r}")
+        raise SaliencyConfigError(
+            f"ig_steps must be a positive int or 'auto', got {steps_option!r}"
+        )
 
     for steps in schedule:
         attr = ig.attribute(
@@ -92,7 +110,7 @@ register(
         options={
             "ig_steps": 32,
             "ig_baseline": None,
-            "ig_internal_batch_size": 16,
+            "ig_internal_batch_size": None,
             "ig_method": "gausslegendre",
             "ig_tolerance": 0.01,
         },
