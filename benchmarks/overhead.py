@@ -301,7 +301,8 @@ def main() -> None:
         per_epoch = (res["every_epoch"] - res["plain"]) / 10
         print(
             f"\nDemo fit, 10 epochs: {res['plain']:.1f} s without the callback; default "
-            f"settings every epoch {res['every_epoch']:.1f} s (+{res['every_epoch'] / res['plain'] - 1:.1%}, "
+            f"settings every epoch {res['every_epoch']:.1f} s "
+            f"(+{res['every_epoch'] / res['plain'] - 1:.1%}, "
             f"{per_epoch:.2f} s per logged epoch); every 5th epoch {res['every_5']:.1f} s "
             f"(+{res['every_5'] / res['plain'] - 1:.1%})"
         )
