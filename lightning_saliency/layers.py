@@ -100,10 +100,12 @@ def _is_tokens(output: object) -> bool:
     )
 
 
-@torch.no_grad()
-def probe_outputs(model: nn.Module, images: Tensor) -> list[tuple[str, nn.Module, object]]:
+def probe_outputs(
+    model: nn.Module, images: Tensor
+) -> tuple[list[tuple[str, nn.Module, object]], object]:
     """Run one forward with hooks on every submodule and return, in completion order,
-    ``(name, module, output)``. Hooks are removed before returning."""
+    ``(name, module, output)``. Hooks are removed before returning. The outputs stay in the
+    autograd graph when ``images`` requires grad."""
     finished: list[tuple[str, nn.Module, object]] = []
     handles = []
     for name, module in model.named_modules():
@@ -115,11 +117,11 @@ def probe_outputs(model: nn.Module, images: Tensor) -> list[tuple[str, nn.Module
             )
         )
     try:
-        model(images)
+        output = model(images)
     finally:
         for handle in handles:
             handle.remove()
-    return finished
+    return finished, output
 
 
 _DETECTED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
@@ -149,15 +151,13 @@ def find_target_layer(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]
 
 
 def _detect(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]:
-    finished = probe_outputs(model, images)
+    with torch.enable_grad():
+        x = images.detach().clone().requires_grad_(True)
+        finished, output = probe_outputs(model, x)
+        tokens = [(n, m, out) for n, m, out in finished if _is_tokens(out)]
+        if tokens:
+            return _last_token_layer_with_gradient(output, tokens)
     spatial = [(n, m) for n, m, out in finished if _is_spatial(out)]
-    tokens = [(n, m) for n, m, out in finished if _is_tokens(out)]
-    if tokens:
-        # A transformer: the spatial maps are its patch embedding. Only the class token feeds the
-        # head after the last block, so explain the tokens entering the last block's attention
-        # (its first norm), as pytorch-grad-cam recommends; else the last token output.
-        first_norms = [(n, m) for n, m in tokens if n.endswith(("norm1", "ln_1", "ln1"))]
-        return (first_norms or tokens)[-1]
     spatial = [(n, m) for n, m in spatial if not any(h in n for h in _PATCH_EMBED_HINTS)]
     if not spatial:
         raise SaliencyConfigError(
@@ -166,6 +166,27 @@ def _detect(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]:
             "methods=('integrated_gradients',), which needs no layer."
         )
     return spatial[-1]
+
+
+def _last_token_layer_with_gradient(
+    logits: object, tokens: list[tuple[str, nn.Module, Tensor]]
+) -> tuple[str, nn.Module]:
+    """A transformer: its spatial maps are the patch embedding. After the last attention only
+    the class token reaches the head, so later token outputs get no gradient on the patch
+    tokens. Pick the last token output whose patch tokens do get one (for pre-norm ViTs the
+    last block's first norm, as pytorch-grad-cam recommends)."""
+    tracked = [t for t in tokens if t[2].requires_grad]
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not tracked:
+        return tokens[-1][0], tokens[-1][1]
+    outputs = [out for _, _, out in tracked]
+    grads = torch.autograd.grad(logits.max(dim=1).values.sum(), outputs, allow_unused=True)
+    with_grad = [
+        (n, m)
+        for (n, m, _), g in zip(tracked, grads)
+        if g is not None and bool(to_spatial(g).abs().sum() > 0)
+    ]
+    name, module = (with_grad or [(tokens[-1][0], tokens[-1][1])])[-1]
+    return name, module
 
 
 def find_classifier_head(model: nn.Module, channels: int) -> nn.Module | None:

@@ -1,6 +1,13 @@
 """The method registry; importing this package registers every built-in method."""
 
-from lightning_saliency.methods import cam, dff, integrated_gradients  # noqa: F401 (registers)
+from lightning_saliency.methods import (  # noqa: F401 (importing registers the methods)
+    cam,
+    cam_family,
+    dff,
+    integrated_gradients,
+    perturbation,
+    smoothgrad,
+)
 from lightning_saliency.methods.base import (
     METHODS,
     ExplainSession,
