@@ -66,7 +66,7 @@ def main() -> None:
         f"resnet18, {args.size} px, {device}, {torch.get_num_threads()} threads, "
         f"per image (batch of {args.n})\n"
     )
-    print(f"| method | s / image | x Grad-CAM | passes / image |\n| --- | --- | --- | --- |")
+    print("| method | s / image | x Grad-CAM | passes / image |\n| --- | --- | --- | --- |")
     for name, seconds, rel, passes in rows:
         print(f"| `{name}` | {seconds:.3f} | {rel:.1f} | {passes} |")
 
