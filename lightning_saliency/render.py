@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.utils import make_grid
 
-SIGNED_METHODS = frozenset({"integrated_gradients", "smoothgrad"})
 CONCEPT_COLORS = "tab10"
 _FIRST_CHAR, _LAST_CHAR = 32, 126
 
@@ -206,7 +205,8 @@ def method_tiles(method: str, maps: Tensor, picture: Tensor) -> Tensor:
     size = tuple(picture.shape[-2:])
     if maps.dim() == 4:
         return concept_overlay(picture, resize(maps, size))
-    return overlay(picture, resize(maps[:, None], size)[:, 0], signed=method in SIGNED_METHODS)
+    signed = bool((maps < 0).any())  # IG, occlusion: diverging colours around zero
+    return overlay(picture, resize(maps[:, None], size)[:, 0], signed=signed)
 
 
 def method_grid(
