@@ -314,23 +314,6 @@ def test_fewer_images_than_asked_warns(tmp_path):
     assert len(callback._samples) == 5
 
 
-class StreamDataModule(L.LightningDataModule):
-    def train_dataloader(self):
-        return tiny_datamodule().setup_and(lambda d: d.train_dataloader())
-
-    def val_dataloader(self):
-        dm = tiny_datamodule()
-        dm.setup()
-
-        class Stream(torch.utils.data.IterableDataset):
-            def __iter__(self):
-                for i in range(len(dm.val_set)):
-                    item = dm.val_set[i]
-                    yield item["image"], item["label"]
-
-        return torch.utils.data.DataLoader(Stream(), batch_size=3)
-
-
 def test_iterable_val_set_takes_the_first_images(tmp_path):
     callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
     dm = tiny_datamodule()

@@ -176,7 +176,7 @@ def test_unsafe_checkpoint_needs_opt_in(tmp_path, photos):
     state = torchvision.models.resnet18(num_classes=2).state_dict()
     path = tmp_path / "pickled.pth"
     torch.save({"state_dict": state, "extra": Image.new("RGB", (2, 2))}, path)  # not allow-listed
-    proc = _cli(
+    args = [
         "explain",
         "--arch",
         "resnet18",
@@ -190,24 +190,10 @@ def test_unsafe_checkpoint_needs_opt_in(tmp_path, photos):
         "gradcam",
         "--out",
         str(tmp_path / "x.png"),
-    )
+    ]
+    proc = _cli(*args)
     assert proc.returncode != 0 and "--unsafe-load" in proc.stderr
-    proc = _cli(
-        "explain",
-        "--arch",
-        "resnet18",
-        "--weights",
-        str(path),
-        "--image",
-        paths[0],
-        "--size",
-        "32",
-        "--methods",
-        "gradcam",
-        "--unsafe-load",
-        "--out",
-        str(tmp_path / "x.png"),
-    )
+    proc = _cli(*args, "--unsafe-load")
     assert proc.returncode == 0, proc.stderr
 
 
