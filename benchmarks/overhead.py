@@ -280,7 +280,7 @@ def main() -> None:
     if device.type == "cpu":
         mem = ig_memory(args.steps, args.n, args.size, (8, 16, 64, args.n * args.steps))
         print(
-            "IG peak memory by images per pass: "
+            "IG: peak process memory by images per pass: "
             + ", ".join(f"{c}: {mb:.0f} MB" for c, mb in mem.items())
         )
     else:
