@@ -84,7 +84,7 @@ class SaliencyCallback(L.Callback):
         thresholds: alarm thresholds over the defaults in
             :data:`lightning_saliency.alarms.DEFAULT_THRESHOLDS`.
         timeline_method: the method shown in the timeline (default: the first map method).
-        seed: the sample choice uses its own generator from this seed.
+        seed: the sample choice (and SmoothGrad's noise) use private generators from this seed.
 
     Example:
         >>> from lightning_saliency import SaliencyCallback
@@ -145,6 +145,7 @@ class SaliencyCallback(L.Callback):
                 "ig_steps": ig_steps,
                 "ig_internal_batch_size": ig_internal_batch_size,
                 "dff_components": dff_components,
+                "smoothgrad_seed": seed,  # SmoothGrad's noise comes from the callback's seed
             },
         )
         self.num_samples = num_samples
