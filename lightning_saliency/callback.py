@@ -27,7 +27,7 @@ from lightning_saliency.explain import explain as run_explain
 from lightning_saliency.layers import find_target_layer, resolve_layer
 from lightning_saliency.loggers import ImageSink, log_dir_of, sinks_for
 from lightning_saliency.methods import METHODS
-from lightning_saliency.methods.base import _as_logits
+from lightning_saliency.methods.base import as_logits
 from lightning_saliency.samples import (
     BatchKeys,
     FixedSamples,
@@ -298,7 +298,7 @@ class SaliencyCallback(L.Callback):
                     self._layer_name = resolve_layer(pl_module, self.target_layer)[0]
                 elif self._layer_name is None:
                     self._layer_name = find_target_layer(pl_module, x)[0]
-            logits = _as_logits(pl_module(x))
+            logits = as_logits(pl_module(x))
         if isinstance(self.target, int) and self.target >= logits.shape[1]:
             raise SaliencyConfigError(
                 f"target={self.target} but the model has {logits.shape[1]} classes."

@@ -108,10 +108,7 @@ def overlay(
 
 def concept_overlay(picture: Tensor, concepts: Tensor, alpha: float = 0.6) -> Tensor:
     """DFF ``(N, K, H, W)`` → each pixel coloured by its dominant concept, opacity by strength."""
-    k = concepts.shape[1]
-    palette = colormap_lut(CONCEPT_COLORS, concepts.device)[
-        (torch.arange(k, device=concepts.device) * 255 // 9).clamp(max=255)
-    ]
+    palette = concept_palette(concepts.shape[1], concepts.device)
     norm = concepts / concepts.flatten(2).amax(dim=2).clamp(min=1e-12)[..., None, None]
     strength, winner = norm.max(dim=1)
     colours = palette[winner].permute(0, 3, 1, 2)

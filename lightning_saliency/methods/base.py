@@ -132,7 +132,7 @@ class ExplainSession:
         finally:
             if handle is not None:
                 handle.remove()
-        logits = _as_logits(logits)
+        logits = as_logits(logits)
         self._forward = {"x": x, "logits": logits, "layer_out": captured.get("out"), "mode": mode}
         if self.layer is not None and "out" not in captured:
             raise SaliencyConfigError(
@@ -145,7 +145,7 @@ class ExplainSession:
     def logits(self) -> Tensor:
         if self._forward is None and self.layer is None:
             with torch.no_grad():
-                self._cache.setdefault("logits", _as_logits(self.model(self.images)))
+                self._cache.setdefault("logits", as_logits(self.model(self.images)))
             return self._cache["logits"]
         return self.shared_forward()["logits"]
 
@@ -217,7 +217,7 @@ class ExplainSession:
         return self._cache["guided"]
 
 
-def _as_logits(output: Any) -> Tensor:
+def as_logits(output: Any) -> Tensor:
     """Accept models returning a tensor, a tuple (first item) or a dict with ``logits``."""
     if isinstance(output, Mapping):
         output = output.get("logits", next(iter(output.values())))

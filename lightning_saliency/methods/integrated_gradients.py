@@ -15,7 +15,7 @@ from captum.attr import IntegratedGradients
 from torch import Tensor
 
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.methods.base import ExplainSession, SaliencyMethod, _as_logits, register
+from lightning_saliency.methods.base import ExplainSession, SaliencyMethod, as_logits, register
 
 AUTO_STEPS = (8, 16, 32, 64, 128, 256)
 
@@ -58,7 +58,7 @@ def internal_batch_size(option: int | None, images: Tensor) -> int:
 
 
 def _forward(model: torch.nn.Module) -> Any:
-    return lambda x: _as_logits(model(x))
+    return lambda x: as_logits(model(x))
 
 
 def integrated_gradients(session: ExplainSession) -> Tensor:
@@ -71,7 +71,7 @@ def integrated_gradients(session: ExplainSession) -> Tensor:
     ig = IntegratedGradients(_forward(session.model))
     with torch.no_grad():
         logits = session.logits.detach()
-        base_logits = _as_logits(session.model(baselines))
+        base_logits = as_logits(session.model(baselines))
 
     steps_option = opts["ig_steps"]
     if steps_option == "auto":

@@ -17,7 +17,7 @@ from torch import Tensor
 from lightning_saliency.methods.base import (
     ExplainSession,
     SaliencyMethod,
-    _as_logits,
+    as_logits,
     register,
     upsample,
 )
@@ -40,7 +40,7 @@ def _batched_scores(
                 batch = make_batch(i, start, stop)
                 handle = session.layer.register_forward_hook(hook(i, start, stop)) if hook else None
                 try:
-                    logits = _as_logits(session.model(batch))
+                    logits = as_logits(session.model(batch))
                 finally:
                     if handle is not None:
                         handle.remove()
@@ -121,7 +121,7 @@ def occlusion(session: ExplainSession) -> Tensor:
     window = int(session.options.get("occlusion_window") or default_window)
     stride = int(session.options.get("occlusion_stride") or default_stride)
     channels = images.shape[1]
-    method = Occlusion(lambda x: _as_logits(session.model(x)))
+    method = Occlusion(lambda x: as_logits(session.model(x)))
     with torch.no_grad():
         attr = method.attribute(
             images,

@@ -11,7 +11,7 @@ from captum.attr import IntegratedGradients, NoiseTunnel
 from torch import Tensor
 
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.methods.base import ExplainSession, SaliencyMethod, _as_logits, register
+from lightning_saliency.methods.base import ExplainSession, SaliencyMethod, as_logits, register
 from lightning_saliency.methods.integrated_gradients import internal_batch_size
 
 NT_TYPES = ("smoothgrad_sq", "smoothgrad", "vargrad")
@@ -28,7 +28,7 @@ def smoothgrad(session: ExplainSession) -> Tensor:
     stdev = float(opts["nt_noise"]) * spread
     samples = int(opts["nt_samples"])
     chunk = max(internal_batch_size(opts["ig_internal_batch_size"], images), images.shape[0])
-    tunnel = NoiseTunnel(IntegratedGradients(lambda x: _as_logits(session.model(x))))
+    tunnel = NoiseTunnel(IntegratedGradients(lambda x: as_logits(session.model(x))))
     devices = [images.device] if images.is_cuda else []
     with torch.random.fork_rng(devices=devices):
         torch.default_generator.manual_seed(int(opts["smoothgrad_seed"]))
