@@ -459,11 +459,10 @@ class SaliencyCallback(L.Callback):
                 correct = out.logits.argmax(1) == samples.labels.to(out.logits.device)
                 means, per_class = self._group_means(scores, groups, correct)
             alarms = alarm_rules.check(method, means, per_class, self.thresholds)
+            tripped = {a.score for a in alarms}
             for score in self.thresholds:
-                if any(a.score == score for a in alarms) or score in means:
-                    metrics[f"saliency/{method}/alarm/{score}"] = float(
-                        any(a.score == score for a in alarms)
-                    )
+                if score in tripped or score in means:
+                    metrics[f"saliency/{method}/alarm/{score}"] = float(score in tripped)
             raised.extend(alarms)
             self._first.setdefault(method, small)
             self._prev[method] = small
@@ -488,15 +487,15 @@ class SaliencyCallback(L.Callback):
     ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Mean of each score over the selected samples, and per class (groups with fewer than
         ``min_count`` selected samples are left out when a selection is given)."""
+        need = 1 if select is None or bool(select.all()) else min_count
         select = torch.ones_like(groups, dtype=torch.bool) if select is None else select
-        enough = (lambda n: n >= min_count) if not bool(select.all()) else (lambda n: n > 0)
         means: dict[str, float] = {}
-        if enough(int(select.sum())):
+        if int(select.sum()) >= need:
             means = _finite({k: float(v[select].float().nanmean()) for k, v in scores.items()})
         per_class: dict[str, dict[str, float]] = {}
         for cls in groups.unique().tolist():
             chosen = (groups == cls) & select
-            if enough(int(chosen.sum())):
+            if int(chosen.sum()) >= need:
                 per_class[self._class_name(int(cls))] = _finite(
                     {
                         k: float(scores[k][chosen].float().nanmean())
@@ -536,7 +535,7 @@ class SaliencyCallback(L.Callback):
         ncol = min(len(samples), 4)
         tiles: dict[str, Tensor] = {}
         for method, maps in out.items():
-            tiles[method] = render.method_tiles(method, maps, picture)
+            tiles[method] = render.method_tiles(maps, picture)
             legend, swatches = None, None
             if maps.dim() == 4:
                 legend, swatches = self._concept_legend(out, maps.shape[1], picture.device)

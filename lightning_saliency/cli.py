@@ -249,13 +249,7 @@ def figure(
         f"{label(int(p))[:10]} {float(c):.0%}" + ("" if int(p) == t else f" t={label(t)[:6]}")
         for p, c, t in zip(pred, conf, targets)
     ]
-    tiles = {}
-    for method, value in maps.items():
-        if value.dim() == 4:
-            tiles[method] = render.concept_overlay(picture, value, alpha=alpha + 0.1)
-        else:
-            signed = bool((value < 0).any())
-            tiles[method] = render.overlay(picture, value, signed=signed, alpha=alpha)
+    tiles = {method: render.method_tiles(value, picture, alpha) for method, value in maps.items()}
     return render.to_uint8(render.overview(picture, tiles, captions))
 
 

@@ -64,7 +64,7 @@ def check_options(methods: Sequence[str], options: dict[str, Any]) -> dict[str, 
     known: dict[str, Any] = {}
     for method in METHODS.values():
         known.update(method.options)
-    unknown = sorted(set(options) - set(known) - {"ig_steps_start"})
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise SaliencyConfigError(
             f"unknown option(s) {unknown}; options are: {', '.join(sorted(known))}."

@@ -197,13 +197,13 @@ def to_uint8(picture: Tensor) -> Tensor:
 
 
 # -- composed pictures ------------------------------------------------------------------------
-def method_tiles(method: str, maps: Tensor, picture: Tensor) -> Tensor:
-    """Tiles for one method: coloured overlays, or concept colouring for DFF."""
+def method_tiles(maps: Tensor, picture: Tensor, alpha: float = 0.5) -> Tensor:
+    """Tiles for one method: coloured overlays, or concept colouring for DFF ``(N, K, H, W)``."""
     size = tuple(picture.shape[-2:])
     if maps.dim() == 4:
-        return concept_overlay(picture, resize(maps, size))
+        return concept_overlay(picture, resize(maps, size), alpha=alpha + 0.1)
     signed = bool((maps < 0).any())  # IG, occlusion: diverging colours around zero
-    return overlay(picture, resize(maps[:, None], size)[:, 0], signed=signed)
+    return overlay(picture, resize(maps[:, None], size)[:, 0], signed=signed, alpha=alpha)
 
 
 def method_grid(

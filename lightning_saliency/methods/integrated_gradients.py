@@ -75,7 +75,7 @@ def integrated_gradients(session: ExplainSession) -> Tensor:
 
     steps_option = opts["ig_steps"]
     if steps_option == "auto":
-        start = int(opts.get("ig_steps_start", AUTO_STEPS[0]))
+        start = int(opts["ig_steps_start"] or AUTO_STEPS[0])
         schedule = [s for s in AUTO_STEPS if s >= start] or [AUTO_STEPS[-1]]
     elif isinstance(steps_option, int) and steps_option > 0:
         schedule = [steps_option]
@@ -113,6 +113,7 @@ register(
             "ig_internal_batch_size": None,
             "ig_method": "gausslegendre",
             "ig_tolerance": 0.01,
+            "ig_steps_start": None,  # "auto" starts here (the callback passes its last count)
         },
         aliases=("ig", "integrated-gradients"),
     )
