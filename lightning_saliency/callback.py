@@ -381,7 +381,8 @@ class SaliencyCallback(L.Callback):
         try:
             out = self._explain(pl_module, samples, active)
         except Exception as err:  # a monitor never kills a training run
-            self._warn_failure("all methods", err)
+            self._failed.update(dict.fromkeys(active, repr(err)))  # warn once, skip from now on
+            self._warn_failure(", ".join(active), err)
             return
         for method, err in out.errors.items():
             self._failed[method] = repr(err)

@@ -250,6 +250,22 @@ def test_failure_mid_run_warns_once_and_skips_the_method(tmp_path, monkeypatch):
     assert calls["n"] == 2
 
 
+def test_failure_of_the_whole_pass_warns_once(tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("lightning_saliency.callback")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost (simulated)")
+
+    monkeypatch.setattr(module, "run_explain", broken)
+    callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
+    with pytest.warns(UserWarning, match="gradcam failed") as record:
+        tr, _ = _fit(tmp_path, [callback], max_epochs=3)
+    assert sum("device lost" in str(w.message) for w in record) == 1
+    assert tr.current_epoch == 3  # the run went on
+
+
 def test_memory_flat_over_30_logged_epochs(tmp_path):
     counts = {}
 
