@@ -10,28 +10,17 @@ from lightning_saliency import SaliencyCallback
 from lightning_saliency.loggers import FileSink, MLFlowSink, WandbSink, sink_for
 
 
-class FakeWandb(WandbLogger):
-    """A WandbLogger that records ``log_image`` calls instead of needing a wandb account."""
+class Offline:
+    """What a fake logger needs besides its image API: no account, no files, no server."""
 
     def __init__(self):
         L.pytorch.loggers.Logger.__init__(self)
-        self.calls = []
-        self._experiment = None
-        self._checkpoint_callback = None
-        self._log_model = False
 
-    def finalize(self, status):
+    def finalize(self, status="success"):
         pass
 
     def after_save_checkpoint(self, checkpoint_callback):
         pass
-
-    @property
-    def experiment(self):
-        return None
-
-    def log_image(self, key, images, step=None, **kwargs):
-        self.calls.append((key, images, step))
 
     def log_metrics(self, metrics, step=None):
         pass
@@ -52,6 +41,22 @@ class FakeWandb(WandbLogger):
         return None
 
 
+class FakeWandb(Offline, WandbLogger):
+    """A WandbLogger that records ``log_image`` calls instead of needing a wandb account."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self._experiment = None
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.calls.append((key, images, step))
+
+
 class FakeMlflowClient:
     def __init__(self):
         self.calls = []
@@ -60,16 +65,12 @@ class FakeMlflowClient:
         self.calls.append((run_id, image, key, step))
 
 
-class FakeMLFlow(MLFlowLogger):
+class FakeMLFlow(Offline, MLFlowLogger):
+    """An MLFlowLogger whose client records ``log_image`` calls."""
+
     def __init__(self):
-        L.pytorch.loggers.Logger.__init__(self)
+        super().__init__()
         self.client = FakeMlflowClient()
-
-    def finalize(self, status="success"):
-        pass
-
-    def after_save_checkpoint(self, checkpoint_callback):
-        pass
 
     @property
     def experiment(self):
@@ -78,24 +79,6 @@ class FakeMLFlow(MLFlowLogger):
     @property
     def run_id(self):
         return "run-1"
-
-    def log_metrics(self, metrics, step=None):
-        pass
-
-    def log_hyperparams(self, params):
-        pass
-
-    @property
-    def name(self):
-        return "fake"
-
-    @property
-    def version(self):
-        return "run-1"
-
-    @property
-    def save_dir(self):
-        return None
 
 
 def test_dispatch_by_logger_type():
