@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, dm)
     seconds = time.perf_counter() - start
-    alarms = sorted({f"{m}/{s}" for m, s in saliency._alarmed})
+    alarms = sorted({f"{e.method}/{e.score}" for e in saliency.alarms if e.state != "cleared"})
     print(f"\nTrained {args.epochs} epochs in {seconds:.0f} s.")
     print("Alarms raised: " + (", ".join(alarms) if alarms else "none"))
     print(f"Logs:     {logger.log_dir}")

@@ -1,21 +1,32 @@
-"""Alarm thresholds on the scores, and the sentences a user reads when one trips."""
+"""Alarm thresholds on the scores, and the sentences a user reads when one trips.
+
+Map scores (:mod:`lightning_saliency.scores`) have their thresholds here; scores that a method
+measures about its own maps (IG's completeness error) bring theirs in the method's record
+(``SaliencyMethod.scores``), so :func:`default_thresholds` is the union of both.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from lightning_saliency.errors import SaliencyConfigError
+from lightning_saliency.methods import METHODS
+
 # Defaults chosen on the demo set not to cry wolf: clean runs stay at object_enrichment >= 2,
 # corner_enrichment <= 1.2, consensus <= 0.5; the planted shortcut crosses all three at epoch 0.
-DEFAULT_THRESHOLDS: dict[str, float] = {
+MAP_SCORE_THRESHOLDS: dict[str, float] = {
     "object_enrichment": 1.0,
     "corner_enrichment": 3.0,
     "consensus": 0.8,
     "dead_maps": 0.5,
-    "ig_completeness_error": 0.05,
 }
 LOW_IS_BAD = frozenset({"object_enrichment"})
-MEANING: dict[str, str] = {
+# Per-class alarms: only for a score where one class can hide in the mean. A class coded by the
+# *absence* of the others' features gets maps that point nowhere, so its object_enrichment is low
+# while the other classes keep the mean high. The other scores alarm on the mean only.
+PER_CLASS_ALARMS = frozenset({"object_enrichment"})
+MAP_SCORE_MEANING: dict[str, str] = {
     "object_enrichment": "attention left the object: the map puts less mass on the labelled "
     "object than an even spread would; the model likely uses background or a planted cue",
     "corner_enrichment": "attention piles up in an image corner: a watermark, logo or patch "
@@ -24,13 +35,39 @@ MEANING: dict[str, str] = {
     "shortcut at a fixed location does not",
     "dead_maps": "most maps are zero: the target layer carries no class evidence (dead or "
     "saturated units, or a class coded by the absence of features)",
-    "ig_completeness_error": "Integrated Gradients does not add up to the score change: raise "
-    "ig_steps (or use ig_steps='auto')",
 }
+
+
+def default_thresholds() -> dict[str, float]:
+    """Thresholds of the map scores and of every registered method's own scores.
+
+    Example:
+        >>> default_thresholds()["corner_enrichment"]
+        3.0
+    """
+    merged = dict(MAP_SCORE_THRESHOLDS)
+    for method in METHODS.values():
+        for score in method.scores:
+            if score.threshold is not None:
+                merged.setdefault(score.name, score.threshold)
+    return merged
+
+
+def meaning(score: str) -> str:
+    """What a tripped score means, in a sentence."""
+    if score in MAP_SCORE_MEANING:
+        return MAP_SCORE_MEANING[score]
+    for method in METHODS.values():
+        for declared in method.scores:
+            if declared.name == score:
+                return declared.meaning
+    return ""
 
 
 @dataclass(frozen=True)
 class Alarm:
+    """A score past its threshold at one logged epoch (for one class, or the mean)."""
+
     method: str
     score: str
     value: float
@@ -41,24 +78,21 @@ class Alarm:
     def key(self) -> tuple[str, str]:
         return (self.method, self.score)
 
-    def message(self, epoch: int) -> str:
-        where = f" for class '{self.class_name}'" if self.class_name else ""
-        op = "<" if self.score in LOW_IS_BAD else ">"
-        return (
-            f"saliency alarm at epoch {epoch}: {self.method} {self.score}{where} = "
-            f"{self.value:.2f} ({op} {self.threshold:g}): {MEANING.get(self.score, '')}."
-        )
-
 
 def merge_thresholds(user: Mapping[str, float] | None) -> dict[str, float]:
-    """Defaults overridden by the user's; unknown score names are refused."""
-    merged = dict(DEFAULT_THRESHOLDS)
-    for name, value in (user or {}).items():
-        if name not in DEFAULT_THRESHOLDS:
-            from lightning_saliency.errors import SaliencyConfigError
+    """Defaults overridden by the user's; unknown score names are refused.
 
+    Example:
+        >>> merge_thresholds({"consensus": 0.9})["consensus"]
+        0.9
+    """
+    merged = default_thresholds()
+    if user is not None and not isinstance(user, Mapping):
+        raise SaliencyConfigError(f"thresholds must be a dict of score -> number, got {user!r}.")
+    for name, value in (user or {}).items():
+        if name not in merged:
             raise SaliencyConfigError(
-                f"no alarm for score {name!r}; alarms exist for: {', '.join(DEFAULT_THRESHOLDS)}."
+                f"no alarm for score {name!r}; alarms exist for: {', '.join(merged)}."
             )
         merged[name] = float(value)
     return merged
@@ -74,24 +108,29 @@ def check(
     per_class: Mapping[str, Mapping[str, float]],
     thresholds: Mapping[str, float],
 ) -> list[Alarm]:
-    """Alarms for one method: on the mean over samples, and on any single class's mean (a class
-    coded by the absence of features hides in an average).
+    """Alarms for one method: every score on its mean over samples; the scores in
+    :data:`PER_CLASS_ALARMS` also on each class's mean (the worst class is reported).
 
     Example:
-        >>> [a.score for a in check("gradcam", {"corner_enrichment": 6.0}, {}, DEFAULT_THRESHOLDS)]
+        >>> thresholds = default_thresholds()
+        >>> [a.score for a in check("gradcam", {"corner_enrichment": 6.0}, {}, thresholds)]
         ['corner_enrichment']
+        >>> check("gradcam", {}, {"cat": {"object_enrichment": 0.4}}, thresholds)[0].class_name
+        'cat'
     """
     alarms = []
     for score, threshold in thresholds.items():
         if score in means and tripped(means[score], score, threshold):
             alarms.append(Alarm(method, score, means[score], threshold))
             continue
-        worst = None
+        if score not in PER_CLASS_ALARMS:
+            continue
+        worst: tuple[str, float] | None = None
         for class_name, values in per_class.items():
             if score in values and tripped(values[score], score, threshold):
                 value = values[score]
                 if worst is None or (value < worst[1] if score in LOW_IS_BAD else value > worst[1]):
                     worst = (class_name, value)
-        if worst is not None and score == "object_enrichment":
+        if worst is not None:
             alarms.append(Alarm(method, score, worst[1], threshold, worst[0]))
     return alarms

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_saliency import render
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.explain import explain, normalize_methods
-from lightning_saliency.methods import available_methods
+from lightning_saliency.figures import comparison_figure
+from lightning_saliency.methods import DEFAULT_METHODS, METHODS, available_methods
+from lightning_saliency.options import parse_option_assignment, resolve_options
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--methods",
-        default="gradcam,guided_gradcam,dff,integrated_gradients",
+        default=",".join(DEFAULT_METHODS),
         help="comma-separated; one of: " + ", ".join(available_methods()),
     )
     p.add_argument("--target", default="pred", help="class index to explain, or 'pred'")
@@ -103,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the maps (0..1)")
     p.add_argument("--rows", type=int, default=None, help="show at most N images (rows)")
     p.add_argument("--ig-steps", default="32", help="IG steps, or 'auto'")
+    p.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="METHOD.OPTION=VALUE",
+        help="any option of a chosen method, e.g. smoothgrad.samples=16 or occlusion.window=8; "
+        "repeat for several (the options are listed by lightning_saliency.available_options())",
+    )
     p.add_argument("--out", default="saliency.png", metavar="FIGURE.png", help="output figure")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     return parser
@@ -228,35 +237,27 @@ def _class_names(path: str | None) -> list[str] | None:
         return [line.strip() for line in f if line.strip()]
 
 
-def figure(
-    images: Tensor,
-    maps: Any,
-    names: list[str] | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    alpha: float,
-) -> Tensor:
-    """The comparison figure: a row per image (input, then each method), as ``uint8``."""
-    picture = render.to_picture(images, mean, std)
-    probs = maps.logits.softmax(1)
-    conf, pred = probs.max(1)
-
-    def label(index: int) -> str:
-        return names[index] if names and index < len(names) else str(index)
-
-    targets = maps.targets.tolist()
-    captions = [
-        f"{label(int(p))[:10]} {float(c):.0%}" + ("" if int(p) == t else f" t={label(t)[:6]}")
-        for p, c, t in zip(pred, conf, targets)
-    ]
-    tiles = {method: render.method_tiles(value, picture, alpha) for method, value in maps.items()}
-    return render.to_uint8(render.overview(picture, tiles, captions))
+def _method_options(methods: tuple[str, ...], args: argparse.Namespace) -> dict[str, Any]:
+    """``--method-option`` and ``--ig-steps`` as checked, typed method options."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for text in args.method_option:
+        method, option, value = parse_option_assignment(text)
+        chosen.setdefault(method, {})[option] = value
+    try:
+        steps: Any = args.ig_steps if args.ig_steps == "auto" else int(args.ig_steps)
+    except ValueError as err:
+        raise CliError(
+            f"--ig-steps must be a positive int or 'auto', got {args.ig_steps!r}"
+        ) from err
+    return dict(resolve_options(methods, chosen, {"ig_steps": steps}))
 
 
-def run_explain(args: argparse.Namespace) -> str:
+def explain_command(args: argparse.Namespace) -> str:
+    """``lightning-saliency explain``: load, explain, draw, save; returns the figure's path."""
     start = time.perf_counter()
     try:
         methods = normalize_methods(args.methods)
+        options = _method_options(methods, args)
     except SaliencyConfigError as err:
         raise CliError(str(err)) from err
     if not 0 <= args.alpha <= 1:
@@ -280,21 +281,17 @@ def run_explain(args: argparse.Namespace) -> str:
             raise CliError(
                 f"--target must be a class index or 'pred', got {args.target!r}"
             ) from err
-    steps: Any = args.ig_steps if args.ig_steps == "auto" else int(args.ig_steps)
+    slow = any(METHODS[m].cost == "expensive" for m in methods)
     _say(
         f"[2/3] explaining with {', '.join(methods)} on {device}"
-        + (
-            " (slow methods: this takes a while)"
-            if {"scorecam", "ablationcam", "occlusion", "smoothgrad"} & set(methods)
-            else ""
-        )
+        + (" (slow methods: this takes a while)" if slow else "")
     )
     try:
-        maps = explain(model, images, target, methods, args.target_layer, ig_steps=steps)
+        maps = explain(model, images, target, methods, args.target_layer, method_options=options)
     except SaliencyConfigError as err:
         raise CliError(str(err).splitlines()[0]) from err
     _say(f"[3/3] writing {args.out}")
-    picture = figure(images, maps, names, args.mean, args.std, args.alpha).cpu()
+    picture = comparison_figure(images, maps, names, args.mean, args.std, args.alpha).cpu()
     from PIL import Image
 
     directory = os.path.dirname(os.path.abspath(args.out))
@@ -309,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "explain":
-            run_explain(args)
+            explain_command(args)
         return 0
     except CliError as err:
         _say(f"error: {err}")

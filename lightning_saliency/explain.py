@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -12,28 +13,42 @@ from torch import Tensor, nn
 
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.layers import LayerSpec, find_target_layer, resolve_layer
-from lightning_saliency.methods import METHODS, ExplainSession, canonical_name
+from lightning_saliency.methods import DEFAULT_METHODS, METHODS, ExplainSession, canonical_name
+from lightning_saliency.options import MethodOptionsArg, resolve_options
 
-DEFAULT_METHODS: tuple[str, ...] = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
 
-
-class Explanations(dict):
-    """Method name → maps, plus what the pass learnt on the way.
+@dataclass(frozen=True)
+class Explanations(Mapping[str, Tensor]):
+    """Method name -> maps, plus what the pass learnt on the way. Read it like a dict
+    (``out["gradcam"]``, ``out.items()``, ``"dff" in out``).
 
     Attributes:
+        maps: method -> ``(N, H, W)`` float32 maps (``(N, K, H, W)`` for concept methods), on
+            the images' device, at input resolution.
         logits: ``(N, num_classes)`` float32 scores of the images.
         targets: ``(N,)`` the class each map explains.
         layer_name: the target layer used by layer methods (``None`` if none was needed).
-        extras: e.g. ``dff_concept_scores`` ``(K, num_classes)``, ``ig_steps``,
-            ``ig_completeness_error`` ``(N,)``.
-        errors: method → exception, only with ``on_error="collect"``.
+        extras: what methods report besides maps, e.g. ``dff_concept_scores``
+            ``(K, num_classes)``, ``ig_steps``, ``ig_completeness_error`` ``(N,)``; each method
+            lists its keys in ``METHODS[name].extras``.
+        errors: method -> exception, only with ``on_error="collect"``.
     """
 
+    maps: dict[str, Tensor]
     logits: Tensor
     targets: Tensor
-    layer_name: str | None
-    extras: dict[str, Any]
-    errors: dict[str, BaseException]
+    layer_name: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, BaseException] = field(default_factory=dict)
+
+    def __getitem__(self, method: str) -> Tensor:
+        return self.maps[method]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.maps)
+
+    def __len__(self) -> int:
+        return len(self.maps)
 
 
 def normalize_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
@@ -45,31 +60,14 @@ def normalize_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
     """
     if isinstance(methods, str):
         methods = [m for m in methods.split(",") if m.strip()]
+    elif not isinstance(methods, Sequence):
+        raise SaliencyConfigError(
+            f"methods must be a list of names (or 'a,b'), got {type(methods).__name__}."
+        )
     names = tuple(dict.fromkeys(canonical_name(m) for m in methods))
     if not names:
         raise SaliencyConfigError("methods is empty; pass at least one, e.g. ('gradcam',).")
     return names
-
-
-def default_options(methods: Sequence[str]) -> dict[str, Any]:
-    """The options the given methods read, with their defaults."""
-    options: dict[str, Any] = {}
-    for name in methods:
-        options.update(METHODS[name].options)
-    return options
-
-
-def check_options(methods: Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
-    """Merge user options over the defaults, refusing names no method reads."""
-    known: dict[str, Any] = {}
-    for method in METHODS.values():
-        known.update(method.options)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise SaliencyConfigError(
-            f"unknown option(s) {unknown}; options are: {', '.join(sorted(known))}."
-        )
-    return {**default_options(methods), **options}
 
 
 @contextlib.contextmanager
@@ -123,7 +121,14 @@ def explain(
     methods: str | Sequence[str] = DEFAULT_METHODS,
     target_layer: LayerSpec = None,
     on_error: Literal["raise", "collect"] = "raise",
-    **options: Any,
+    *,
+    method_options: MethodOptionsArg | None = None,
+    ig_steps: int | Literal["auto"] | None = None,
+    ig_internal_batch_size: int | None = None,
+    dff_components: int | None = None,
+    seed: int = 0,
+    warm_start: MutableMapping[str, dict[str, Any]] | None = None,
+    **deprecated_options: Any,
 ) -> Explanations:
     """Saliency maps of ``images`` under ``model``, on ``images.device``, at input resolution.
 
@@ -134,11 +139,24 @@ def explain(
         methods: names from :func:`lightning_saliency.available_methods` (``ig`` is an alias).
         target_layer: dotted path or module for layer methods; ``None`` auto-detects.
         on_error: ``"collect"`` puts a failing method's exception in ``.errors`` and goes on.
-        **options: ``ig_steps`` (int or ``"auto"``), ``ig_baseline``,
-            ``ig_internal_batch_size``, ``ig_method``, ``ig_tolerance``, ``dff_components``.
+        method_options: per-method options, ``{"smoothgrad": {"samples": 16}}``; every
+            method's options and defaults are listed by
+            :func:`lightning_saliency.available_options`.
+        ig_steps, ig_internal_batch_size, dff_components: the common options, as the callback
+            takes them (``None``: the method's default).
+        seed: the noise seed of methods that draw noise (the global RNG is never used).
+        warm_start: a dict the methods keep state in from one call to the next (the callback
+            passes one so that ``ig_steps="auto"`` starts near last epoch's count).
+        **deprecated_options: the flat options of 0.1 (``nt_samples``, ``occlusion_window``,
+            ``ig_baseline``, ...): they still work, with a ``FutureWarning`` naming the
+            ``method_options`` spelling.
 
     Returns:
-        :class:`Explanations`: ``(N, H, W)`` float32 maps (``dff``: ``(N, K, H, W)``).
+        :class:`Explanations`: ``(N, H, W)`` float32 maps (concept methods: ``(N, K, H, W)``).
+
+    Raises:
+        SaliencyConfigError: an unknown method or option, an option of the wrong type, images
+            that are not ``(N, C, H, W)`` floats, targets out of range, or no usable layer.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
@@ -148,41 +166,55 @@ def explain(
         (torch.Size([2, 16, 16]), torch.float32)
     """
     names = normalize_methods(methods)
-    opts = check_options(names, options)
+    common = {
+        "ig_steps": ig_steps,
+        "ig_internal_batch_size": ig_internal_batch_size,
+        "dff_components": dff_components,
+    }
+    options = resolve_options(
+        names,
+        method_options,
+        {k: v for k, v in common.items() if v is not None},
+        deprecated_options,
+    )
     if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise SaliencyConfigError(
             f"images must be a float tensor (N, C, H, W); got {shape}. Saliency maps need "
             "image inputs."
         )
-    if targets is not None and not isinstance(targets, Tensor):
-        targets = torch.as_tensor(targets)
-    result = Explanations()
-    result.errors = {}
+    requested = None
+    if targets is not None:
+        requested = targets if isinstance(targets, Tensor) else torch.as_tensor(targets)
+    maps: dict[str, Tensor] = {}
+    errors: dict[str, BaseException] = {}
     with explanation_context(model):
         # Clones made here are normal tensors even if the inputs are inference tensors.
         x = images.detach().clone().to(model_dtype(model))
-        if targets is not None:
-            targets = targets.detach().clone()
+        if requested is not None:
+            requested = requested.detach().clone()
         layer_name, layer = None, None
         if any(METHODS[n].needs_layer for n in names):
             if target_layer is None:
                 layer_name, layer = find_target_layer(model, x)
             else:
                 layer_name, layer = resolve_layer(model, target_layer)
-        session = ExplainSession(model, x, targets, layer, names, opts)
+        session = ExplainSession(model, x, requested, layer, names, seed, warm_start)
         for name in names:
             try:
-                maps = METHODS[name].compute(session)
-                result[name] = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0)
+                out = METHODS[name].compute(session, options[name])
+                maps[name] = torch.nan_to_num(out.detach().float(), nan=0.0, posinf=0.0)
             except SaliencyConfigError:
                 raise
             except Exception as err:  # a monitor reports, the caller decides
                 if on_error == "raise":
                     raise
-                result.errors[name] = err
-        result.logits = session.logits.detach().float()
-        result.targets = session.targets
-        result.layer_name = layer_name
-        result.extras = session.extras
-    return result
+                errors[name] = err
+        return Explanations(
+            maps=maps,
+            logits=session.logits.detach().float(),
+            targets=session.targets,
+            layer_name=layer_name,
+            extras=session.extras,
+            errors=errors,
+        )

@@ -1,15 +1,16 @@
 """Where finished pictures go: TensorBoard first; WandB, MLflow and files for the rest.
 
-Each adapter takes a ``uint8`` ``(3, H, W)`` CPU tensor: the only thing that crosses from the
-device to the host.
+:class:`Publisher` copies each finished ``uint8`` ``(3, H, W)`` picture from the device to the
+host once and hands it to every logger's adapter (:class:`ImageSink`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
@@ -91,6 +92,49 @@ def sink_for(logger: Logger) -> ImageSink | None:
 
 def sinks_for(loggers: Sequence[Logger]) -> list[ImageSink]:
     return [s for s in (sink_for(logger) for logger in loggers) if s is not None]
+
+
+def metrics_step(trainer: Any) -> int:
+    """The step Lightning logs validation metrics at, so pictures line up with them.
+
+    Lightning has no public name for it: ``trainer.global_step`` counts optimizer steps (it
+    differs under manual optimisation with several optimizers), while the logger connector
+    logs at the fit loop's count of batches that stepped.
+    """
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+class Publisher:
+    """Sends pictures and text to every logger of a run (rank zero only: the caller decides).
+
+    Example:
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> publisher = Publisher([])
+        >>> publisher.images({"saliency/x": torch.zeros(3, 4, 4, dtype=torch.uint8)}, step=0)
+    """
+
+    def __init__(self, loggers: Sequence[Logger]) -> None:
+        self.sinks = sinks_for(loggers)
+
+    def images(self, pictures: Mapping[str, Tensor], step: int) -> None:
+        """Write ``tag -> uint8 (3, H, W)`` pictures at ``step``: one host copy each."""
+        for tag, picture in pictures.items():
+            host = picture.detach().to("cpu", torch.uint8)
+            for sink in self.sinks:
+                sink.image(tag, host, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        for sink in self.sinks:
+            sink.text(tag, text, step)
+
+    def save_png(self, picture: Tensor, name: str) -> str | None:
+        """Save ``picture`` as ``name`` in the first logger's local directory, if any."""
+        directory = log_dir_of(self.sinks)
+        if not directory:
+            return None
+        return self.sinks[0].save_png(
+            picture.detach().to("cpu", torch.uint8), os.path.join(directory, name)
+        )
 
 
 def log_dir_of(sinks: Sequence[ImageSink]) -> str | None:

@@ -1,8 +1,10 @@
-"""Pictures on the device: colour maps (matplotlib LUTs), overlays, captions, grids.
+"""Pixels on the device: colour maps (matplotlib LUTs), overlays, text, grids.
 
-Everything here takes and returns tensors on the maps' device; only the finished ``uint8`` grid
-leaves it (in :mod:`lightning_saliency.loggers`). Text is drawn from a glyph atlas that PIL
-renders once per device, so captions cost a gather, not a host round trip per tile.
+Everything here takes and returns tensors on the maps' device; nothing here copies a picture to
+the host. (:mod:`lightning_saliency.loggers` copies each finished ``uint8`` picture once;
+:class:`lightning_saliency.figures.Timeline` keeps its small tiles on the host.) Text is drawn
+from a glyph atlas that PIL renders once on the host and that is copied to the device per
+caption, so a caption costs a small copy and a paste, not a host round trip per tile.
 """
 
 from __future__ import annotations
@@ -141,6 +143,11 @@ def _glyphs_cpu() -> list[Tensor]:
     return glyphs
 
 
+def clear_text_cache() -> None:
+    """Forget the cached caption bitmaps (a bounded LRU; for memory measurements)."""
+    _text_mask_cpu.cache_clear()
+
+
 @functools.lru_cache(maxsize=512)
 def _text_mask_cpu(text: str) -> Tensor:
     glyphs = _glyphs_cpu()
@@ -197,12 +204,18 @@ def to_uint8(picture: Tensor) -> Tensor:
 
 
 # -- composed pictures ------------------------------------------------------------------------
-def method_tiles(maps: Tensor, picture: Tensor, alpha: float = 0.5) -> Tensor:
-    """Tiles for one method: coloured overlays, or concept colouring for DFF ``(N, K, H, W)``."""
-    size = tuple(picture.shape[-2:])
-    if maps.dim() == 4:
+def method_tiles(
+    maps: Tensor, picture: Tensor, concepts: bool, signed: bool, alpha: float = 0.5
+) -> Tensor:
+    """Tiles for one method: concept colouring for ``(N, K, H, W)`` concept maps, else an
+    overlay (a diverging scale around zero when the method's maps are ``signed``)."""
+    size = (picture.shape[-2], picture.shape[-1])
+    if concepts:
+        if maps.dim() != 4:
+            raise ValueError(f"concept maps must be (N, K, H, W), got {tuple(maps.shape)}")
         return concept_overlay(picture, resize(maps, size), alpha=alpha + 0.1)
-    signed = bool((maps < 0).any())  # IG, occlusion: diverging colours around zero
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be (N, H, W), got {tuple(maps.shape)}")
     return overlay(picture, resize(maps[:, None], size)[:, 0], signed=signed, alpha=alpha)
 
 

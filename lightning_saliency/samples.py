@@ -1,4 +1,11 @@
-"""Choosing and holding the fixed samples the callback explains every epoch."""
+"""Choosing and holding the fixed samples the callback explains every epoch.
+
+The loader is found through Lightning's public API: ``trainer.val_dataloaders`` once a
+validation loop has set it up, else the datamodule's or the module's ``val_dataloader()`` hook
+(``train_dataloader()`` when the callback explains at train-epoch end). Loaders handed straight
+to ``fit(val_dataloaders=...)`` have no public accessor before the first validation; for those
+alone :func:`source_loaders` reads the loop's data source, in one place.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
@@ -264,4 +274,71 @@ def find_normalize(dataset: Any) -> tuple[list[float], list[float]] | None:
                 stack.extend(child)
             elif child is not None:
                 stack.append(child)
+    return None
+
+
+def source_loaders(
+    trainer: L.Trainer, pl_module: L.LightningModule, stage: str, train: bool = False
+) -> Any:
+    """What the val (or, with ``train=True``, the train) dataloader hook of this run returns:
+    a loader, a list or a dict of loaders, or ``None`` when there is none."""
+    public = trainer.train_dataloader if train else trainer.val_dataloaders
+    if public is not None:
+        return public
+    hook = "train_dataloader" if train else "val_dataloader"
+    for owner in (trainer.datamodule, pl_module):
+        if owner is not None and is_overridden(hook, owner):
+            return getattr(owner, hook)()
+    # Loaders passed to fit()/validate() directly: no public accessor before the loop runs.
+    if train:
+        loop: Any = trainer.fit_loop
+    elif stage == "fit":
+        loop = trainer.fit_loop.epoch_loop.val_loop
+    else:
+        loop = trainer.validate_loop
+    instance = getattr(getattr(loop, "_data_source", None), "instance", None)
+    if isinstance(instance, (L.LightningModule, L.LightningDataModule)):
+        return None
+    return instance
+
+
+def choose_samples(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    stage: str,
+    num: int,
+    seed: int,
+    keys: BatchKeys = DEFAULT_KEYS,
+    dataloader_idx: int = 0,
+    train: bool = False,
+) -> tuple[FixedSamples | None, Any]:
+    """The fixed samples of a run, on the module's device, through the strategy's own
+    ``batch_to_device`` (so the module's transfer hooks apply), and the loader they came from.
+
+    Raises:
+        SaliencyConfigError: there is no loader to take samples from, or its batches hold no
+            images.
+    """
+    loaders = source_loaders(trainer, pl_module, stage, train)
+    loader = pick_loader(loaders, 0 if train else dataloader_idx)
+    if loader is None:
+        raise SaliencyConfigError(
+            "SaliencyCallback found no val dataloader to take samples from; define "
+            "val_dataloader() or pass samples=<tensor N×C×H×W>."
+        )
+    with isolate_rng(include_cuda=False):  # iterating a stream may draw from the RNG
+        batch, indices = collect_samples(loader, num, seed, keys)
+    if batch is None:
+        return None, loader
+    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+    images, labels, masks = split_batch(batch, keys)
+    return FixedSamples(images.detach().clone(), labels, masks, indices), loader
+
+
+def find_class_names(trainer: L.Trainer, loader: Any) -> list[str] | None:
+    """Class names from the datamodule's or the loader's dataset's ``classes``, if any."""
+    for owner in (trainer.datamodule, getattr(loader, "dataset", None)):
+        names = getattr(owner, "classes", None)
+        if isinstance(names, (list, tuple)) and names:
+            return [str(n) for n in names]
     return None

@@ -13,11 +13,11 @@ score                      range   meaning                                      
                                    above 1 = the map prefers the object
 ``rank_accuracy``          0..1    share of the k hottest pixels inside the object     --
                                    (k = object area)
-``pointing_game``          0..1    hottest pixel inside the object, within one         --
-                                   feature-map cell of tolerance (hit rate)
-``corner_enrichment``      0..     mass in the hottest image corner / its area        > 5
+``pointing_game``          0..1    hottest pixel inside the object, within 1/8 of the  --
+                                   image width of tolerance (hit rate)
+``corner_enrichment``      0..     mass in the hottest image corner / its area        > 3
 ``border_enrichment``      0..     mass on the outer border band / its area           --
-``consensus``              -1..1   mean correlation between maps of *different*       > 0.5
+``consensus``              -1..1   mean correlation between maps of *different*       > 0.8
                                    images: objects move, a planted patch does not
 ``dead_maps``              0..1    share of all-zero maps (Grad-CAM found nothing)     > 0.5
 ``ig_completeness_error``  0..     |sum(IG) - (F(x) - F(baseline))| / |F(x)-F(b)|     > 0.05
@@ -41,7 +41,8 @@ def _mass(maps: Tensor) -> Tensor:
     return maps.abs().float() if bool((maps < 0).any()) else maps.float()
 
 
-def _small(maps: Tensor, side: int = 32) -> Tensor:
+def downsample_for_drift(maps: Tensor, side: int = 32) -> Tensor:
+    """Maps at most ``side`` pixels a side (area average): what drift compares."""
     h, w = maps.shape[-2:]
     if h <= side and w <= side:
         return maps.float()
@@ -73,7 +74,10 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
         >>> spearman(m, m * 3 + 1).round(decimals=4).tolist()
         [1.0, 1.0]
     """
-    a, b = _small(a).flatten(1).contiguous(), _small(b).flatten(1).contiguous()
+    a, b = (
+        downsample_for_drift(a).flatten(1).contiguous(),
+        downsample_for_drift(b).flatten(1).contiguous(),
+    )
     return _pearson(_ranks(a), _ranks(b))
 
 
@@ -118,6 +122,16 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 1) -> Tensor:
     return grown.flatten(1).gather(1, hottest[:, None]).squeeze(1)
 
 
+def pointing_tolerance(width: int) -> int:
+    """The pointing game's tolerance in pixels for images ``width`` wide: 1/8 of the width.
+
+    Example:
+        >>> pointing_tolerance(48)
+        6
+    """
+    return max(1, width // 8)
+
+
 def corner_regions(size: tuple[int, int], fraction: float = 1 / 6) -> Tensor:
     """Four boolean ``(H, W)`` corner squares of side ``fraction`` of the image."""
     h, w = size
@@ -150,7 +164,7 @@ def consensus(maps: Tensor) -> Tensor:
     n = maps.shape[0]
     if n < 2:
         return torch.zeros(n, device=maps.device)
-    small = _small(_mass(maps), 16).flatten(1)
+    small = downsample_for_drift(_mass(maps), 16).flatten(1)
     small = small - small.mean(1, keepdim=True)
     small = small / small.norm(dim=1, keepdim=True).clamp(min=_EPS)
     corr = small @ small.T

@@ -15,26 +15,36 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_datamodule, tiny_model  # noqa: E402
 
 from lightning_saliency import SaliencyCallback  # noqa: E402
+from lightning_saliency.loggers import Publisher  # noqa: E402
+
+WRITTEN = {"pictures": 0}
+_publish = Publisher.images
+
+
+def counting_images(self, pictures, step):
+    """Counts, per process, the pictures handed to the loggers."""
+    WRITTEN["pictures"] += len(pictures)
+    _publish(self, pictures, step)
+
+
+Publisher.images = counting_images
 
 
 class CountingCallback(SaliencyCallback):
-    """Records, per rank, how many pictures this process wrote."""
+    """Records, per rank, how many pictures this process wrote and what it scored."""
 
     def __init__(self, out_dir: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.out_dir = out_dir
-        self.written = 0
-
-    def _emit(self, tag, picture, step):
-        self.written += 1
-        super()._emit(tag, picture, step)
 
     def on_fit_end(self, trainer, pl_module):
         super().on_fit_end(trainer, pl_module)
         record = {
             "rank": trainer.global_rank,
-            "written": self.written,
-            "explained": sorted(self._prev),
+            "written": WRITTEN["pictures"],
+            "explained": sorted(self.history[-1].means),
+            "history": [h.means for h in self.history],
+            "alarm_events": [(e.epoch, e.method, e.score, e.state) for e in self.alarms],
             "alarms": float(trainer.callback_metrics.get("saliency/alarms", torch.tensor(-1.0))),
         }
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:

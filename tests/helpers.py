@@ -60,3 +60,63 @@ def state_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
         "optimizer": optimizer.state_dict(),
         "rng": torch.get_rng_state(),
     }
+
+
+# -- comparing maps, and the model before and after explaining ------------------------------------
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max scaling (pytorch-grad-cam normalises its maps this way)."""
+    flat = maps.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp(min=1e-12)).reshape(maps.shape)
+
+
+def per_image_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each pair of maps."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-12)
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    """Hooks registered on the model's modules. torch has no public way to count them, so this
+    reads its hook dictionaries (the one private read the tests allow)."""
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, Any]:
+    """Everything explaining must leave as it was: weights, grads, buffers, modes, RNG."""
+    import random
+
+    import numpy as np
+
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "hooks": hook_count(model),
+        "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()),
+    }
+
+
+def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    import numpy as np
+
+    for key in ("params", "grads", "buffers"):
+        assert before[key].keys() == after[key].keys(), key
+        for name in before[key]:
+            assert torch.equal(before[key][name], after[key][name]), (key, name)
+    assert before["training"] == after["training"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["hooks"] == after["hooks"]
+    assert torch.equal(before["rng"][0], after["rng"][0])
+    assert before["rng"][1] == after["rng"][1]
+    assert np.array_equal(before["rng"][2], after["rng"][2])

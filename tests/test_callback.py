@@ -9,7 +9,7 @@ from dataclasses import replace
 import lightning as L
 import pytest
 import torch
-from helpers import read_events, state_of, tiny_datamodule, tiny_model, trainer
+from helpers import hook_count, read_events, state_of, tiny_datamodule, tiny_model, trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
@@ -26,13 +26,6 @@ def _fit(tmp_path, callbacks, seed=0, model=None, dm=None, **kwargs):
     return tr, model
 
 
-def _hooks(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
-
-
 def test_training_is_bitwise_unchanged(tmp_path):
     """Seeded runs with and without the callback, gradient accumulation and mid-epoch
     validation (where Lightning does not zero the grads first), end identical."""
@@ -45,7 +38,7 @@ def test_training_is_bitwise_unchanged(tmp_path):
     tr_b, model_b = _fit(tmp_path / "b", [callback], **common)
     state_b = state_of(model_b, tr_b.optimizers[0])
 
-    assert callback._first, "the callback did explain"
+    assert callback.history, "the callback did explain"
     for name, tensor in state_a["params"].items():
         assert torch.equal(tensor, state_b["params"][name]), name
     for pid, entry in state_a["optimizer"]["state"].items():
@@ -54,7 +47,7 @@ def test_training_is_bitwise_unchanged(tmp_path):
                 torch.as_tensor(value), torch.as_tensor(state_b["optimizer"]["state"][pid][key])
             ), (pid, key)
     assert torch.equal(state_a["rng"], state_b["rng"])
-    assert _hooks(model_b) == 0
+    assert hook_count(model_b) == 0
     assert all(p.requires_grad for p in model_b.parameters())
 
 
@@ -122,15 +115,12 @@ def test_timeline_png_is_saved_beside_the_logs(logged_run):
 
 
 def test_captions_show_label_prediction_and_confidence(logged_run):
-    _, _, callback = logged_run
-    samples = callback._samples
-    from lightning_saliency.explain import explain
-
-    model = tiny_model()
-    out = explain(model, samples.images, methods=("gradcam",))
-    captions = callback._captions(samples, out)
-    assert len(captions) == len(samples)
-    assert all(">" in c and "%" in c for c in captions)
+    log_dir, _, callback = logged_run
+    events = read_events(str(log_dir))
+    text = events.Tensors("saliency/captions/text_summary")[-1].tensor_proto.string_val[0]
+    captions = text.decode().split("  \n")
+    assert len(captions) == len(callback.fixed_samples) == 6
+    assert all(">" in c and "%" in c and c.split()[-1] in ("ok", "X") for c in captions)
     assert captions[0].split(">")[0] in callback.class_names
 
 
@@ -140,8 +130,9 @@ def test_precisions_give_finite_float32_pictures(tmp_path, precision):
     _fit(tmp_path, [callback], max_epochs=1, precision=precision)
     events = read_events(str(tmp_path))
     assert "saliency/gradcam" in events.Tags()["images"]
-    assert torch.isfinite(callback._prev["gradcam"]).all()
-    assert callback._prev["gradcam"].dtype == torch.float32
+    scores = callback.history[-1].means["gradcam"]
+    assert scores and all(value == value for value in scores.values())  # finite, not NaN
+    assert callback.monitor.references["gradcam"].dtype == torch.float32
 
 
 class InferenceBatchModel(type(tiny_model())):
@@ -160,7 +151,7 @@ def test_validate_under_inference_mode(tmp_path):
         probe = torch.ones(1) * 1.0
     assert probe.is_inference()
     tr.validate(model, tiny_datamodule())
-    assert callback._samples.images.is_inference()
+    assert callback.fixed_samples.images.is_inference()
     events = read_events(str(tmp_path))
     assert {f"saliency/{m}" for m in DEFAULT_METHODS} <= set(events.Tags()["images"])
 
@@ -173,10 +164,10 @@ def test_samples_fixed_by_own_generator_and_spread_over_classes(tmp_path):
     _fit(tmp_path / "a", [a], seed=1, dm=dm, max_epochs=1)
     b = SaliencyCallback(num_samples=8, seed=5, methods=("gradcam",))
     _fit(tmp_path / "b", [b], seed=2, dm=tiny_datamodule(), max_epochs=1)
-    assert a._samples.indices == b._samples.indices  # the global seed does not matter
-    labels = a._samples.labels.tolist()
+    assert a.fixed_samples.indices == b.fixed_samples.indices  # the global seed does not matter
+    labels = a.fixed_samples.labels.tolist()
     assert sorted(set(labels)) == [0, 1, 2, 3] and max(labels.count(c) for c in set(labels)) == 2
-    assert a._samples.masks is not None
+    assert a.fixed_samples.masks is not None
     del before
 
 
@@ -198,7 +189,7 @@ def test_explicit_samples_with_masks(tmp_path):
         samples=data["images"], labels=data["labels"], masks=data["masks"], methods=("gradcam",)
     )
     _fit(tmp_path, [callback], max_epochs=1)
-    assert torch.equal(callback._samples.images, data["images"])
+    assert torch.equal(callback.fixed_samples.images, data["images"])
     assert "saliency/gradcam/object_enrichment" in read_events(str(tmp_path)).Tags()["scalars"]
 
 
@@ -210,7 +201,7 @@ def test_state_dict_resume_keeps_samples_and_references(tmp_path):
     _fit(tmp_path / "a", [callback, ckpt], max_epochs=2, enable_checkpointing=True)
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     state = checkpoint["callbacks"][callback.state_key]
-    assert torch.equal(state["samples"]["images"], callback._samples.images.cpu())
+    assert torch.equal(state["samples"]["images"], callback.fixed_samples.images.cpu())
 
     resumed = SaliencyCallback(num_samples=4, ig_steps=8)
     L.seed_everything(0)
@@ -221,9 +212,11 @@ def test_state_dict_resume_keeps_samples_and_references(tmp_path):
         enable_checkpointing=True,
     )
     tr.fit(tiny_model(), tiny_datamodule(seed=7), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    assert torch.equal(resumed._samples.images, callback._samples.images)
-    assert torch.equal(resumed._first["gradcam"], callback._first["gradcam"])
-    assert len(resumed._timeline) == 3
+    assert torch.equal(resumed.fixed_samples.images, callback.fixed_samples.images)
+    first = resumed.monitor.references["gradcam"]
+    assert torch.equal(first, callback.monitor.references["gradcam"])
+    assert len(resumed.timeline) == 3
+    assert [h.epoch for h in resumed.history] == [0, 1, 2]  # the record continues
     assert pickle.loads(pickle.dumps(resumed)).methods == resumed.methods
 
 
@@ -231,11 +224,11 @@ def test_failure_mid_run_warns_once_and_skips_the_method(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = METHODS["integrated_gradients"].compute
 
-    def flaky(session):
+    def flaky(session, options):
         calls["n"] += 1
         if calls["n"] >= 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return original(session)
+        return original(session, options)
 
     monkeypatch.setitem(
         METHODS, "integrated_gradients", replace(METHODS["integrated_gradients"], compute=flaky)
@@ -248,6 +241,7 @@ def test_failure_mid_run_warns_once_and_skips_the_method(tmp_path, monkeypatch):
     assert len(events.Images("saliency/integrated_gradients")) == 1
     assert len(events.Images("saliency/gradcam")) == 4
     assert calls["n"] == 2
+    assert set(callback.switched_off) == {"integrated_gradients"}
 
 
 def test_failure_of_the_whole_pass_warns_once(tmp_path, monkeypatch):
@@ -258,7 +252,7 @@ def test_failure_of_the_whole_pass_warns_once(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("device lost (simulated)")
 
-    monkeypatch.setattr(module, "run_explain", broken)
+    monkeypatch.setattr(module, "explain", broken)
     callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
     with pytest.warns(UserWarning, match="gradcam failed") as record:
         tr, _ = _fit(tmp_path, [callback], max_epochs=3)
@@ -272,7 +266,7 @@ def test_memory_flat_over_30_logged_epochs(tmp_path):
     class Count(L.Callback):
         def on_validation_epoch_end(self, trainer, pl_module):
             if trainer.current_epoch in (9, 29):
-                render._text_mask_cpu.cache_clear()  # caption bitmaps: an LRU of bounded size
+                render.clear_text_cache()  # caption bitmaps: an LRU of bounded size
                 gc.collect()
                 counts[trainer.current_epoch] = sum(
                     t.numel()
@@ -291,7 +285,7 @@ def test_memory_flat_over_30_logged_epochs(tmp_path):
     growth = counts[29] - counts[9]
     # 20 more columns of the (capped) timeline: 4 uint8 tiles of 3x64x64 each, nothing else
     assert growth == 20 * 4 * 3 * 64 * 64, counts
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 class NoValModel(type(tiny_model())):
@@ -311,7 +305,7 @@ def test_without_validation_explains_at_train_epoch_end(tmp_path, case):
 def test_fast_dev_run_is_skipped_quietly(tmp_path):
     callback = SaliencyCallback(num_samples=4)
     _fit(tmp_path, [callback], fast_dev_run=True)
-    assert callback._samples is None
+    assert callback.fixed_samples is None
 
 
 def test_second_val_dataloader_by_index(tmp_path):
@@ -319,15 +313,15 @@ def test_second_val_dataloader_by_index(tmp_path):
     dm = tiny_datamodule()
     _fit(tmp_path, [callback], dm=dm, max_epochs=1)
     broken = dm.broken_set
-    expected = torch.stack([broken[i]["image"] for i in callback._samples.indices])
-    assert torch.allclose(callback._samples.images, expected)
+    expected = torch.stack([broken[i]["image"] for i in callback.fixed_samples.indices])
+    assert torch.allclose(callback.fixed_samples.images, expected)
 
 
 def test_fewer_images_than_asked_warns(tmp_path):
     callback = SaliencyCallback(num_samples=8, methods=("gradcam",))
     with pytest.warns(UserWarning, match="only 5 images"):
         _fit(tmp_path, [callback], dm=tiny_datamodule(n_val=5), max_epochs=1)
-    assert len(callback._samples) == 5
+    assert len(callback.fixed_samples) == 5
 
 
 def test_iterable_val_set_takes_the_first_images(tmp_path):
@@ -352,8 +346,8 @@ def test_iterable_val_set_takes_the_first_images(tmp_path):
     tr = trainer(str(tmp_path), [callback], max_epochs=1)
     tr.fit(StreamModel(width=8))
     expected = torch.stack([dm.val_set[i]["image"] for i in range(4)])
-    assert torch.equal(callback._samples.images, expected)
-    assert callback._samples.indices is None
+    assert torch.equal(callback.fixed_samples.images, expected)
+    assert callback.fixed_samples.indices is None
 
 
 def test_csv_logger_gets_png_files(tmp_path):

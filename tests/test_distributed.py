@@ -28,5 +28,7 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
     for record in ranks:  # every rank explained and has the same scores for EarlyStopping
         assert record["explained"] == ["gradcam", "guided_gradcam", "integrated_gradients"]
         assert record["alarms"] == ranks[0]["alarms"] >= 0
+        assert record["history"] == ranks[0]["history"]  # the public record agrees
+        assert record["alarm_events"] == ranks[0]["alarm_events"]
     events = read_events(str(tmp_path))
     assert len(events.Images("saliency/gradcam")) == 2  # two epochs, not doubled

@@ -1,4 +1,7 @@
-"""The method registry; importing this package registers every built-in method."""
+"""The method registry; importing this package registers every built-in method.
+
+This package is the only place that names a method: everything else reads the registry.
+"""
 
 from lightning_saliency.methods import (  # noqa: F401 (importing registers the methods)
     cam,
@@ -9,19 +12,43 @@ from lightning_saliency.methods import (  # noqa: F401 (importing registers the 
     smoothgrad,
 )
 from lightning_saliency.methods.base import (
+    ALIASES,
     METHODS,
-    ExplainSession,
+    MethodOptions,
+    MethodScore,
+    NoOptions,
     SaliencyMethod,
     available_methods,
+    available_options,
+    build_options,
     canonical_name,
+    flat_option_names,
     register,
+    unregister,
 )
+from lightning_saliency.methods.cam import cam_method
+from lightning_saliency.methods.session import ExplainSession, as_logits, upsample
+
+DEFAULT_METHODS: tuple[str, ...] = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
+"""What the callback and ``explain()`` compute when no ``methods`` are given."""
 
 __all__ = [
+    "ALIASES",
+    "DEFAULT_METHODS",
     "METHODS",
     "ExplainSession",
+    "MethodOptions",
+    "MethodScore",
+    "NoOptions",
     "SaliencyMethod",
+    "as_logits",
     "available_methods",
+    "available_options",
+    "build_options",
     "canonical_name",
+    "cam_method",
+    "flat_option_names",
     "register",
+    "unregister",
+    "upsample",
 ]

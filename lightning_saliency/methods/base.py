@@ -1,34 +1,110 @@
-"""One signature for every method, a registry, and the shared passes methods reuse.
+"""What a method is: its self-description, its typed options, and the registry that holds it.
 
-A method is a function ``compute(session) -> Tensor`` returning ``(N, H, W)`` (or ``(N, K, H, W)``)
-float32 maps on the images' device. The :class:`ExplainSession` runs each expensive pass at most
-once per call and caches it, so Grad-CAM, Guided Grad-CAM and DFF share one forward.
+A method is a function ``compute(session, options) -> Tensor`` returning ``(N, H, W)`` maps (or
+``(N, K, H, W)`` concept maps) in float32 on the images' device, plus a :class:`SaliencyMethod`
+record that says what those maps are (kind, sign), what they cost, what they need (a target
+layer, the guided backward), what else they report, and which options they read. Everything
+outside ``methods/`` reads these records and never names a method.
+
+Adding a method is one file that calls :func:`register` (and its tests): ``explain()``, the
+callback, the command line and YAML pick it up from the registry.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, Union
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.layers import to_spatial
+
+if TYPE_CHECKING:
+    from lightning_saliency.methods.session import ExplainSession
+
+Kind = Literal["map", "concepts"]
+Sign = Literal["non_negative", "signed"]
+Cost = Literal["cheap", "moderate", "expensive"]
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's typed options (a frozen dataclass per method).
+
+    Subclasses declare fields with type hints and defaults; values are checked against the
+    hints when they are built through :func:`build_options`, and ``check()`` adds range rules.
+    """
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the field when a value is out of range."""
+
+
+@dataclass(frozen=True)
+class NoOptions(MethodOptions):
+    """For methods without options."""
+
+
+@dataclass(frozen=True)
+class MethodScore:
+    """A per-image number a method measures about its own maps (e.g. IG's completeness error).
+
+    ``extra`` is the key the method writes in ``Explanations.extras``; the callback logs it as
+    ``saliency/<method>/<name>`` and, with a ``threshold``, raises an alarm when it is above.
+    """
+
+    extra: str
+    name: str
+    threshold: float | None = None
+    meaning: str = ""
 
 
 @dataclass(frozen=True)
 class SaliencyMethod:
-    """A registered method: its name, what it shows, and the options it reads."""
+    """A registered method and its self-description.
+
+    Attributes:
+        name: the canonical name (``aliases`` resolve to it).
+        compute: ``(session, options) -> maps``.
+        description: one line for ``available_methods()``, the README and ``--help``.
+        options: the method's options dataclass (a :class:`MethodOptions` subclass).
+        kind: ``"map"`` (``(N, H, W)``) or ``"concepts"`` (``(N, K, H, W)``).
+        sign: ``"non_negative"`` or ``"signed"`` maps (signed ones render on a diverging scale).
+        cost: ``"cheap"`` (shares one forward/backward), ``"moderate"`` or ``"expensive"``
+            (many passes per image: give it its own cadence in the callback).
+        passes: forward (F) and backward (B) passes per image, as text for tables.
+        needs_layer: whether a target layer is needed.
+        needs_guided_backward: whether the shared forward must route ReLUs for guided backprop.
+        flat_names: flat argument name -> option field (``{"ig_steps": "steps"}``): the
+            callback's first-class arguments and ``explain()``'s deprecated flat options.
+        scores: per-image numbers the method reports about its maps (see :class:`MethodScore`).
+        extras: keys the method writes in ``Explanations.extras``, with their meaning.
+        concept_scores: for ``kind="concepts"``, the extra holding ``(K, num_classes)`` scores.
+        aliases: other accepted spellings.
+    """
 
     name: str
-    compute: Callable[[ExplainSession], Tensor]
+    compute: Callable[[ExplainSession, Any], Tensor]
     description: str
+    options: type[MethodOptions] = NoOptions
+    kind: Kind = "map"
+    sign: Sign = "non_negative"
+    cost: Cost = "cheap"
+    passes: str = "1F + 1B"
     needs_layer: bool = True
-    options: Mapping[str, Any] = field(default_factory=dict)
+    needs_guided_backward: bool = False
+    flat_names: Mapping[str, str] = field(default_factory=dict)
+    scores: tuple[MethodScore, ...] = ()
+    extras: Mapping[str, str] = field(default_factory=dict)
+    concept_scores: str | None = None
     aliases: tuple[str, ...] = ()
+
+    def option_fields(self) -> dict[str, dataclasses.Field[Any]]:
+        """The declared options, by name."""
+        return {f.name: f for f in dataclasses.fields(self.options)}
 
 
 METHODS: dict[str, SaliencyMethod] = {}
@@ -36,11 +112,22 @@ ALIASES: dict[str, str] = {}
 
 
 def register(method: SaliencyMethod) -> SaliencyMethod:
-    """Add a method to the registry (one line per new method)."""
+    """Add a method to the registry; returns it (so a module can keep a handle)."""
+    if not dataclasses.is_dataclass(method.options) or not issubclass(
+        method.options, MethodOptions
+    ):
+        raise TypeError(f"{method.name}: options must be a MethodOptions dataclass")
     METHODS[method.name] = method
     for alias in method.aliases:
         ALIASES[alias] = method.name
     return method
+
+
+def unregister(name: str) -> None:
+    """Remove a method and its aliases (plugins and tests)."""
+    method = METHODS.pop(name)
+    for alias in method.aliases:
+        ALIASES.pop(alias, None)
 
 
 def canonical_name(name: str) -> str:
@@ -50,6 +137,8 @@ def canonical_name(name: str) -> str:
         >>> canonical_name("ig")
         'integrated_gradients'
     """
+    if not isinstance(name, str):
+        raise SaliencyConfigError(f"a method name must be a string, got {name!r}.")
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     if key not in METHODS:
@@ -68,165 +157,95 @@ def available_methods() -> dict[str, str]:
     return {name: method.description for name, method in sorted(METHODS.items())}
 
 
-def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``(N, [K,] h, w)`` maps to ``size`` (the input resolution)."""
-    squeeze = maps.dim() == 3
-    batch = maps.unsqueeze(1) if squeeze else maps
-    out = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
-    return out.squeeze(1) if squeeze else out
+def available_options() -> dict[str, dict[str, Any]]:
+    """Every method's options with their defaults, as ``method_options`` takes them.
+
+    Example:
+        >>> available_options()["occlusion"]["window"] is None
+        True
+    """
+    return {
+        name: {
+            f.name: f.default
+            for f in dataclasses.fields(method.options)
+            if f.default is not dataclasses.MISSING
+        }
+        for name, method in sorted(METHODS.items())
+    }
 
 
-class ExplainSession:
-    """The state one ``explain()`` call shares between methods (inside the safety context)."""
+# -- typed options ------------------------------------------------------------------------------
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits a type hint made of classes, ``None``, ``Literal`` and unions."""
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in hint.__args__)
+    if origin is Union or origin is types.UnionType:
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
 
-    def __init__(
-        self,
-        model: nn.Module,
-        images: Tensor,
-        targets: Tensor | None,
-        layer: nn.Module | None,
-        methods: tuple[str, ...],
-        options: Mapping[str, Any],
-    ) -> None:
-        self.model = model
-        self.images = images
-        self.layer = layer
-        self.methods = methods
-        self.options = dict(options)
-        self.extras: dict[str, Any] = {}
-        self._requested_targets = targets
-        self._forward: dict[str, Any] | None = None
-        self._cache: dict[str, Tensor] = {}
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return (self.images.shape[-2], self.images.shape[-1])
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if hint is None or hint is type(None):
+        return "None"
+    if origin is Literal:
+        return " or ".join(repr(c) for c in hint.__args__)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
 
-    # -- the shared forward ---------------------------------------------------------------
-    def shared_forward(self) -> dict[str, Any]:
-        """One forward that records the target layer's output (and routes ReLUs through the
-        guided switch when Guided Grad-CAM is asked for)."""
-        if self._forward is not None:
-            return self._forward
-        from lightning_saliency.methods.guided_relu import GuidedReLUMode
 
-        captured: dict[str, Tensor] = {}
+def build_options(method: SaliencyMethod, values: Mapping[str, Any]) -> MethodOptions:
+    """The method's options dataclass from user values, each checked against its type.
 
-        def keep(_module: nn.Module, _inp: Any, out: Tensor) -> Tensor:
-            # Parameters are frozen: without an input gradient the graph starts here.
-            out = out if out.requires_grad else out.detach().requires_grad_()
-            captured["out"] = out
-            # Hand a copy downstream so an in-place op after the layer cannot alter what we keep.
-            return out.clone()
-
-        guided = "guided_gradcam" in self.methods
-        x = self.images.detach().clone().requires_grad_(guided)
-        handle = self.layer.register_forward_hook(keep) if self.layer is not None else None
-        mode = GuidedReLUMode() if guided else None
-        try:
-            if mode is not None:
-                with mode:
-                    logits = self.model(x)
-            else:
-                logits = self.model(x)
-        finally:
-            if handle is not None:
-                handle.remove()
-        logits = as_logits(logits)
-        self._forward = {"x": x, "logits": logits, "layer_out": captured.get("out"), "mode": mode}
-        if self.layer is not None and "out" not in captured:
+    Example:
+        >>> build_options(METHODS["occlusion"], {"window": 8}).window
+        8
+        >>> try:
+        ...     build_options(METHODS["occlusion"], {"windw": 8})
+        ... except ValueError as err:
+        ...     print(str(err).split("; ")[1])
+        occlusion takes: batch_size, window, stride.
+    """
+    fields = method.option_fields()
+    where = f"method_options[{method.name!r}]"
+    if not isinstance(values, Mapping):
+        raise SaliencyConfigError(f"{where} must be a dict of option -> value, got {values!r}.")
+    hints = typing.get_type_hints(method.options)
+    for key, value in values.items():
+        if key not in fields:
+            known = ", ".join(fields) or "no options"
             raise SaliencyConfigError(
-                "the target layer was not called during the model's forward; pick a layer that "
-                "the forward uses (target_layer=...)."
+                f"{where} has no option {key!r}; {method.name} takes: {known}."
             )
-        return self._forward
-
-    @property
-    def logits(self) -> Tensor:
-        if self._forward is None and self.layer is None:
-            with torch.no_grad():
-                self._cache.setdefault("logits", as_logits(self.model(self.images)))
-            return self._cache["logits"]
-        return self.shared_forward()["logits"]
-
-    @property
-    def targets(self) -> Tensor:
-        if "targets" not in self._cache:
-            logits = self.logits
-            if self._requested_targets is None:
-                targets = logits.detach().argmax(dim=1)
-            else:
-                targets = self._requested_targets.to(logits.device).long().reshape(-1)
-                if targets.numel() == 1 and logits.shape[0] > 1:
-                    targets = targets.expand(logits.shape[0])
-                if targets.numel() != logits.shape[0]:
-                    raise SaliencyConfigError(
-                        f"got {targets.numel()} targets for {logits.shape[0]} images."
-                    )
-                if bool((targets < 0).any()) or bool((targets >= logits.shape[1]).any()):
-                    raise SaliencyConfigError(
-                        f"target class out of range: the model has {logits.shape[1]} classes."
-                    )
-            self._cache["targets"] = targets
-        return self._cache["targets"]
-
-    def target_score(self) -> Tensor:
-        """Sum over the batch of each image's target logit (images are independent in eval)."""
-        logits = self.shared_forward()["logits"]
-        return logits.gather(1, self.targets[:, None]).sum()
-
-    # -- shared gradients ----------------------------------------------------------------
-    def layer_activations(self) -> Tensor:
-        """The target layer's output as ``(N, C, h, w)``, detached, float32."""
-        return to_spatial(self.shared_forward()["layer_out"]).detach().float()
-
-    def layer_gradients(self) -> Tensor:
-        """d(target logit)/d(layer output) as ``(N, C, h, w)``: one plain backward, cached."""
-        if "layer_grad" not in self._cache:
-            fwd = self.shared_forward()
-            keep_graph = "guided_gradcam" in self.methods and "guided" not in self._cache
-            (grad,) = torch.autograd.grad(
-                self.target_score(), fwd["layer_out"], retain_graph=keep_graph, allow_unused=True
+        if not _matches(value, hints[key]):
+            raise SaliencyConfigError(
+                f"{where}[{key!r}] must be {_describe(hints[key])}, got {value!r}."
             )
-            if grad is None:
-                grad = torch.zeros_like(fwd["layer_out"])
-            self._cache["layer_grad"] = to_spatial(grad).detach().float()
-        return self._cache["layer_grad"]
-
-    def guided_gradients(self) -> Tensor:
-        """Guided-backprop gradient of the target logit w.r.t. the input ``(N, C, H, W)``."""
-        if "guided" not in self._cache:
-            fwd = self.shared_forward()
-            self.layer_gradients()  # the plain backward first, while the graph is kept
-            mode = fwd["mode"]
-            if mode is None or not fwd["x"].requires_grad:
-                raise RuntimeError("guided gradients need 'guided_gradcam' among the methods")
-            if mode.relu_calls == 0:
-                import warnings
-
-                warnings.warn(
-                    f"{type(self.model).__name__} has no ReLU: guided backpropagation is then the "
-                    "plain input gradient, so guided_gradcam shows gradient x Grad-CAM.",
-                    stacklevel=4,
-                )
-            mode.switch.guided = True
-            (grad,) = torch.autograd.grad(self.target_score(), fwd["x"], allow_unused=True)
-            self._cache["guided"] = (
-                torch.zeros_like(fwd["x"]) if grad is None else grad.detach().float()
-            )
-        return self._cache["guided"]
+    options = method.options(**values)
+    try:
+        options.check()
+    except ValueError as err:
+        raise SaliencyConfigError(f"{where}: {err}") from err
+    return options
 
 
-def as_logits(output: Any) -> Tensor:
-    """Accept models returning a tensor, a tuple (first item) or a dict with ``logits``."""
-    if isinstance(output, Mapping):
-        output = output.get("logits", next(iter(output.values())))
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    if not isinstance(output, Tensor) or output.dim() != 2:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise SaliencyConfigError(
-            f"the model must return class scores of shape (N, num_classes); it returned {shape}. "
-            "Saliency needs an image classifier."
-        )
-    return output
+def flat_option_names() -> dict[str, list[tuple[str, str]]]:
+    """Flat argument name -> the ``(method, option)`` pairs it sets (one flat name may set the
+    same option of several methods, e.g. a shared batch size)."""
+    table: dict[str, list[tuple[str, str]]] = {}
+    for name, method in METHODS.items():
+        for flat, option in method.flat_names.items():
+            table.setdefault(flat, []).append((name, option))
+    return table

@@ -8,11 +8,14 @@ the dominant one from call to call.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from lightning_saliency.layers import find_classifier_head
-from lightning_saliency.methods.base import ExplainSession, SaliencyMethod, register, upsample
+from lightning_saliency.methods.base import MethodOptions, SaliencyMethod, register
+from lightning_saliency.methods.session import ExplainSession, upsample
 
 _EPS = 1e-8
 _TINY = 1e-30
@@ -82,9 +85,24 @@ def nmf(v: Tensor, k: int, iterations: int = 100, tol: float = 1e-3) -> tuple[Te
     return w, h
 
 
-def dff(session: ExplainSession) -> Tensor:
+@dataclass(frozen=True)
+class DFFOptions(MethodOptions):
+    """Options of ``dff``.
+
+    Attributes:
+        components: how many concepts (K) to factorise the layer into.
+    """
+
+    components: int = 4
+
+    def check(self) -> None:
+        if self.components < 1:
+            raise ValueError(f"components must be >= 1, got {self.components}")
+
+
+def dff(session: ExplainSession, options: DFFOptions) -> Tensor:
     """``(N, K, H, W)`` concept maps; concept class scores go to ``session.extras``."""
-    k = int(session.options["dff_components"])
+    k = options.components
     acts = torch.nan_to_num(session.layer_activations())
     n, c, hh, ww = acts.shape
     v = acts.permute(1, 0, 2, 3).reshape(c, -1)
@@ -107,7 +125,12 @@ register(
         "dff",
         dff,
         "Deep Feature Factorization: the K concepts the layer sees, and where (class-agnostic).",
-        options={"dff_components": 4},
+        options=DFFOptions,
+        kind="concepts",
+        passes="1F (+ NMF)",
+        flat_names={"dff_components": "components"},
+        extras={"dff_concept_scores": "(K, num_classes) scores of each concept through the head"},
+        concept_scores="dff_concept_scores",
         aliases=("deep_feature_factorization",),
     )
 )

@@ -3,24 +3,57 @@
 captum's ``IntegratedGradients`` uses ``torch.autograd.grad`` (no ``.backward()``), so it meets the
 contract once it gets non-inference clones and ``internal_batch_size`` (unchunked it runs
 N x steps images at once). ``ig_steps="auto"`` doubles the steps until the completeness error
-``|sum(attr) - (F(x) - F(baseline))| / |F(x) - F(baseline)|`` is at most ``ig_tolerance``.
+``|sum(attr) - (F(x) - F(baseline))| / |F(x) - F(baseline)|`` is at most ``tolerance``; inside
+the callback it starts from half the count the previous epoch needed (its warm start).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor
 
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.methods.base import ExplainSession, SaliencyMethod, as_logits, register
+from lightning_saliency.methods.base import MethodOptions, MethodScore, SaliencyMethod, register
+from lightning_saliency.methods.session import ExplainSession, as_logits
 
 AUTO_STEPS = (8, 16, 32, 64, 128, 256)
 
 
-def make_baseline(images: Tensor, baseline: Any) -> Tensor:
+@dataclass(frozen=True)
+class IntegratedGradientsOptions(MethodOptions):
+    """Options of ``integrated_gradients``.
+
+    Attributes:
+        steps: integration steps, or ``"auto"``: the fewest of 8, 16, ... 256 whose
+            completeness error is at most ``tolerance``.
+        baseline: ``None`` (zeros: the mean image for normalised inputs), a number, or a tensor.
+        internal_batch_size: images per pass (bounds memory); ``None``: the memory of 16
+            images at 224 px.
+        method: captum's quadrature (``gausslegendre``, ``riemann_trapezoid``, ...).
+        tolerance: the completeness error ``"auto"`` aims for.
+    """
+
+    steps: int | Literal["auto"] = 32
+    baseline: float | Tensor | None = None
+    internal_batch_size: int | None = None
+    method: str = "gausslegendre"
+    tolerance: float = 0.01
+
+    def check(self) -> None:
+        if self.steps != "auto" and int(self.steps) < 1:
+            raise ValueError(f"steps must be a positive int or 'auto', got {self.steps!r}")
+        if self.internal_batch_size is not None and self.internal_batch_size < 1:
+            raise ValueError(f"internal_batch_size must be >= 1, got {self.internal_batch_size}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+
+
+def make_baseline(images: Tensor, baseline: float | Tensor | None) -> Tensor:
     """``None`` → zeros (the mean image for normalised inputs); a number → constant; a tensor
     broadcast to the images."""
     if baseline is None:
@@ -29,7 +62,7 @@ def make_baseline(images: Tensor, baseline: Any) -> Tensor:
         return torch.full_like(images, float(baseline))
     if isinstance(baseline, Tensor):
         return baseline.to(images.device, images.dtype).expand_as(images).clone()
-    raise SaliencyConfigError(f"ig_baseline must be None, a number or a tensor, got {baseline!r}.")
+    raise SaliencyConfigError(f"baseline must be None, a number or a tensor, got {baseline!r}.")
 
 
 def completeness_error(
@@ -57,32 +90,28 @@ def internal_batch_size(option: int | None, images: Tensor) -> int:
     return max(1, (16 * 224 * 224) // pixels)
 
 
-def _forward(model: torch.nn.Module) -> Any:
+def logits_of(model: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """The model as captum's ``forward_func``: class scores whatever the output container."""
     return lambda x: as_logits(model(x))
 
 
-def integrated_gradients(session: ExplainSession) -> Tensor:
+def integrated_gradients(session: ExplainSession, options: IntegratedGradientsOptions) -> Tensor:
     """Signed IG attribution summed over channels ``(N, H, W)``: its pixel sum is the total."""
-    opts = session.options
     images, targets = session.images, session.targets
-    baselines = make_baseline(images, opts["ig_baseline"])
+    baselines = make_baseline(images, options.baseline)
     n = images.shape[0]
-    chunk = max(internal_batch_size(opts["ig_internal_batch_size"], images), n)
-    ig = IntegratedGradients(_forward(session.model))
+    chunk = max(internal_batch_size(options.internal_batch_size, images), n)
+    ig = IntegratedGradients(logits_of(session.model))
     with torch.no_grad():
         logits = session.logits.detach()
         base_logits = as_logits(session.model(baselines))
 
-    steps_option = opts["ig_steps"]
-    if steps_option == "auto":
-        start = int(opts["ig_steps_start"] or AUTO_STEPS[0])
+    memory = session.warm_start("integrated_gradients")
+    if options.steps == "auto":
+        start = max(AUTO_STEPS[0], int(memory.get("steps", AUTO_STEPS[0])) // 2)
         schedule = [s for s in AUTO_STEPS if s >= start] or [AUTO_STEPS[-1]]
-    elif isinstance(steps_option, int) and steps_option > 0:
-        schedule = [steps_option]
     else:
-        raise SaliencyConfigError(
-            f"ig_steps must be a positive int or 'auto', got {steps_option!r}"
-        )
+        schedule = [int(options.steps)]
 
     for steps in schedule:
         attr = ig.attribute(
@@ -90,12 +119,13 @@ def integrated_gradients(session: ExplainSession) -> Tensor:
             baselines=baselines,
             target=targets,
             n_steps=steps,
-            method=opts["ig_method"],
+            method=options.method,
             internal_batch_size=chunk,
         ).float()
         error = completeness_error(attr, logits.float(), base_logits.float(), targets)
-        if steps_option != "auto" or float(error.max()) <= float(opts["ig_tolerance"]):
+        if options.steps != "auto" or float(error.max()) <= options.tolerance:
             break
+    memory["steps"] = steps
     session.extras["ig_steps"] = steps
     session.extras["ig_completeness_error"] = error
     return attr.sum(dim=1)
@@ -106,14 +136,31 @@ register(
         "integrated_gradients",
         integrated_gradients,
         "Integrated Gradients: signed pixel attributions that sum to F(x) - F(baseline).",
+        options=IntegratedGradientsOptions,
+        sign="signed",
+        cost="expensive",
+        passes="steps x (1F + 1B)",
         needs_layer=False,
-        options={
-            "ig_steps": 32,
-            "ig_baseline": None,
-            "ig_internal_batch_size": None,
-            "ig_method": "gausslegendre",
-            "ig_tolerance": 0.01,
-            "ig_steps_start": None,  # "auto" starts here (the callback passes its last count)
+        flat_names={
+            "ig_steps": "steps",
+            "ig_baseline": "baseline",
+            "ig_internal_batch_size": "internal_batch_size",
+            "ig_method": "method",
+            "ig_tolerance": "tolerance",
+        },
+        scores=(
+            MethodScore(
+                "ig_completeness_error",
+                "ig_completeness_error",
+                threshold=0.05,
+                meaning="Integrated Gradients does not add up to the score change: raise "
+                "ig_steps (or use ig_steps='auto')",
+            ),
+            MethodScore("ig_steps", "steps"),
+        ),
+        extras={
+            "ig_steps": "the step count used",
+            "ig_completeness_error": "(N,) |sum(IG) - (F(x) - F(baseline))| / |F(x) - F(b)|",
         },
         aliases=("ig", "integrated-gradients"),
     )

@@ -1,12 +1,15 @@
 """Forward-only methods: Score-CAM, Ablation-CAM (per channel) and Occlusion (per window).
 
-They need many forwards, batched here (``perturbation_batch_size`` images per forward) on the
-device. pytorch-grad-cam's ScoreCAM/AblationCAM (references in the tests) loop with ``.item()``
-per image on the CPU; captum's ``Occlusion`` is used as is.
+They need many forwards, batched here (``batch_size`` images per forward) on the device.
+pytorch-grad-cam's ScoreCAM/AblationCAM (references in the tests) loop with ``.item()`` per image
+on the CPU; captum's ``Occlusion`` is used as is. Score-CAM and Ablation-CAM are weight functions
+on :func:`~lightning_saliency.methods.cam.cam_method`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,31 +17,72 @@ import torch.nn.functional as F
 from captum.attr import Occlusion
 from torch import Tensor
 
-from lightning_saliency.methods.base import (
-    ExplainSession,
-    SaliencyMethod,
-    as_logits,
-    register,
-    upsample,
-)
+from lightning_saliency.methods.base import MethodOptions, SaliencyMethod, register
+from lightning_saliency.methods.cam import cam_method
+from lightning_saliency.methods.session import ExplainSession, as_logits
 
-_OPTIONS = {"perturbation_batch_size": 64}
+BatchMaker = Callable[[int, int, int], Tensor]
+HookMaker = Callable[[int, int, int], Callable[..., Tensor]]
+
+
+@dataclass(frozen=True)
+class PerturbationOptions(MethodOptions):
+    """Options of ``scorecam`` and ``ablationcam``.
+
+    Attributes:
+        batch_size: perturbed images per forward.
+    """
+
+    batch_size: int = 64
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class OcclusionOptions(PerturbationOptions):
+    """Options of ``occlusion``.
+
+    Attributes:
+        batch_size: perturbed images per forward.
+        window: side of the occluding square; ``None``: 1/8 of the shorter image side.
+        stride: step between windows; ``None``: half the window.
+    """
+
+    window: int | None = None
+    stride: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        for name in ("window", "stride"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
 
 
 def _batched_scores(
-    session: ExplainSession, make_batch: Any, count: int, hook: Any = None
+    session: ExplainSession,
+    batch_size: int,
+    make_batch: BatchMaker,
+    count: int,
+    hook: HookMaker | None = None,
 ) -> Tensor:
     """Target logits of ``count`` perturbed forwards per image, ``(N, count)``."""
-    size = int(session.options["perturbation_batch_size"])
     n = session.images.shape[0]
     scores = torch.empty(n, count, device=session.images.device)
+    layer = session.layer
     with torch.no_grad():
         for i in range(n):
             target = int(session.targets[i])
-            for start in range(0, count, size):
-                stop = min(count, start + size)
+            for start in range(0, count, batch_size):
+                stop = min(count, start + batch_size)
                 batch = make_batch(i, start, stop)
-                handle = session.layer.register_forward_hook(hook(i, start, stop)) if hook else None
+                handle = (
+                    layer.register_forward_hook(hook(i, start, stop))
+                    if hook is not None and layer is not None
+                    else None
+                )
                 try:
                     logits = as_logits(session.model(batch))
                 finally:
@@ -48,11 +92,11 @@ def _batched_scores(
     return scores
 
 
-def scorecam(session: ExplainSession) -> Tensor:
+def scorecam_weights(session: ExplainSession, options: PerturbationOptions) -> Tensor:
     """Score-CAM: each channel's upsampled, normalised activation masks the input; the
     softmax of the resulting target scores weights the channels. Gradient-free."""
     acts = session.layer_activations()
-    n, c = acts.shape[:2]
+    c = acts.shape[1]
     masks = F.interpolate(acts, size=session.size, mode="bilinear", align_corners=True)
     lo = masks.flatten(2).amin(2)[..., None, None]
     hi = masks.flatten(2).amax(2)[..., None, None]
@@ -62,23 +106,21 @@ def scorecam(session: ExplainSession) -> Tensor:
     def make_batch(i: int, start: int, stop: int) -> Tensor:
         return images[i : i + 1] * masks[i, start:stop, None].to(images.dtype)
 
-    weights = _batched_scores(session, make_batch, c).softmax(dim=1)
-    cam = (weights[..., None, None] * acts).sum(dim=1).clamp(min=0)
-    return upsample(cam, session.size)
+    return _batched_scores(session, options.batch_size, make_batch, c).softmax(dim=1)
 
 
-def ablationcam(session: ExplainSession) -> Tensor:
+def ablationcam_weights(session: ExplainSession, options: PerturbationOptions) -> Tensor:
     """Ablation-CAM: the relative drop of the target score when one channel of the layer is
     zeroed weights that channel. Gradient-free."""
     acts = session.layer_activations()
-    n, c = acts.shape[:2]
+    c = acts.shape[1]
     original = session.logits.detach().gather(1, session.targets[:, None]).float()
     images = session.images
 
     def make_batch(i: int, start: int, stop: int) -> Tensor:
         return images[i : i + 1].expand(stop - start, *images.shape[1:])
 
-    def hook(i: int, start: int, stop: int) -> Any:
+    def hook(i: int, start: int, stop: int) -> Callable[..., Tensor]:
         channels = torch.arange(start, stop, device=images.device)
 
         def ablate(_module: Any, _inp: Any, out: Tensor) -> Tensor:
@@ -94,12 +136,8 @@ def ablationcam(session: ExplainSession) -> Tensor:
 
         return ablate
 
-    ablated = _batched_scores(session, make_batch, c, hook)
-    weights = (original - ablated) / original.where(
-        original.abs() > 1e-8, torch.ones_like(original)
-    )
-    cam = (weights[..., None, None] * acts).sum(dim=1).clamp(min=0)
-    return upsample(cam, session.size)
+    ablated = _batched_scores(session, options.batch_size, make_batch, c, hook)
+    return (original - ablated) / original.where(original.abs() > 1e-8, torch.ones_like(original))
 
 
 def occlusion_window(size: tuple[int, int]) -> tuple[int, int]:
@@ -113,13 +151,13 @@ def occlusion_window(size: tuple[int, int]) -> tuple[int, int]:
     return side, max(1, side // 2)
 
 
-def occlusion(session: ExplainSession) -> Tensor:
+def occlusion(session: ExplainSession, options: OcclusionOptions) -> Tensor:
     """Occlusion: the drop of the target score when a window is greyed out (zeros), summed
     over colour channels. Forward passes only, batched over window positions."""
     images = session.images
     default_window, default_stride = occlusion_window(session.size)
-    window = int(session.options.get("occlusion_window") or default_window)
-    stride = int(session.options.get("occlusion_stride") or default_stride)
+    window = options.window or default_window
+    stride = options.stride or default_stride
     channels = images.shape[1]
     method = Occlusion(lambda x: as_logits(session.model(x)))
     with torch.no_grad():
@@ -129,32 +167,32 @@ def occlusion(session: ExplainSession) -> Tensor:
             strides=(channels, stride, stride),
             target=session.targets,
             baselines=0.0,
-            perturbations_per_eval=max(
-                1, int(session.options["perturbation_batch_size"]) // images.shape[0]
-            ),
+            perturbations_per_eval=max(1, options.batch_size // images.shape[0]),
         )
     return attr.float().sum(dim=1)
 
 
-register(
-    SaliencyMethod(
-        "scorecam",
-        scorecam,
-        "Score-CAM: channels weighted by the score of "
-        "the input they mask (gradient-free; C forwards per image).",
-        options=_OPTIONS,
-        aliases=("score_cam", "score-cam"),
-    )
+cam_method(
+    "scorecam",
+    scorecam_weights,
+    "Score-CAM: channels weighted by the score of "
+    "the input they mask (gradient-free; C forwards per image).",
+    options=PerturbationOptions,
+    cost="expensive",
+    passes="C F (C = layer channels)",
+    flat_names={"perturbation_batch_size": "batch_size"},
+    aliases=("score_cam", "score-cam"),
 )
-register(
-    SaliencyMethod(
-        "ablationcam",
-        ablationcam,
-        "Ablation-CAM: channels weighted by the "
-        "score drop when zeroed (gradient-free; C forwards per image).",
-        options=_OPTIONS,
-        aliases=("ablation_cam", "ablation-cam"),
-    )
+cam_method(
+    "ablationcam",
+    ablationcam_weights,
+    "Ablation-CAM: channels weighted by the "
+    "score drop when zeroed (gradient-free; C forwards per image).",
+    options=PerturbationOptions,
+    cost="expensive",
+    passes="C F (C = layer channels)",
+    flat_names={"perturbation_batch_size": "batch_size"},
+    aliases=("ablation_cam", "ablation-cam"),
 )
 register(
     SaliencyMethod(
@@ -162,7 +200,15 @@ register(
         occlusion,
         "Occlusion: score drop when a window is "
         "greyed out (forward only; one forward per window position).",
+        options=OcclusionOptions,
+        sign="signed",
+        cost="expensive",
+        passes="windows F",
         needs_layer=False,
-        options={**_OPTIONS, "occlusion_window": None, "occlusion_stride": None},
+        flat_names={
+            "perturbation_batch_size": "batch_size",
+            "occlusion_window": "window",
+            "occlusion_stride": "stride",
+        },
     )
 )

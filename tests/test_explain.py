@@ -1,51 +1,16 @@
-"""explain() leaves the model, its gradients, hooks and the RNG exactly as it found them."""
+"""explain(): it leaves the model, its gradients, hooks and the RNG exactly as it found them;
+its options, its result type and its errors."""
 
-import random
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from models import MLP, FunctionalCNN, SmallCNN, seeded
+from helpers import assert_same, snapshot
+from models import FunctionalCNN, SmallCNN, seeded
 from torch import nn
 
 from lightning_saliency import DEFAULT_METHODS, SaliencyConfigError, explain
 from lightning_saliency.methods import METHODS
-
-
-def _hook_count(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks)
-        + len(m._forward_pre_hooks)
-        + len(m._backward_hooks)
-        + len(getattr(m, "_backward_pre_hooks", {}))
-        for m in model.modules()
-    )
-
-
-def _snapshot(model: nn.Module) -> dict:
-    return {
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-        "buffers": {n: b.clone() for n, b in model.named_buffers()},
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "hooks": _hook_count(model),
-        "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()),
-    }
-
-
-def _assert_same(before: dict, after: dict) -> None:
-    for key in ("params", "grads", "buffers"):
-        assert before[key].keys() == after[key].keys(), key
-        for name in before[key]:
-            assert torch.equal(before[key][name], after[key][name]), (key, name)
-    assert before["training"] == after["training"]
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["hooks"] == after["hooks"]
-    assert torch.equal(before["rng"][0], after["rng"][0])
-    assert before["rng"][1] == after["rng"][1]
-    assert np.array_equal(before["rng"][2], after["rng"][2])
 
 
 @pytest.fixture
@@ -62,7 +27,7 @@ def trained_state_model(images):
 @pytest.mark.parametrize("context", ["plain", "no_grad", "inference_mode"])
 def test_explain_leaves_everything_as_found(trained_state_model, images, context):
     model = trained_state_model
-    before = _snapshot(model)
+    before = snapshot(model)
     if context == "inference_mode":
         with torch.inference_mode():
             inputs = images * 1.0  # an inference tensor, as trainer.validate() hands it over
@@ -73,7 +38,7 @@ def test_explain_leaves_everything_as_found(trained_state_model, images, context
             out = explain(model, images, ig_steps=8)
     else:
         out = explain(model, images, ig_steps=8)
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     assert set(out) == set(DEFAULT_METHODS)
     for maps in out.values():
         assert torch.isfinite(maps).all()
@@ -89,29 +54,29 @@ class NoisyCNN(SmallCNN):
 
 def test_rng_isolated_and_parameters_frozen_while_explaining(images):
     model = seeded(NoisyCNN()).eval()
-    before = _snapshot(model)
+    before = snapshot(model)
     explain(model, images, ig_steps=8)
     assert model.seen_requires_grad == {False}  # no weight gradients are ever computed
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
 
 
 def test_state_restored_when_a_method_raises(trained_state_model, images, monkeypatch):
     model = trained_state_model
-    before = _snapshot(model)
+    before = snapshot(model)
 
-    def boom(session):
+    def boom(session, options):
         session.layer_gradients()
         raise RuntimeError("simulated out of memory")
 
     monkeypatch.setitem(METHODS, "guided_gradcam", replace(METHODS["guided_gradcam"], compute=boom))
     with pytest.raises(RuntimeError, match="simulated"):
         explain(model, images, methods=("gradcam", "guided_gradcam"))
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
 
     out = explain(model, images, methods=("gradcam", "guided_gradcam"), on_error="collect")
     assert "gradcam" in out and "guided_gradcam" not in out
     assert "simulated" in str(out.errors["guided_gradcam"])
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
 
 
 def test_constant_model_gives_finite_zero_maps(images):
@@ -143,26 +108,6 @@ def test_float64_and_bfloat16_models_give_float32_maps(images):
         out = explain(model, images, methods=("gradcam", "dff", "ig"), ig_steps=8)
         for maps in out.values():
             assert maps.dtype == torch.float32 and torch.isfinite(maps).all()
-
-
-def test_layer_auto_detection_resnet18_and_plain_cnn():
-    import torchvision
-
-    resnet = torchvision.models.resnet18(num_classes=10)
-    out = explain(resnet, torch.randn(1, 3, 64, 64), methods=("gradcam",))
-    assert out.layer_name == "layer4"
-    out = explain(SmallCNN(), torch.randn(2, 3, 32, 32), methods=("gradcam",))
-    assert out.layer_name == "features"
-
-
-def test_mlp_is_refused_with_a_clear_message():
-    with pytest.raises(SaliencyConfigError, match="no layer with a spatial output"):
-        explain(MLP(), torch.randn(2, 3, 8, 8), methods=("gradcam",))
-
-
-def test_unknown_layer_lists_close_matches():
-    with pytest.raises(SaliencyConfigError, match="Closest names: features"):
-        explain(SmallCNN(), torch.randn(2, 3, 32, 32), target_layer="feature")
 
 
 def test_bad_arguments_are_named():

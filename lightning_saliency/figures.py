@@ -1,0 +1,228 @@
+"""What a person looks at: captions, concept legends, per-method grids, the overview, the timeline.
+
+The callback and the command line build their pictures here, from an
+:class:`~lightning_saliency.explain.Explanations` and the model inputs; :mod:`render` does the
+pixel work on the device. Pictures come back as ``uint8`` tensors on the maps' device: the
+loggers copy each finished picture to the host once. How a method's maps are drawn (concept
+colours, a diverging scale for signed maps) comes from the method's record, not its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from lightning_saliency import render
+from lightning_saliency.explain import Explanations
+from lightning_saliency.methods import METHODS
+
+
+def class_name(names: Sequence[str] | None, index: int) -> str:
+    """The name of class ``index`` (its number when no names are known).
+
+    Example:
+        >>> class_name(["cat", "dog"], 1), class_name(None, 7)
+        ('dog', '7')
+    """
+    if names and 0 <= index < len(names):
+        return names[index]
+    return str(index)
+
+
+def captions(
+    logits: Tensor,
+    targets: Tensor | None = None,
+    labels: Tensor | None = None,
+    names: Sequence[str] | None = None,
+) -> list[str]:
+    """One short caption per image: ``label>pred 93% ok|X`` when labels are known, else
+    ``pred 93%`` and, when the explained class is not the prediction, ``t=<target>``.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
+        >>> captions(logits, labels=torch.tensor([0, 0]), names=["cat", "dog"])
+        ['cat>cat 98% ok', 'cat>dog 98% X']
+        >>> captions(logits, targets=torch.tensor([0, 0]), names=["cat", "dog"])
+        ['cat 98%', 'dog 98% t=cat']
+    """
+    conf, pred = logits.float().softmax(dim=1).max(dim=1)
+    pred_l, conf_l = pred.tolist(), conf.tolist()
+    texts = []
+    if labels is not None:
+        for label, p, c in zip(labels.tolist(), pred_l, conf_l):
+            mark = "ok" if label == p else "X"
+            texts.append(
+                f"{class_name(names, label)[:7]}>{class_name(names, p)[:8]} {c:.0%} {mark}"
+            )
+        return texts
+    target_l = pred_l if targets is None else targets.tolist()
+    for t, p, c in zip(target_l, pred_l, conf_l):
+        text = f"{class_name(names, p)[:10]} {c:.0%}"
+        texts.append(text if t == p else f"{text} t={class_name(names, t)[:6]}")
+    return texts
+
+
+def concept_legend(
+    concept_scores: Tensor | None, k: int, names: Sequence[str] | None = None
+) -> list[str]:
+    """One legend line per concept: its two most likely classes through the model's head.
+
+    Example:
+        >>> import torch
+        >>> concept_legend(torch.tensor([[3.0, 0.0], [0.0, 3.0]]), 2, ["cat", "dog"])
+        ['c0: cat 95%, dog 5%', 'c1: dog 95%, cat 5%']
+    """
+    if concept_scores is None:
+        return [f"concept {c}" for c in range(k)]
+    texts = []
+    for c in range(k):
+        top = concept_scores[c].float().softmax(0).topk(min(2, concept_scores.shape[1]))
+        parts = ", ".join(
+            f"{class_name(names, int(i))[:8]} {float(p):.0%}"
+            for p, i in zip(top.values.tolist(), top.indices.tolist())
+        )
+        texts.append(f"c{c}: {parts}")
+    return texts
+
+
+def tile_shape(image_size: tuple[int, int], tile_size: int) -> tuple[int, int]:
+    """Tiles at most ``tile_size``; small inputs are enlarged by a whole factor (crisp
+    pixels, and PNGs that compress well), large ones shrunk.
+
+    Example:
+        >>> tile_shape((32, 32), 112), tile_shape((224, 224), 112)
+        ((96, 96), (112, 112))
+    """
+    h, w = image_size
+    side = max(h, w)
+    scale = max(1, tile_size // side) if side <= tile_size else tile_size / side
+    return max(8, round(h * scale)), max(8, round(w * scale))
+
+
+def method_tiles(method: str, maps: Tensor, picture: Tensor, alpha: float = 0.5) -> Tensor:
+    """The tiles of one method's maps over ``picture``, drawn as the method declares them."""
+    spec = METHODS[method]
+    return render.method_tiles(
+        maps, picture, concepts=spec.kind == "concepts", signed=spec.sign == "signed", alpha=alpha
+    )
+
+
+class EpochFigures:
+    """The pictures of one logged epoch: a grid per method, the overview, and the small tiles
+    of each method for the timeline.
+
+    Args:
+        images: ``(N, C, H, W)`` model inputs.
+        out: their explanations.
+        labels: ``(N,)`` labels for captions (``None``: show the explained target).
+        names: class names.
+        mean, std: the normalisation to undo for display (``None``: per-image min-max).
+        tile_size: the side of each tile.
+        alpha: the maps' opacity.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        out: Explanations,
+        labels: Tensor | None = None,
+        names: Sequence[str] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        tile_size: int = 112,
+        alpha: float = 0.5,
+    ) -> None:
+        size = tile_shape((images.shape[-2], images.shape[-1]), tile_size)
+        self.picture = render.resize(render.to_picture(images, mean, std), size)
+        self.captions = captions(out.logits, out.targets, labels, names)
+        self.tiles = {m: method_tiles(m, maps, self.picture, alpha) for m, maps in out.items()}
+        self._out = out
+        self._names = names
+
+    def grids(self) -> dict[str, Tensor]:
+        """Method -> its captioned ``uint8`` grid (concept methods with their legend)."""
+        ncol = min(self.picture.shape[0], 4)
+        pictures: dict[str, Tensor] = {}
+        for method, tiles in self.tiles.items():
+            spec = METHODS[method]
+            legend, swatches = None, None
+            if spec.kind == "concepts":
+                k = self._out[method].shape[1]
+                scores = self._out.extras.get(spec.concept_scores or "")
+                legend = concept_legend(scores, k, self._names)
+                swatches = render.concept_palette(k, tiles.device)
+            grid = render.method_grid(tiles, self.captions, ncol, legend, swatches)
+            pictures[method] = render.to_uint8(grid)
+        return pictures
+
+    def overview(self) -> Tensor:
+        """A row per sample: the input, then each method's tile, as ``uint8``."""
+        return render.to_uint8(render.overview(self.picture, self.tiles, self.captions))
+
+
+def comparison_figure(
+    images: Tensor,
+    out: Explanations,
+    names: Sequence[str] | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    alpha: float = 0.5,
+) -> Tensor:
+    """The command line's figure: a row per image (input, then each method), ``uint8``."""
+    picture = render.to_picture(images, mean, std)
+    tiles = {m: method_tiles(m, maps, picture, alpha) for m, maps in out.items()}
+    texts = captions(out.logits, out.targets, None, names)
+    return render.to_uint8(render.overview(picture, tiles, texts))
+
+
+class Timeline:
+    """One method's maps across logged epochs: samples as rows, epochs as columns.
+
+    Columns are kept on the host as small ``uint8`` tiles (64 px) so a long run costs no
+    device memory; past ``capacity`` columns the older half is thinned to every other one.
+
+    Example:
+        >>> import torch
+        >>> timeline = Timeline()
+        >>> timeline.add(torch.rand(2, 3, 16, 16), epoch=0)
+        >>> timeline.picture().shape[0], len(timeline)
+        (3, 1)
+    """
+
+    def __init__(self, side: int = 64, capacity: int = 32) -> None:
+        self.side = side
+        self.capacity = capacity
+        self.columns: list[Tensor] = []
+        self.labels: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def add(self, tiles: Tensor, epoch: int) -> None:
+        """Add one epoch's ``(N, 3, H, W)`` tiles (floats in ``[0, 1]``)."""
+        small = render.resize(tiles, (self.side, self.side))
+        self.columns.append(render.to_uint8(small).cpu())
+        self.labels.append(f"ep {epoch}")
+        if len(self.columns) > self.capacity:  # keep memory flat: thin out the older half
+            half = self.capacity // 2
+            self.columns = self.columns[:half:2] + self.columns[half:]
+            self.labels = self.labels[:half:2] + self.labels[half:]
+
+    def picture(self) -> Tensor:
+        """The timeline as one ``uint8`` picture (on the host)."""
+        return render.to_uint8(render.timeline(self.columns, self.labels))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"columns": [c.clone() for c in self.columns], "labels": list(self.labels)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.columns = list(state.get("columns", []))
+        self.labels = list(state.get("labels", []))
+
+
+def first_map_method(methods: Sequence[str]) -> str | None:
+    """The first method whose output is a single map per image (the timeline's default)."""
+    return next((m for m in methods if METHODS[m].kind == "map"), None)

@@ -1,0 +1,302 @@
+"""The score monitor: drift references, per-class and correct-only aggregation, alarm events.
+
+:class:`ScoreMonitor` takes one epoch's :class:`~lightning_saliency.explain.Explanations` and
+returns what to log. It keeps the public record a user reads after (or during) a run:
+``alarms`` (every alarm raised, cleared and back again) and ``history`` (the scores of each
+logged epoch). It needs no Trainer: every rank of a distributed run feeds it the same maps and
+so holds the same record.
+
+Example:
+    >>> import torch
+    >>> from lightning_saliency.explain import Explanations
+    >>> maps = torch.zeros(4, 12, 12); maps[:, :2, :2] = 1.0       # every map in one corner
+    >>> out = Explanations({"gradcam": maps}, logits=torch.eye(4), targets=torch.arange(4))
+    >>> monitor = ScoreMonitor()
+    >>> report = monitor.observe(0, out, labels=torch.arange(4))
+    >>> [(e.state, e.method, e.score) for e in report.events]
+    [('raised', 'gradcam', 'corner_enrichment'), ('raised', 'gradcam', 'consensus')]
+    >>> monitor.history[0].means["gradcam"]["corner_enrichment"] > 3
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_saliency import alarms as rules
+from lightning_saliency.explain import Explanations
+from lightning_saliency.methods import METHODS
+from lightning_saliency.scores import downsample_for_drift, map_scores
+
+PER_CLASS_SCORES = (
+    "object_enrichment",
+    "object_energy",
+    "pointing_game",
+    "corner_enrichment",
+    "dead_maps",
+)
+AlarmState = Literal["raised", "cleared", "back"]
+
+
+@dataclass(frozen=True)
+class AlarmEvent:
+    """A change of one alarm (a method's score against its threshold) at a logged epoch.
+
+    Attributes:
+        epoch: the trainer's epoch.
+        method, score: which alarm.
+        value, threshold: the value that tripped it (or cleared it) and the threshold.
+        class_name: the class whose mean tripped it (``None``: the mean over samples).
+        state: ``"raised"`` the first time, ``"cleared"`` when back on the safe side,
+            ``"back"`` when it trips again after a clear.
+    """
+
+    epoch: int
+    method: str
+    score: str
+    value: float
+    threshold: float
+    class_name: str | None
+    state: AlarmState
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.method, self.score)
+
+    def message(self) -> str:
+        """One line for the console and the logs."""
+        op = "<" if self.score in rules.LOW_IS_BAD else ">"
+        where = f" for class '{self.class_name}'" if self.class_name else ""
+        if self.state == "cleared":
+            return (
+                f"saliency alarm cleared at epoch {self.epoch}: {self.method} {self.score} = "
+                f"{self.value:.2f} (no longer {op} {self.threshold:g})."
+            )
+        again = " (back again)" if self.state == "back" else ""
+        return (
+            f"saliency alarm at epoch {self.epoch}{again}: {self.method} {self.score}{where} = "
+            f"{self.value:.2f} ({op} {self.threshold:g}): {rules.meaning(self.score)}."
+        )
+
+
+@dataclass(frozen=True)
+class EpochScores:
+    """The scores of one logged epoch.
+
+    Attributes:
+        epoch: the trainer's epoch.
+        means: method -> score -> mean over the samples.
+        per_class: method -> class name -> score -> mean over that class's samples.
+        alarms: the ``(method, score)`` alarms tripped at this epoch.
+    """
+
+    epoch: int
+    means: dict[str, dict[str, float]]
+    per_class: dict[str, dict[str, dict[str, float]]]
+    alarms: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What :meth:`ScoreMonitor.observe` found: scalars to log and alarm changes to announce."""
+
+    scores: EpochScores
+    metrics: dict[str, float]
+    events: list[AlarmEvent]
+
+
+def _finite(values: dict[str, float]) -> dict[str, float]:
+    """Drop NaN scores (every map of the group was dead): nothing to log or alarm on."""
+    return {k: v for k, v in values.items() if v == v}
+
+
+class ScoreMonitor:
+    """Scores each logged epoch's maps, keeps drift references and the alarm record.
+
+    Args:
+        thresholds: alarm thresholds over :func:`lightning_saliency.alarms.default_thresholds`.
+        class_names: names for per-class scores (default: the class index).
+        prefix: the tag prefix of :attr:`EpochReport.metrics`.
+
+    Alarms judge the samples the model classifies correctly when labels are known: right for
+    the wrong reason is a shortcut; the maps of a class the model does not know yet mean
+    nothing. Per class, at least two correct samples are needed.
+    """
+
+    def __init__(
+        self,
+        thresholds: Mapping[str, float] | None = None,
+        class_names: Sequence[str] | None = None,
+        prefix: str = "saliency",
+    ) -> None:
+        self.thresholds = rules.merge_thresholds(thresholds)
+        self.class_names = list(class_names) if class_names else None
+        self.prefix = prefix
+        self.alarms: list[AlarmEvent] = []
+        self.history: list[EpochScores] = []
+        self._first: dict[str, Tensor] = {}
+        self._previous: dict[str, Tensor] = {}
+        self._active: dict[tuple[str, str], float] = {}  # tripped alarm -> its threshold
+        self._ever: set[tuple[str, str]] = set()
+
+    # -- one epoch ------------------------------------------------------------------------------
+    def observe(
+        self,
+        epoch: int,
+        out: Explanations,
+        labels: Tensor | None = None,
+        masks: Tensor | None = None,
+        tolerance: int = 1,
+    ) -> EpochReport:
+        """Score the maps of ``out`` (drift against the references), aggregate, check alarms.
+
+        Args:
+            epoch: the trainer's epoch (recorded in history and events).
+            out: this epoch's explanations; methods of kind ``"concepts"`` are not scored.
+            labels: ``(N,)`` labels: per-class groups and the correct-only alarm rule; without
+                them, groups are the explained targets and every sample counts.
+            masks: ``(N, H, W)`` object masks: the localisation scores.
+            tolerance: the pointing game's tolerance in pixels.
+        """
+        metrics: dict[str, float] = {}
+        means_by_method: dict[str, dict[str, float]] = {}
+        per_class_by_method: dict[str, dict[str, dict[str, float]]] = {}
+        tripped: list[rules.Alarm] = []
+        judged: dict[tuple[str, str], float] = {}  # alarm -> the value it was judged on
+        groups = out.targets if labels is None else labels.to(out.targets.device)
+        correct = None
+        if labels is not None:
+            correct = out.logits.argmax(1) == labels.to(out.logits.device)
+        for method, maps in out.items():
+            if METHODS[method].kind != "map":
+                continue
+            scores = map_scores(
+                maps, masks, self._previous.get(method), self._first.get(method), tolerance
+            )
+            scores.update(self._method_scores(method, out, maps.shape[0], maps.device))
+            means, per_class = self._group_means(scores, groups, None)
+            means_by_method[method], per_class_by_method[method] = means, per_class
+            for name, value in means.items():
+                metrics[f"{self.prefix}/{method}/{name}"] = value
+            for class_name, values in per_class.items():
+                for name, value in values.items():
+                    metrics[f"{self.prefix}/{method}/{name}/{class_name}"] = value
+            if correct is not None:
+                means, per_class = self._group_means(scores, groups, correct)
+            found = rules.check(method, means, per_class, self.thresholds)
+            names = {a.score for a in found}
+            for score in self.thresholds:
+                if score in names or score in means:
+                    metrics[f"{self.prefix}/{method}/alarm/{score}"] = float(score in names)
+                if score in means or any(score in v for v in per_class.values()):
+                    judged[(method, score)] = means.get(score, float("nan"))
+            tripped.extend(found)
+            small = downsample_for_drift(maps)
+            self._first.setdefault(method, small)
+            self._previous[method] = small
+        metrics[f"{self.prefix}/alarms"] = float(len(tripped))
+        events = self._update_alarms(epoch, tripped, judged)
+        record = EpochScores(
+            epoch, means_by_method, per_class_by_method, sorted(a.key for a in tripped)
+        )
+        self.history.append(record)
+        return EpochReport(record, metrics, events)
+
+    def _method_scores(
+        self, method: str, out: Explanations, n: int, device: torch.device
+    ) -> dict[str, Tensor]:
+        """The numbers a method reports about its own maps, as ``(N,)`` scores."""
+        found: dict[str, Tensor] = {}
+        for declared in METHODS[method].scores:
+            if declared.extra in out.extras:
+                value = torch.as_tensor(out.extras[declared.extra], device=device).float()
+                found[declared.name] = value.expand(n) if value.dim() == 0 else value
+        return found
+
+    def _update_alarms(
+        self, epoch: int, tripped: list[rules.Alarm], judged: Mapping[tuple[str, str], float]
+    ) -> list[AlarmEvent]:
+        events: list[AlarmEvent] = []
+        now = {a.key: a for a in tripped}
+        for key, alarm in now.items():
+            if key in self._active:
+                continue
+            state: AlarmState = "back" if key in self._ever else "raised"
+            event = AlarmEvent(
+                epoch, alarm.method, alarm.score, alarm.value, alarm.threshold, alarm.class_name,
+                state,
+            )  # fmt: skip
+            self._active[key] = alarm.threshold
+            self._ever.add(key)
+            events.append(event)
+        for key in [k for k in self._active if k not in now and k in judged]:
+            threshold = self._active.pop(key)
+            events.append(
+                AlarmEvent(epoch, key[0], key[1], judged[key], threshold, None, "cleared")
+            )
+        self.alarms.extend(events)
+        return events
+
+    def _class_name(self, index: int) -> str:
+        if self.class_names and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return str(index)
+
+    def _group_means(
+        self, scores: dict[str, Tensor], groups: Tensor, select: Tensor | None, min_count: int = 2
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Mean of each score over the selected samples, and per class (groups with fewer than
+        ``min_count`` selected samples are left out when a selection is given)."""
+        need = 1 if select is None or bool(select.all()) else min_count
+        select = torch.ones_like(groups, dtype=torch.bool) if select is None else select
+        means: dict[str, float] = {}
+        if int(select.sum()) >= need:
+            means = _finite({k: float(v[select].float().nanmean()) for k, v in scores.items()})
+        per_class: dict[str, dict[str, float]] = {}
+        for cls in groups.unique().tolist():
+            chosen = (groups == cls) & select
+            if int(chosen.sum()) >= need:
+                per_class[self._class_name(int(cls))] = _finite(
+                    {
+                        k: float(scores[k][chosen].float().nanmean())
+                        for k in PER_CLASS_SCORES
+                        if k in scores
+                    }
+                )
+        return means, per_class
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def references(self) -> dict[str, Tensor]:
+        """Each method's map at the first logged epoch (drift_first compares against it)."""
+        return dict(self._first)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors, lists and dicts: loads with ``torch.load(weights_only=True)``."""
+        return {
+            "first": {k: v.cpu() for k, v in self._first.items()},
+            "previous": {k: v.cpu() for k, v in self._previous.items()},
+            "alarms": [asdict(e) for e in self.alarms],
+            "history": [asdict(h) for h in self.history],
+            "active": [[m, s, t] for (m, s), t in self._active.items()],
+            "ever": [list(k) for k in sorted(self._ever)],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._first = dict(state.get("first", {}))
+        self._previous = dict(state.get("previous", state.get("prev", {})))
+        self.alarms = [AlarmEvent(**e) for e in state.get("alarms", [])]
+        self.history = [
+            EpochScores(h["epoch"], h["means"], h["per_class"], [tuple(a) for a in h["alarms"]])
+            for h in state.get("history", [])
+        ]
+        self._ever = {(str(m), str(s)) for m, s in state.get("ever", [])}
+        self._active = {(str(m), str(s)): float(t) for m, s, t in state.get("active", [])}
+        for method, score in state.get("alarmed", []):  # 0.1.0: the alarms raised, never cleared
+            self._ever.add((method, score))
+            self._active[(method, score)] = self.thresholds.get(score, float("nan"))

@@ -1,0 +1,219 @@
+"""Every method against its reference library on the same model, and the safety matrix:
+each method leaves the model exactly as it found it."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import GuidedGradCam, IntegratedGradients, NoiseTunnel, Occlusion
+from helpers import assert_same, minmax, per_image_corr, snapshot
+from models import FunctionalCNN, ModuleCNN, SmallCNN, seeded
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from lightning_saliency import SaliencyCallback, available_methods, explain
+from lightning_saliency.methods.dff import nmf
+
+TARGETS = [0, 1, 2, 3]
+
+
+def test_gradcam_matches_pytorch_grad_cam(images):
+    model = seeded(SmallCNN()).eval()
+    ours = explain(model, images, targets=TARGETS, methods=("gradcam",), target_layer="features")
+    reference_model = copy.deepcopy(model)
+    with GradCAM(reference_model, [reference_model.features]) as cam:
+        ref = cam(images, targets=[ClassifierOutputTarget(t) for t in TARGETS])
+    corr = per_image_corr(minmax(ours["gradcam"]), torch.from_numpy(ref))
+    assert corr.min() >= 0.99, corr
+
+
+def test_guided_gradcam_matches_captum(images):
+    model = seeded(ModuleCNN()).eval()
+    ours = explain(
+        model, images, targets=TARGETS, methods=("guided_gradcam",), target_layer="relu2"
+    )
+    reference_model = copy.deepcopy(model)
+    ref = GuidedGradCam(reference_model, reference_model.relu2).attribute(
+        images, target=torch.tensor(TARGETS), interpolate_mode="bilinear"
+    )
+    corr = per_image_corr(ours["guided_gradcam"], ref.abs().sum(1))
+    assert corr.min() >= 0.99, corr
+
+
+def test_guided_backprop_sees_functional_and_inplace_relu(images):
+    """captum needs nn.ReLU modules; ours gives the same maps when the model calls F.relu."""
+    functional = seeded(FunctionalCNN()).eval()
+    modular = ModuleCNN().eval()
+    modular.load_state_dict(functional.state_dict())
+    ours = explain(
+        functional, images, targets=TARGETS, methods=("guided_gradcam",), target_layer="conv2"
+    )
+    ref = GuidedGradCam(modular, modular.conv2).attribute(
+        images, target=torch.tensor(TARGETS), interpolate_mode="bilinear"
+    )
+    corr = per_image_corr(ours["guided_gradcam"], ref.abs().sum(1))
+    assert corr.min() >= 0.99, corr
+
+
+def test_integrated_gradients_matches_captum_and_is_complete(images):
+    model = seeded(SmallCNN(), scale=0.6).eval()
+    ours = explain(model, images, targets=TARGETS, methods=("ig",), ig_steps=64)
+    ref = IntegratedGradients(model).attribute(images, target=torch.tensor(TARGETS), n_steps=64)
+    torch.testing.assert_close(ours["integrated_gradients"], ref.sum(1), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        gap = (model(images) - model(torch.zeros_like(images)))[range(4), TARGETS]
+    total = ours["integrated_gradients"].flatten(1).sum(1)
+    assert ((total - gap).abs() / gap.abs()).max() <= 0.01
+    assert ours.extras["ig_completeness_error"].max() <= 0.01
+
+
+def test_ig_auto_steps_reaches_tolerance_with_fewest_steps(images):
+    model = seeded(SmallCNN()).eval()
+    auto = explain(model, images, targets=TARGETS, methods=("ig",), ig_steps="auto")
+    steps = auto.extras["ig_steps"]
+    assert auto.extras["ig_completeness_error"].max() <= 0.01
+    if steps > 8:  # one doubling fewer would not have been enough
+        fewer = explain(model, images, targets=TARGETS, methods=("ig",), ig_steps=steps // 2)
+        assert fewer.extras["ig_completeness_error"].max() > 0.01
+
+
+def test_dff_reconstruction_close_to_scikit_learn():
+    from sklearn.decomposition import NMF
+
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.relu(
+        torch.randn(4, 32, 6, 6, generator=gen) + 0.3 * torch.randn(1, 32, 1, 1, generator=gen)
+    )
+    v = acts.permute(1, 0, 2, 3).reshape(32, -1)
+    v = v - v.min(dim=1, keepdim=True).values
+    w, h = nmf(v, 4)
+    ours = float((v - w @ h).norm())
+    sk = NMF(n_components=4, init="random", random_state=0, max_iter=200)
+    sk_w = sk.fit_transform(v.numpy())
+    theirs = float(np.linalg.norm(v.numpy() - sk_w @ sk.components_))
+    assert ours <= 1.10 * theirs, (ours, theirs)
+
+
+def test_dff_maps_and_concept_scores(images):
+    model = seeded(SmallCNN()).eval()
+    out = explain(model, images, methods=("dff",), dff_components=3)
+    assert out["dff"].shape == (4, 3, 32, 32)
+    assert out["dff"].min() >= 0
+    assert out.extras["dff_concept_scores"].shape == (3, 4)
+    again = explain(model, images, methods=("dff",), dff_components=3)
+    torch.testing.assert_close(out["dff"], again["dff"])  # deterministic, stable concept order
+
+
+@pytest.mark.parametrize("method", ["gradcam", "guided_gradcam", "dff", "integrated_gradients"])
+def test_maps_live_on_the_input_device_at_input_resolution(images, method):
+    model = seeded(SmallCNN()).eval()
+    out = explain(model, images[:, :, :, :24], methods=(method,), ig_steps=8)
+    assert out[method].device == images.device
+    assert out[method].shape[-2:] == (32, 24)
+    assert out[method].dtype == torch.float32
+
+
+def _reference_cam(cls, model, images):
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    reference = copy.deepcopy(model)
+    with cls(reference, [reference.features]) as cam:
+        cam.batch_size = 64  # ScoreCAM's chunk
+        return torch.from_numpy(cam(images, targets=[ClassifierOutputTarget(t) for t in TARGETS]))
+
+
+@pytest.mark.parametrize(
+    "method, reference",
+    [
+        ("gradcam++", "GradCAMPlusPlus"),
+        ("xgradcam", "XGradCAM"),
+        ("layercam", "LayerCAM"),
+        ("hirescam", "HiResCAM"),
+        ("eigencam", "EigenCAM"),
+        ("scorecam", "ScoreCAM"),
+        ("ablationcam", "AblationCAM"),
+    ],
+)
+def test_cam_family_matches_pytorch_grad_cam(images, method, reference):
+    import pytorch_grad_cam
+
+    model = seeded(SmallCNN()).eval()
+    ours = explain(model, images, targets=TARGETS, methods=(method,), target_layer="features")
+    ref = _reference_cam(getattr(pytorch_grad_cam, reference), model, images)
+    corr = per_image_corr(minmax(ours[method]), ref)
+    flat = (ours[method].flatten(1).amax(1) == 0) & (ref.flatten(1).amax(1) == 0)
+    corr = torch.where(flat, torch.ones_like(corr), corr)  # both all-zero: they agree
+    assert corr.min() >= 0.99, corr
+    assert ours[method].device == images.device and ours[method].shape == (4, 32, 32)
+
+
+def test_occlusion_matches_captum(images):
+    model = seeded(SmallCNN()).eval()
+    ours = explain(model, images, targets=TARGETS, methods=("occlusion",))
+    ref = Occlusion(model).attribute(
+        images,
+        sliding_window_shapes=(3, 4, 4),
+        strides=(3, 2, 2),
+        target=torch.tensor(TARGETS),
+        baselines=0.0,
+    )
+    torch.testing.assert_close(ours["occlusion"], ref.sum(1), rtol=1e-4, atol=1e-5)
+
+
+def test_smoothgrad_matches_captum_with_private_noise(images):
+    model = seeded(SmallCNN()).eval()
+    rng = torch.get_rng_state()
+    four = {"smoothgrad": {"samples": 4}}
+    ours = explain(model, images, targets=TARGETS, methods=("smoothgrad",), method_options=four)
+    assert torch.equal(rng, torch.get_rng_state())  # the global RNG is untouched
+    again = explain(model, images, targets=TARGETS, methods=("smoothgrad",), method_options=four)
+    torch.testing.assert_close(ours["smoothgrad"], again["smoothgrad"])  # same noise each time
+    torch.manual_seed(0)
+    spread = float(images.max() - images.min())
+    ref = NoiseTunnel(IntegratedGradients(model)).attribute(
+        images,
+        nt_type="smoothgrad_sq",
+        nt_samples=4,
+        stdevs=0.1 * spread,
+        target=torch.tensor(TARGETS),
+        n_steps=8,
+        nt_samples_batch_size=4,
+    )
+    corr = per_image_corr(ours["smoothgrad"], ref.sum(1))
+    assert corr.min() >= 0.99, corr
+    var = explain(
+        model,
+        images,
+        targets=TARGETS,
+        methods=("smoothgrad",),
+        method_options={"smoothgrad": {"samples": 4, "type": "vargrad"}},
+    )
+    assert not torch.allclose(var["smoothgrad"], ours["smoothgrad"])
+
+
+@pytest.fixture
+def model_mid_training(images):
+    model = seeded(SmallCNN()).train()
+    model(images).sum().backward()
+    model.fc.bias.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("method", sorted(available_methods()))
+def test_every_method_leaves_the_model_as_found(model_mid_training, images, method):
+    before = snapshot(model_mid_training)
+    with torch.inference_mode():
+        inputs = images * 1.0
+    fewer = {"smoothgrad": {"samples": 2}} if method == "smoothgrad" else None
+    out = explain(model_mid_training, inputs, methods=(method,), ig_steps=8, method_options=fewer)
+    assert_same(before, snapshot(model_mid_training))
+    assert torch.isfinite(out[method]).all()
+    assert out[method].shape[-2:] == (32, 32)
+
+
+def test_every_method_is_selectable_in_the_callback():
+    callback = SaliencyCallback(methods=sorted(available_methods()))
+    assert set(callback.methods) == set(available_methods())
+    descriptions = available_methods()
+    assert all(len(text) > 20 for text in descriptions.values())
