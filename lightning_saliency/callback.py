@@ -249,7 +249,7 @@ class SaliencyCallback(L.Callback):
             SaliencyConfigError: no logger, or a sharded strategy.
         """
         self._enabled = True
-        if trainer.fast_dev_run:
+        if getattr(trainer, "fast_dev_run", False):
             self._enabled = False
             rank_zero_info("SaliencyCallback: fast_dev_run is on, so no saliency is computed.")
             return

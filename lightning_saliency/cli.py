@@ -177,7 +177,8 @@ def load_model(args: argparse.Namespace) -> nn.Module:
             raise CliError(f"unknown torchvision architecture {args.arch!r}") from err
         if state is not None:
             _load_into(model, state)
-        return model
+        built: nn.Module = model
+        return built
     module_name, _, attr = args.model.partition(":")
     if not attr:
         raise CliError(f"--model must look like MODULE:NAME, got {args.model!r}")
@@ -221,7 +222,7 @@ def load_images(
             raise CliError(f"no such image: {path}")
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+                img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
         except (UnidentifiedImageError, OSError) as err:
             raise CliError(f"cannot read image {path}: {err}") from err
         batch.append(TF.normalize(TF.to_tensor(img), mean, std))
@@ -298,7 +299,7 @@ def explain_command(args: argparse.Namespace) -> str:
     os.makedirs(directory, exist_ok=True)
     Image.fromarray(picture.permute(1, 2, 0).numpy()).save(args.out)
     _say(f"done in {time.perf_counter() - start:.1f} s: {args.out}")
-    return args.out
+    return str(args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,8 @@ class ShapesClassifier(L.LightningModule):
         self.fc = nn.Linear(4 * w, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.dropout(self.pool(self.features(x)).flatten(1)))
+        logits: Tensor = self.fc(self.dropout(self.pool(self.features(x)).flatten(1)))
+        return logits
 
     @staticmethod
     def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
@@ -69,4 +70,4 @@ class ShapesClassifier(L.LightningModule):
         )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])

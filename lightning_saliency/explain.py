@@ -90,7 +90,7 @@ def explanation_context(model: nn.Module) -> Iterator[None]:
     training = [(module, module.training) for module in model.modules()]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     device_type = next((p.device.type for p in model.parameters()), "cpu")
-    include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
     with contextlib.ExitStack() as stack:
         stack.enter_context(isolate_rng(include_cuda=include_cuda))
         stack.enter_context(torch.inference_mode(False))

@@ -143,7 +143,7 @@ def find_target_layer(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]
     shape = tuple(images.shape[1:])
     known = _DETECTED.get(model, {}).get(shape)
     modules = dict(model.named_modules())
-    if known in modules:  # the probe ran for this model and input shape before
+    if known is not None and known in modules:  # the probe ran for this model and shape before
         return known, modules[known]
     name, module = _detect(model, images[:1])
     _DETECTED.setdefault(model, {})[shape] = name
@@ -154,7 +154,9 @@ def _detect(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]:
     with torch.enable_grad():
         x = images.detach().clone().requires_grad_(True)
         finished, output = probe_outputs(model, x)
-        tokens = [(n, m, out) for n, m, out in finished if _is_tokens(out)]
+        tokens = [
+            (n, m, out) for n, m, out in finished if isinstance(out, Tensor) and _is_tokens(out)
+        ]
         if tokens:
             return _last_token_layer_with_gradient(output, tokens)
     spatial = [(n, m) for n, m, out in finished if _is_spatial(out)]

@@ -19,7 +19,7 @@ class ImageSink:
     """Writes images (and optional text) for one Lightning logger."""
 
     def __init__(self, logger: Logger) -> None:
-        self.logger = logger
+        self.logger: Any = logger  # each adapter uses its own logger's API
 
     def image(self, tag: str, picture: Tensor, step: int) -> None:
         raise NotImplementedError

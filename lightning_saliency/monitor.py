@@ -258,7 +258,7 @@ class ScoreMonitor:
         if int(select.sum()) >= need:
             means = _finite({k: float(v[select].float().nanmean()) for k, v in scores.items()})
         per_class: dict[str, dict[str, float]] = {}
-        for cls in groups.unique().tolist():
+        for cls in sorted(set(groups.tolist())):
             chosen = (groups == cls) & select
             if int(chosen.sum()) >= need:
                 per_class[self._class_name(int(cls))] = _finite(

@@ -76,28 +76,32 @@ def resolve_options(
         (8, 16)
     """
     values = _from_flat(methods, flat or {}, deprecated=False)
-    for method, entries in _from_flat(methods, deprecated_flat or {}, deprecated=True).items():
-        values.setdefault(method, {}).update(entries)
+    for method, old in _from_flat(methods, deprecated_flat or {}, deprecated=True).items():
+        values.setdefault(method, {}).update(old)
     if method_options is not None and not isinstance(method_options, Mapping):
         raise SaliencyConfigError(
             "method_options must be a dict like {'smoothgrad': {'samples': 16}}, "
             f"got {method_options!r}."
         )
-    for key, entries in (method_options or {}).items():
+    user: MethodOptionsArg = method_options or {}
+    for key, entries in user.items():
         method = canonical_name(key)
         if method not in methods:
             raise SaliencyConfigError(
                 f"method_options names {key!r}, which is not among methods={tuple(methods)}; "
                 "add it to methods or drop its options."
             )
+        given: Mapping[str, Any]
         if isinstance(entries, METHODS[method].options):
-            entries = {f.name: getattr(entries, f.name) for f in dataclasses.fields(entries)}
-        if not isinstance(entries, Mapping):
+            given = {f.name: getattr(entries, f.name) for f in dataclasses.fields(entries)}
+        elif isinstance(entries, Mapping):
+            given = entries
+        else:
             raise SaliencyConfigError(
                 f"method_options[{key!r}] must be a dict of option -> value, got {entries!r}."
             )
         chosen = values.setdefault(method, {})
-        for option, value in entries.items():
+        for option, value in given.items():
             if option in chosen and chosen[option] != value:
                 raise SaliencyConfigError(
                     f"{method} option {option!r} is set twice, to {chosen[option]!r} by a flat "

@@ -195,7 +195,8 @@ def label_row(
 
 def grid(tiles: Tensor, ncol: int) -> Tensor:
     """Tiles ``(N, 3, H, W)`` → one ``(3, H', W')`` picture with thin separators."""
-    return make_grid(tiles, nrow=max(1, ncol), padding=2, pad_value=0.15)
+    picture: Tensor = make_grid(tiles, nrow=max(1, ncol), padding=2, pad_value=0.15)
+    return picture
 
 
 def to_uint8(picture: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from lightning_saliency.errors import SaliencyConfigError
 
@@ -137,7 +137,7 @@ def split_batch(
 
 
 def _dataset_labels(
-    dataset: Dataset, keys: BatchKeys, pool: Sequence[int]
+    dataset: Dataset[Any], keys: BatchKeys, pool: Sequence[int]
 ) -> dict[int, int] | None:
     """Labels of ``pool`` items: from ``targets``/``labels`` attributes, else by reading items."""
     for attr in ("targets", "labels"):
@@ -150,7 +150,7 @@ def _dataset_labels(
     labels = {}
     for i in pool:
         item = dataset[i]
-        label = None
+        label: Any = None
         if isinstance(item, Mapping):
             label = _pick(item, keys.label, _LABEL_KEYS)
         elif isinstance(item, (tuple, list)) and len(item) > 1:
@@ -163,7 +163,7 @@ def _dataset_labels(
 
 
 def choose_indices(
-    dataset: Dataset, num: int, seed: int, keys: BatchKeys = DEFAULT_KEYS
+    dataset: Dataset[Any], num: int, seed: int, keys: BatchKeys = DEFAULT_KEYS
 ) -> list[int]:
     """``num`` indices of a map-style dataset, chosen by a private generator and spread over
     classes (round robin) when labels are known. The global RNG is never touched.
@@ -174,7 +174,7 @@ def choose_indices(
         >>> sorted(ds[i][1] for i in idx)
         [0, 0, 1, 1]
     """
-    size = len(dataset)
+    size = len(dataset)  # type: ignore[arg-type]  # map-style datasets have __len__
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(size, generator=gen).tolist()
     if num >= size:
@@ -236,7 +236,7 @@ def _concat(batches: list[Any], num: int) -> Any:
     return first
 
 
-def pick_loader(loaders: Any, dataloader_idx: int) -> DataLoader | None:
+def pick_loader(loaders: Any, dataloader_idx: int) -> Any:
     """One loader out of what a ``val_dataloader()`` hook returned (loader, list, dict)."""
     if loaders is None:
         return None
@@ -286,7 +286,7 @@ def source_loaders(
     if public is not None:
         return public
     hook = "train_dataloader" if train else "val_dataloader"
-    for owner in (trainer.datamodule, pl_module):
+    for owner in (getattr(trainer, "datamodule", None), pl_module):
         if owner is not None and is_overridden(hook, owner):
             return getattr(owner, hook)()
     # Loaders passed to fit()/validate() directly: no public accessor before the loop runs.
@@ -337,7 +337,7 @@ def choose_samples(
 
 def find_class_names(trainer: L.Trainer, loader: Any) -> list[str] | None:
     """Class names from the datamodule's or the loader's dataset's ``classes``, if any."""
-    for owner in (trainer.datamodule, getattr(loader, "dataset", None)):
+    for owner in (getattr(trainer, "datamodule", None), getattr(loader, "dataset", None)):
         names = getattr(owner, "classes", None)
         if isinstance(names, (list, tuple)) and names:
             return [str(n) for n in names]

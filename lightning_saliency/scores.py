@@ -146,7 +146,7 @@ def corner_regions(size: tuple[int, int], fraction: float = 1 / 6) -> Tensor:
 
 def corner_enrichment(maps: Tensor, fraction: float = 1 / 6) -> Tensor:
     """The largest corner enrichment per map: a planted corner patch drives it up."""
-    regions = corner_regions(tuple(maps.shape[-2:]), fraction).to(maps.device)
+    regions = corner_regions((maps.shape[-2], maps.shape[-1]), fraction).to(maps.device)
     return torch.stack([enrichment(maps, r) for r in regions], dim=1).amax(dim=1)
 
 
@@ -169,7 +169,8 @@ def consensus(maps: Tensor) -> Tensor:
     small = small / small.norm(dim=1, keepdim=True).clamp(min=_EPS)
     corr = small @ small.T
     corr = corr - torch.diag_embed(torch.diagonal(corr))
-    return corr.sum(1) / (n - 1)
+    result: Tensor = corr.sum(1) / (n - 1)
+    return result
 
 
 def dead_maps(maps: Tensor) -> Tensor:

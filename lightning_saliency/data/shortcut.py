@@ -90,7 +90,7 @@ def make_shortcut_images(
     }
 
 
-class ShortcutShapes(Dataset):
+class ShortcutShapes(Dataset[dict[str, Tensor]]):
     """The generated set as a map-style dataset of ``{"image", "label", "mask"}`` dicts, with a
     torchvision ``Normalize`` in ``transform`` (the callback finds it to de-normalise).
 
@@ -153,21 +153,22 @@ class ShortcutDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        train_p = hp.shortcut_p if hp.shortcut else None
-        self.train_set = ShortcutShapes(hp.n_train, hp.size, train_p, hp.seed, hp.num_classes)
+        size, seed, classes = hp["size"], hp["seed"], hp["num_classes"]
+        train_p = hp["shortcut_p"] if hp["shortcut"] else None
+        self.train_set = ShortcutShapes(hp["n_train"], size, train_p, seed, classes)
         self.val_set = ShortcutShapes(
-            hp.n_val, hp.size, 1.0 if hp.shortcut else None, hp.seed + 1, hp.num_classes
+            hp["n_val"], size, 1.0 if hp["shortcut"] else None, seed + 1, classes
         )
-        self.broken_set = ShortcutShapes(hp.n_val, hp.size, 0.0, hp.seed + 2, hp.num_classes)
+        self.broken_set = ShortcutShapes(hp["n_val"], size, 0.0, seed + 2, classes)
 
-    def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed)
+    def train_dataloader(self) -> DataLoader[dict[str, Tensor]]:
+        gen = torch.Generator().manual_seed(self.hparams["seed"])
         return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=gen
+            self.train_set, batch_size=self.hparams["batch_size"], shuffle=True, generator=gen
         )
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self) -> list[DataLoader[dict[str, Tensor]]]:
         return [
-            DataLoader(self.val_set, batch_size=self.hparams.batch_size),
-            DataLoader(self.broken_set, batch_size=self.hparams.batch_size),
+            DataLoader(self.val_set, batch_size=self.hparams["batch_size"]),
+            DataLoader(self.broken_set, batch_size=self.hparams["batch_size"]),
         ]

@@ -12,6 +12,9 @@ backpropagate once with ``guided=False`` (exactly ReLU's own gradient), then wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,13 +30,13 @@ class _Switch:
 
 class _SwitchableReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, output: Tensor, switch: _Switch) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, output: Tensor, switch: _Switch) -> Tensor:
         ctx.switch = switch
         ctx.save_for_backward(output)
         return output.view_as(output)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (output,) = ctx.saved_tensors
         grad = grad * (output > 0)
         if ctx.switch.guided:
@@ -43,7 +46,7 @@ class _SwitchableReLU(torch.autograd.Function):
 
 class _SwitchableReLUInplace(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, output: Tensor, switch: _Switch) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, output: Tensor, switch: _Switch) -> Tensor:
         ctx.switch = switch
         output.clamp_(min=0)
         ctx.mark_dirty(output)
@@ -76,7 +79,13 @@ class GuidedReLUMode(TorchFunctionMode):
         self.switch = _Switch()
         self.relu_calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func not in _RELU_CALLS:
             return func(*args, **kwargs)

@@ -114,7 +114,7 @@ def integrated_gradients(session: ExplainSession, options: IntegratedGradientsOp
         schedule = [int(options.steps)]
 
     for steps in schedule:
-        attr = ig.attribute(
+        attr: Tensor = ig.attribute(
             images.detach(),
             baselines=baselines,
             target=targets,

@@ -161,7 +161,7 @@ def occlusion(session: ExplainSession, options: OcclusionOptions) -> Tensor:
     channels = images.shape[1]
     method = Occlusion(lambda x: as_logits(session.model(x)))
     with torch.no_grad():
-        attr = method.attribute(
+        attr: Tensor = method.attribute(
             images,
             sliding_window_shapes=(channels, window, window),
             strides=(channels, stride, stride),

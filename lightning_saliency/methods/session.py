@@ -158,7 +158,7 @@ class ExplainSession:
 
     def target_score(self) -> Tensor:
         """Sum over the batch of each image's target logit (images are independent in eval)."""
-        logits = self.shared_forward()["logits"]
+        logits: Tensor = self.shared_forward()["logits"]
         return logits.gather(1, self.targets[:, None]).sum()
 
     # -- shared gradients ----------------------------------------------------------------

@@ -61,7 +61,7 @@ def smoothgrad(session: ExplainSession, options: SmoothGradOptions) -> Tensor:
         torch.default_generator.manual_seed(seed)
         if images.is_cuda:
             torch.cuda.manual_seed(seed)
-        attr = tunnel.attribute(
+        attr: Tensor = tunnel.attribute(
             images,
             nt_type=options.type,
             nt_samples=options.samples,
