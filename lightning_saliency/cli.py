@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="METHOD.OPTION=VALUE",
-        help="any option of a chosen method, e.g. smoothgrad.samples=16 or occlusion.window=8; "
-        "repeat for several (the options are listed by lightning_saliency.available_options())",
+        help="any option of a chosen method (repeat for several); "
+        "lightning_saliency.available_options() lists every method's options and defaults",
     )
     p.add_argument("--out", default="saliency.png", metavar="FIGURE.png", help="output figure")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -66,7 +66,9 @@ def normalize_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
         )
     names = tuple(dict.fromkeys(canonical_name(m) for m in methods))
     if not names:
-        raise SaliencyConfigError("methods is empty; pass at least one, e.g. ('gradcam',).")
+        raise SaliencyConfigError(
+            f"methods is empty; pass at least one, e.g. {DEFAULT_METHODS[:1]!r}."
+        )
     return names
 
 

@@ -165,7 +165,7 @@ def _detect(model: nn.Module, images: Tensor) -> tuple[str, nn.Module]:
         raise SaliencyConfigError(
             f"{type(model).__name__} has no layer with a spatial output (N, C, H, W) for an input "
             f"of shape {tuple(images.shape)}; CAM methods need one. Pass target_layer='...' or use "
-            "methods=('integrated_gradients',), which needs no layer."
+            "methods that need no layer (see available_methods())."
         )
     return spatial[-1]
 

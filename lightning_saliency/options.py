@@ -80,7 +80,7 @@ def resolve_options(
         values.setdefault(method, {}).update(old)
     if method_options is not None and not isinstance(method_options, Mapping):
         raise SaliencyConfigError(
-            "method_options must be a dict like {'smoothgrad': {'samples': 16}}, "
+            "method_options must be a dict of method -> {option: value}, "
             f"got {method_options!r}."
         )
     user: MethodOptionsArg = method_options or {}
@@ -125,8 +125,8 @@ def parse_option_assignment(text: str) -> tuple[str, str, Any]:
     method, dot, option = target.strip().partition(".")
     if not sep or not dot or not method or not option:
         raise SaliencyConfigError(
-            f"a method option looks like METHOD.OPTION=VALUE (e.g. smoothgrad.samples=16), "
-            f"got {text!r}."
+            f"a method option looks like METHOD.OPTION=VALUE, got {text!r}; "
+            "lightning_saliency.available_options() lists them."
         )
     return method, option.strip(), _convert(raw.strip())
 
