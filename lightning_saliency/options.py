@@ -80,8 +80,7 @@ def resolve_options(
         values.setdefault(method, {}).update(old)
     if method_options is not None and not isinstance(method_options, Mapping):
         raise SaliencyConfigError(
-            "method_options must be a dict of method -> {option: value}, "
-            f"got {method_options!r}."
+            f"method_options must be a dict of method -> {{option: value}}, got {method_options!r}."
         )
     user: MethodOptionsArg = method_options or {}
     for key, entries in user.items():

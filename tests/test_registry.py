@@ -85,7 +85,8 @@ def expected_options() -> dict[str, dict[str, Any]]:
     for name, method in METHODS.items():
         hints = typing.get_type_hints(method.options)
         table[name] = {
-            f.name: _non_default(hints[f.name], f.default) for f in dataclasses.fields(method.options)
+            f.name: _non_default(hints[f.name], f.default)
+            for f in dataclasses.fields(method.options)
         }
     return table
 
@@ -203,7 +204,9 @@ def test_toy_cam_works_on_the_command_line(toycam, tmp_path, photo):
 
 @pytest.mark.slow
 def test_toy_cam_works_from_yaml(toycam, tmp_path):
-    events = _yaml_fit(tmp_path, {"methods": ["toycam"], "method_options": {"toycam": {"power": 2}}})
+    events = _yaml_fit(
+        tmp_path, {"methods": ["toycam"], "method_options": {"toycam": {"power": 2}}}
+    )
     assert "saliency/toycam" in events.Tags()["images"]
 
 

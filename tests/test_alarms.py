@@ -1,0 +1,152 @@
+"""The score monitor without a Trainer: alarms raised, cleared and back again; the correct-only
+and per-class rules; drift references; method-reported scores; a state that survives a
+``weights_only`` checkpoint."""
+
+import io
+
+import pytest
+import torch
+
+from lightning_saliency import SaliencyConfigError
+from lightning_saliency.alarms import check, default_thresholds, merge_thresholds
+from lightning_saliency.explain import Explanations
+from lightning_saliency.monitor import AlarmEvent, ScoreMonitor
+
+LABELS = torch.tensor([0, 1, 0, 1])
+
+
+def corner_maps(n: int = 4, size: int = 24) -> torch.Tensor:
+    maps = torch.zeros(n, size, size)
+    maps[:, :3, :3] = 1.0
+    return maps
+
+
+def moving_maps(size: int = 24) -> torch.Tensor:
+    maps = torch.zeros(4, size, size)
+    for i, (t, left) in enumerate([(4, 14), (14, 4), (9, 9), (15, 15)]):
+        maps[i, t : t + 4, left : left + 4] = 1.0
+    return maps
+
+
+def outcome(maps: torch.Tensor, correct: bool = True, **extras) -> Explanations:
+    predicted = LABELS if correct else 1 - LABELS
+    logits = torch.nn.functional.one_hot(predicted, 2).float() * 5
+    return Explanations({"gradcam": maps}, logits=logits, targets=LABELS, extras=extras)
+
+
+def test_raised_cleared_and_back_again():
+    monitor = ScoreMonitor()
+    states = []
+    for epoch, maps in enumerate([corner_maps(), moving_maps(), corner_maps()]):
+        report = monitor.observe(epoch, outcome(maps), LABELS)
+        states.append(sorted((e.state, e.score) for e in report.events))
+        flag = report.metrics["saliency/gradcam/alarm/corner_enrichment"]
+        assert flag == (1.0 if epoch != 1 else 0.0)
+    assert states[0] == [("raised", "consensus"), ("raised", "corner_enrichment")]
+    assert states[1] == [("cleared", "consensus"), ("cleared", "corner_enrichment")]
+    assert states[2] == [("back", "consensus"), ("back", "corner_enrichment")]
+    assert [e.epoch for e in monitor.alarms] == [0, 0, 1, 1, 2, 2]
+    assert [h.epoch for h in monitor.history] == [0, 1, 2]
+    assert monitor.history[1].alarms == []
+    raised = monitor.alarms[0]
+    assert isinstance(raised, AlarmEvent) and raised.method == "gradcam"
+    assert "saliency alarm at epoch 0" in raised.message()
+    assert "cleared at epoch 1" in monitor.alarms[2].message()
+    assert "back again" in monitor.alarms[4].message()
+
+
+def test_a_tripped_alarm_is_announced_once_while_it_stays_tripped():
+    monitor = ScoreMonitor()
+    events = [monitor.observe(e, outcome(corner_maps()), LABELS).events for e in range(3)]
+    assert len(events[0]) == 2 and events[1] == [] and events[2] == []
+    assert monitor.history[2].alarms == [("gradcam", "consensus"), ("gradcam", "corner_enrichment")]
+
+
+def test_alarms_judge_only_correctly_classified_samples():
+    monitor = ScoreMonitor()
+    report = monitor.observe(0, outcome(corner_maps(), correct=False), LABELS)
+    assert report.events == []  # right for the wrong reason needs "right"
+    assert report.metrics["saliency/gradcam/corner_enrichment"] > 3  # still logged
+    assert report.metrics["saliency/alarms"] == 0.0
+
+
+def test_per_class_alarm_names_the_class_hiding_in_the_mean():
+    masks = torch.zeros(4, 24, 24, dtype=torch.bool)
+    masks[:, 8:16, 8:16] = True
+    maps = torch.zeros(4, 24, 24)
+    maps[:, 8:16, 8:16] = 1.0  # on the object ...
+    maps[1::2] = 0.0
+    maps[1::2, 20:, 20:] = 1.0  # ... except class 1, which looks elsewhere
+    monitor = ScoreMonitor(class_names=["cat", "dog"])
+    report = monitor.observe(0, outcome(maps), LABELS, masks)
+    found = [e for e in report.events if e.score == "object_enrichment"]
+    assert len(found) == 1 and found[0].class_name == "dog"
+    assert "for class 'dog'" in found[0].message()
+    assert report.metrics["saliency/gradcam/object_enrichment/cat"] > 1
+    assert monitor.history[0].per_class["gradcam"]["dog"]["object_enrichment"] == 0.0
+
+
+def test_drift_against_the_first_and_previous_epoch():
+    monitor = ScoreMonitor()
+    first = moving_maps()
+    monitor.observe(0, outcome(first), LABELS)
+    report = monitor.observe(1, outcome(first.flip(-1)), LABELS)
+    assert "saliency/gradcam/drift_first" in report.metrics
+    assert report.metrics["saliency/gradcam/drift_first"] < 0.5
+    report = monitor.observe(2, outcome(first.flip(-1)), LABELS)
+    assert report.metrics["saliency/gradcam/drift_prev"] == pytest.approx(1.0)
+    assert torch.equal(monitor.references["gradcam"], first)
+
+
+def test_scores_a_method_reports_about_its_own_maps_are_monitored():
+    monitor = ScoreMonitor()
+    out = Explanations(
+        {"integrated_gradients": moving_maps()},
+        logits=torch.nn.functional.one_hot(LABELS, 2).float() * 5,
+        targets=LABELS,
+        extras={"ig_completeness_error": torch.tensor([0.2, 0.1, 0.3, 0.2]), "ig_steps": 16},
+    )
+    report = monitor.observe(0, out, LABELS)
+    assert report.metrics["saliency/integrated_gradients/steps"] == 16.0
+    assert report.metrics["saliency/integrated_gradients/ig_completeness_error"] == pytest.approx(
+        0.2
+    )
+    assert [e.score for e in report.events] == ["ig_completeness_error"]
+
+
+def test_concept_maps_are_not_scored():
+    out = Explanations({"dff": torch.rand(4, 2, 8, 8)}, logits=torch.eye(4)[:, :2], targets=LABELS)
+    report = ScoreMonitor().observe(0, out, LABELS)
+    assert report.metrics == {"saliency/alarms": 0.0}
+
+
+def test_state_survives_a_weights_only_checkpoint():
+    monitor = ScoreMonitor()
+    monitor.observe(0, outcome(corner_maps()), LABELS)
+    monitor.observe(1, outcome(moving_maps()), LABELS)
+    buffer = io.BytesIO()
+    torch.save(monitor.state_dict(), buffer)
+    buffer.seek(0)
+    restored = ScoreMonitor()
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.alarms == monitor.alarms and restored.history == monitor.history
+    events = restored.observe(2, outcome(corner_maps()), LABELS).events
+    assert {e.state for e in events} == {"back"}  # it remembers the alarms were raised before
+
+
+def test_a_0_1_checkpoint_keeps_its_alarms_quiet():
+    restored = ScoreMonitor()
+    restored.load_state_dict({"first": {}, "prev": {}, "alarmed": [["gradcam", "consensus"]]})
+    events = restored.observe(5, outcome(corner_maps()), LABELS).events
+    assert [e.score for e in events] == ["corner_enrichment"]  # consensus was raised in 0.1
+
+
+def test_thresholds_and_rules():
+    assert merge_thresholds({"consensus": 0.9})["consensus"] == 0.9
+    assert "ig_completeness_error" in default_thresholds()  # declared by the method
+    with pytest.raises(SaliencyConfigError, match="no alarm for score 'objekt'"):
+        merge_thresholds({"objekt": 1.0})
+    # Only object_enrichment alarms per class; the others on the mean.
+    per_class = {"cat": {"corner_enrichment": 9.0, "object_enrichment": 0.2}}
+    found = check("gradcam", {"corner_enrichment": 1.0}, per_class, default_thresholds())
+    assert [(a.score, a.class_name) for a in found] == [("object_enrichment", "cat")]

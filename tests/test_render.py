@@ -1,0 +1,115 @@
+"""Pictures without a Trainer: colour scales, overlays, de-normalisation, the figures the
+callback and the command line share, the timeline."""
+
+import pytest
+import torch
+from torchvision.transforms import Normalize
+
+from lightning_saliency import render
+from lightning_saliency.explain import Explanations
+from lightning_saliency.figures import (
+    EpochFigures,
+    Timeline,
+    captions,
+    comparison_figure,
+    concept_legend,
+    tile_shape,
+)
+
+
+def test_scale_maps_never_gives_nan_and_centres_signed_maps():
+    assert render.scale_maps(torch.zeros(2, 4, 4)).abs().sum() == 0
+    signed = render.scale_maps(torch.tensor([[[-2.0, 0.0], [0.0, 2.0]]]), signed=True)
+    assert signed.tolist() == [[[0.0, 0.5], [0.5, 1.0]]]
+    spiky = torch.zeros(1, 20, 20)
+    spiky[0, 0, 0], spiky[0, 5:, 5:] = 1000.0, 1.0
+    assert render.scale_maps(spiky)[0, 10, 10] > 0.9  # one hot pixel cannot wash out the rest
+
+
+def test_cold_regions_show_the_image_itself():
+    picture = torch.rand(1, 3, 8, 8)
+    maps = torch.zeros(1, 8, 8)
+    maps[0, :2, :2] = 1.0
+    tiles = render.overlay(picture, maps)
+    assert torch.allclose(tiles[:, :, 4:, 4:], picture[:, :, 4:, 4:])
+    assert not torch.allclose(tiles[:, :, :2, :2], picture[:, :, :2, :2])
+
+
+def test_normalisation_is_undone_for_display():
+    image = torch.rand(2, 3, 6, 6)
+    normalize = Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    shown = render.to_picture(normalize(image), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    assert torch.allclose(shown, image, atol=1e-6)
+    grey = render.to_picture(torch.rand(1, 1, 4, 4), None, None)
+    assert grey.shape == (1, 3, 4, 4) and torch.equal(grey[:, 0], grey[:, 2])
+
+
+def test_maps_of_the_wrong_layout_are_an_error_not_a_picture():
+    picture = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"must be \(N, H, W\)"):
+        render.method_tiles(torch.rand(2, 3, 8, 8), picture, concepts=False, signed=False)
+    with pytest.raises(ValueError, match=r"concept maps must be \(N, K, H, W\)"):
+        render.method_tiles(torch.rand(2, 8, 8), picture, concepts=True, signed=False)
+
+
+def test_signed_methods_are_drawn_on_a_diverging_scale():
+    picture = torch.full((1, 3, 8, 8), 0.5)
+    maps = torch.zeros(1, 8, 8)
+    maps[0, :, :4], maps[0, :, 4:] = -1.0, 1.0
+    tiles = render.method_tiles(maps, picture, concepts=False, signed=True)
+    red, blue = tiles[0, 0], tiles[0, 2]
+    assert (blue[:, :4] > red[:, :4]).all() and (red[:, 4:] > blue[:, 4:]).all()
+
+
+def _explanations(n: int = 3) -> Explanations:
+    gen = torch.Generator().manual_seed(0)
+    return Explanations(
+        {
+            "gradcam": torch.rand(n, 16, 16, generator=gen),
+            "integrated_gradients": torch.randn(n, 16, 16, generator=gen),
+            "dff": torch.rand(n, 2, 16, 16, generator=gen),
+        },
+        logits=torch.randn(n, 3, generator=gen),
+        targets=torch.zeros(n, dtype=torch.long),
+        extras={"dff_concept_scores": torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 3.0]])},
+    )
+
+
+def test_epoch_figures_give_a_grid_per_method_and_an_overview():
+    out = _explanations()
+    figures = EpochFigures(torch.rand(3, 3, 16, 16), out, torch.tensor([0, 1, 2]), ["a", "b", "c"])
+    grids = figures.grids()
+    assert set(grids) == {"gradcam", "integrated_gradients", "dff"}
+    for grid in grids.values():
+        assert grid.dtype == torch.uint8 and grid.shape[0] == 3
+    assert grids["dff"].shape[1] > grids["gradcam"].shape[1]  # the concept legend below
+    overview = figures.overview()
+    assert overview.shape[2] > 4 * 96 and overview.shape[1] > 3 * 96  # 4 columns, 3 rows
+    assert figures.captions[0].startswith("a>")
+
+
+def test_the_command_line_figure_is_built_from_the_same_parts():
+    out = _explanations(2)
+    picture = comparison_figure(torch.rand(2, 3, 16, 16), out, None, None, None)
+    assert picture.dtype == torch.uint8 and picture.shape[2] > 4 * 16
+
+
+def test_captions_legends_and_tile_sizes():
+    logits = torch.tensor([[0.0, 3.0]])
+    assert captions(logits, labels=torch.tensor([0])) == ["0>1 95% X"]
+    assert captions(logits, targets=torch.tensor([1])) == ["1 95%"]
+    assert concept_legend(None, 2) == ["concept 0", "concept 1"]
+    assert tile_shape((20, 40), 112) == (40, 80)  # whole-factor enlargement keeps the aspect
+
+
+def test_timeline_keeps_memory_flat_and_the_latest_epochs():
+    timeline = Timeline(side=8, capacity=8)
+    for epoch in range(20):
+        timeline.add(torch.rand(2, 3, 16, 16), epoch)
+    assert len(timeline) <= 8 and timeline.labels[-1] == "ep 19"
+    assert all(
+        column.device.type == "cpu" and column.dtype == torch.uint8 for column in timeline.columns
+    )
+    restored = Timeline()
+    restored.load_state_dict(timeline.state_dict())
+    assert torch.equal(restored.picture(), timeline.picture())
