@@ -1,9 +1,10 @@
-"""Cost of each method per image: seconds and passes (resnet18, 224 px, CPU threads as set).
+"""Cost of each registered method per image (resnet18, 224 px, CPU threads as set), and the
+README's methods table: name, what it shows, passes per image and cost class come from the
+registry, the seconds from this run.
 
     python benchmarks/methods.py [--n 2] [--size 224]
 
-Each method alone through ``explain()`` (target layer ``layer4``), best of one warm run; the
-passes column counts forward (F) and backward (B) passes of the whole network per image.
+Each method alone through ``explain()`` (target layer ``layer4``), after one warm-up run.
 """
 
 from __future__ import annotations
@@ -15,24 +16,8 @@ import warnings
 
 import torch
 
-from lightning_saliency import available_methods, explain
-from lightning_saliency.methods.perturbation import occlusion_window
-
-PASSES = {
-    "gradcam": "1F + 1B",
-    "gradcam++": "1F + 1B",
-    "xgradcam": "1F + 1B",
-    "layercam": "1F + 1B",
-    "hirescam": "1F + 1B",
-    "eigencam": "1F",
-    "dff": "1F (+ NMF)",
-    "guided_gradcam": "1F + 2B",
-    "integrated_gradients": "{steps}F + {steps}B",
-    "smoothgrad": "{nt}x{nt_steps}F + {nt}x{nt_steps}B",
-    "scorecam": "{channels}F",
-    "ablationcam": "{channels}F",
-    "occlusion": "{windows}F",
-}
+from lightning_saliency import explain
+from lightning_saliency.methods import DEFAULT_METHODS, METHODS
 
 
 def main() -> None:
@@ -49,26 +34,30 @@ def main() -> None:
     device = torch.device(args.device)
     model = realistic_resnet18().to(device)
     x = torch.randn(args.n, 3, args.size, args.size, device=device)
-    side, stride = occlusion_window((args.size, args.size))
-    windows = ((args.size - side) // stride + 1) ** 2
-    fill = {"steps": 32, "nt": 12, "nt_steps": 8, "channels": 512, "windows": windows}
+    first = DEFAULT_METHODS[0]
     base = None
     rows = []
-    for name in sorted(available_methods(), key=lambda m: (m != "gradcam", m)):
+    for name in sorted(METHODS, key=lambda m: (m != first, m)):
         run = lambda name=name: explain(model, x, methods=(name,), target_layer="layer4")  # noqa: E731
         run()
         start = time.perf_counter()
         run()
         seconds = (time.perf_counter() - start) / args.n
         base = base or seconds
-        rows.append((name, seconds, seconds / base, PASSES[name].format(**fill)))
+        rows.append((METHODS[name], seconds, seconds / base))
     print(
         f"resnet18, {args.size} px, {device}, {torch.get_num_threads()} threads, "
         f"per image (batch of {args.n})\n"
     )
-    print("| method | s / image | x Grad-CAM | passes / image |\n| --- | --- | --- | --- |")
-    for name, seconds, rel, passes in rows:
-        print(f"| `{name}` | {seconds:.3f} | {rel:.1f} | {passes} |")
+    print(
+        f"| method | what it shows | passes / image | cost | s / image | x {first} |\n"
+        "| --- | --- | --- | --- | --- | --- |"
+    )
+    for spec, seconds, rel in rows:
+        shows = spec.description.split(": ", 1)[-1]
+        print(
+            f"| `{spec.name}` | {shows} | {spec.passes} | {spec.cost} | {seconds:.3f} | {rel:.1f} |"
+        )
 
 
 if __name__ == "__main__":

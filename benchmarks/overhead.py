@@ -28,10 +28,10 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from lightning_saliency import explain
+from lightning_saliency import DEFAULT_METHODS, explain
 from lightning_saliency.explain import explanation_context
 
-METHODS = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
+METHODS = DEFAULT_METHODS
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> float:

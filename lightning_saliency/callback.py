@@ -19,14 +19,13 @@ from typing_extensions import override
 
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.explain import (
-    Explanations,
     explain,
     explanation_context,
     model_dtype,
     normalize_methods,
 )
 from lightning_saliency.figures import EpochFigures, Timeline, first_map_method
-from lightning_saliency.layers import find_target_layer, resolve_layer
+from lightning_saliency.layers import choose_layer
 from lightning_saliency.loggers import Publisher, metrics_step
 from lightning_saliency.methods import DEFAULT_METHODS, METHODS, MethodOptions, as_logits
 from lightning_saliency.monitor import AlarmEvent, EpochScores, ScoreMonitor
@@ -341,10 +340,8 @@ class SaliencyCallback(L.Callback):
         with explanation_context(pl_module):
             x = images[:2].detach().clone().to(model_dtype(pl_module))
             if any(METHODS[m].needs_layer for m in self.methods):
-                if self.target_layer is not None:
-                    self._layer_name = resolve_layer(pl_module, self.target_layer)[0]
-                elif self._layer_name is None:
-                    self._layer_name = find_target_layer(pl_module, x)[0]
+                layer = self.target_layer or self._layer_name  # a resumed run keeps its layer
+                self._layer_name = choose_layer(pl_module, x, layer)[0]
             logits = as_logits(pl_module(x))
         if isinstance(self.target, int) and self.target >= logits.shape[1]:
             raise SaliencyConfigError(
@@ -418,22 +415,8 @@ class SaliencyCallback(L.Callback):
                 rank_zero_info(event.message())
             else:
                 rank_zero_warn(event.message())
-        if trainer.is_global_zero and self._publisher is not None:
-            self._publish(samples, out, epoch, metrics_step(trainer), self._publisher)
-
-    def _targets(self, samples: FixedSamples) -> Tensor | int | None:
-        if self.target == "label" and samples.labels is not None:
-            return samples.labels
-        return self.target if isinstance(self.target, int) else None
-
-    def _publish(
-        self,
-        samples: FixedSamples,
-        out: Explanations,
-        epoch: int,
-        step: int,
-        publisher: Publisher,
-    ) -> None:
+        if not (trainer.is_global_zero and self._publisher is not None):
+            return
         figures = EpochFigures(
             samples.images,
             out,
@@ -449,8 +432,14 @@ class SaliencyCallback(L.Callback):
             self.timeline.add(figures.tiles[self.timeline_method], epoch)
             if len(self.timeline) % TIMELINE_EVERY == 1:  # the whole picture again at fit end
                 pictures["saliency/timeline"] = self.timeline.picture()
-        publisher.images(pictures, step)
-        publisher.text("saliency/captions", "  \n".join(figures.captions), step)
+        step = metrics_step(trainer)
+        self._publisher.images(pictures, step)
+        self._publisher.text("saliency/captions", "  \n".join(figures.captions), step)
+
+    def _targets(self, samples: FixedSamples) -> Tensor | int | None:
+        if self.target == "label" and samples.labels is not None:
+            return samples.labels
+        return self.target if isinstance(self.target, int) else None
 
     def _switch_off(self, methods: Sequence[str], err: BaseException) -> None:
         """The failure policy: warn once, skip the methods from now on, keep training."""

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.layers import LayerSpec, find_target_layer, resolve_layer
+from lightning_saliency.layers import LayerSpec, choose_layer
 from lightning_saliency.methods import DEFAULT_METHODS, METHODS, ExplainSession, canonical_name
 from lightning_saliency.options import MethodOptionsArg, resolve_options
 
@@ -197,10 +197,7 @@ def explain(
             requested = requested.detach().clone()
         layer_name, layer = None, None
         if any(METHODS[n].needs_layer for n in names):
-            if target_layer is None:
-                layer_name, layer = find_target_layer(model, x)
-            else:
-                layer_name, layer = resolve_layer(model, target_layer)
+            layer_name, layer = choose_layer(model, x, target_layer)
         session = ExplainSession(model, x, requested, layer, names, seed, warm_start)
         for name in names:
             try:

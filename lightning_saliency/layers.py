@@ -48,6 +48,22 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
     )
 
 
+def choose_layer(
+    model: nn.Module, images: Tensor, layer: LayerSpec = None
+) -> tuple[str, nn.Module]:
+    """The target layer: ``layer`` resolved (a dotted path or a module), or auto-detected on
+    ``images`` when it is ``None``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+        >>> choose_layer(net, torch.zeros(1, 3, 8, 8))[0], choose_layer(net, "0")[0]
+        ('1', '0')
+    """
+    if layer is None:
+        return find_target_layer(model, images)
+    return resolve_layer(model, layer)
+
+
 def token_grid(num_tokens: int) -> tuple[int, int] | None:
     """The ``(prefix_tokens, side)`` of a square token grid, allowing a class token or two.
 

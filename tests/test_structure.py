@@ -98,3 +98,22 @@ def test_the_checks_catch_what_they_look_for(checker):
     found = checker(planted, {"gradcam", "dff"}) if checker is method_names_in else checker(planted)
     assert found, f"{checker.__name__} missed a planted offence"
     assert os.path.basename(__file__) == "test_structure.py"
+
+
+def test_readme_tables_are_the_registry():
+    """The README's option table is generated from the registry, and its methods table (printed
+    by benchmarks/methods.py) names every method with the registry's passes and cost."""
+    from lightning_saliency.methods.base import options_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- options-table")
+    block = readme[readme.index("\n", start) + 1 : readme.index("<!-- /options-table -->")]
+    assert block.strip() == options_markdown().strip()
+    rows = {  # the methods table has six columns
+        line.split("|")[1].strip(" `"): line
+        for line in readme.splitlines()
+        if line.startswith("| `") and line.count("|") == 7
+    }
+    for name, method in METHODS.items():
+        assert name in rows, f"README's methods table misses {name}"
+        assert f"| {method.passes} | {method.cost} |" in rows[name], name

@@ -174,6 +174,54 @@ def available_options() -> dict[str, dict[str, Any]]:
     }
 
 
+def option_docs(method: SaliencyMethod) -> dict[str, str]:
+    """Each option's one-paragraph description, from the ``Attributes:`` section of the
+    options dataclass's docstring.
+
+    Example:
+        >>> option_docs(METHODS["dff"])["components"]
+        'how many concepts (K) to factorise the layer into.'
+    """
+    docs: dict[str, str] = {}
+    current = None
+    inside = False
+    for line in (method.options.__doc__ or "").splitlines():
+        text = line.strip()
+        if text == "Attributes:":
+            inside = True
+            continue
+        if not inside or not text:
+            continue
+        name, sep, rest = text.partition(":")
+        if (
+            sep
+            and name.isidentifier()
+            and line.startswith(" " * 8)
+            and not line.startswith(" " * 9)
+        ):
+            current = name
+            docs[name] = rest.strip()
+        elif current is not None:
+            docs[current] += " " + text
+    return docs
+
+
+def options_markdown() -> str:
+    """The README's table of every method's options (generated; a test keeps them equal)."""
+    rows = [
+        "| method | option | default | flat name | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, method in sorted(METHODS.items()):
+        docs = option_docs(method)
+        flat = {option: f"`{key}`" for key, option in method.flat_names.items()}
+        for f in dataclasses.fields(method.options):
+            text = docs.get(f.name, "").replace("``", "`")
+            also = flat.get(f.name, "")
+            rows.append(f"| `{name}` | `{f.name}` | `{f.default!r}` | {also} | {text} |")
+    return "\n".join(rows)
+
+
 # -- typed options ------------------------------------------------------------------------------
 def _matches(value: Any, hint: Any) -> bool:
     """Whether ``value`` fits a type hint made of classes, ``None``, ``Literal`` and unions."""
