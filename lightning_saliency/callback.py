@@ -301,9 +301,7 @@ class SaliencyCallback(L.Callback):
         if self._samples is None:
             images, labels, masks = self._explicit
             if images is not None:
-                if masks is not None and masks.dim() == 4:
-                    masks = masks[:, 0]
-                self._samples = FixedSamples(images.detach().clone(), labels, masks)
+                self._samples = FixedSamples.given(images, labels, masks)
             else:
                 self._samples, loader = choose_samples(
                     trainer,

@@ -56,7 +56,8 @@ def choose_layer(
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
-        >>> choose_layer(net, torch.zeros(1, 3, 8, 8))[0], choose_layer(net, "0")[0]
+        >>> x = torch.zeros(1, 3, 8, 8)
+        >>> choose_layer(net, x)[0], choose_layer(net, x, "0")[0]
         ('1', '0')
     """
     if layer is None:

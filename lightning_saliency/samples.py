@@ -68,6 +68,21 @@ class FixedSamples:
         }
 
     @classmethod
+    def given(
+        cls, images: Tensor, labels: Tensor | None = None, masks: Tensor | None = None
+    ) -> FixedSamples:
+        """Samples the user passed explicitly (masks ``N×1×H×W`` or ``N×H×W``).
+
+        Example:
+            >>> given = FixedSamples.given(torch.zeros(2, 3, 4, 4), masks=torch.ones(2, 1, 4, 4))
+            >>> given.masks.shape
+            torch.Size([2, 4, 4])
+        """
+        if masks is not None and masks.dim() == 4:
+            masks = masks[:, 0]
+        return cls(images.detach().clone(), labels, masks)
+
+    @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> FixedSamples:
         return cls(state["images"], state.get("labels"), state.get("masks"), state.get("indices"))
 
