@@ -440,3 +440,23 @@ def test_no_warnings_beyond_alarms_in_a_clean_run(tmp_path):
         _fit(tmp_path, [callback], max_epochs=1, dm=tiny_datamodule(shortcut=False))
     ours = [w for w in record if "lightning_saliency" in w.filename or "Saliency" in str(w.message)]
     assert not [w for w in ours if "alarm" not in str(w.message)], [str(w.message) for w in ours]
+
+
+def test_a_checkpoint_of_0_1_0_still_loads():
+    """The state layout of 0.1.0: flat reference maps, alarms raised, the timeline as a list."""
+    images = torch.rand(4, 3, 16, 16)
+    old = {
+        "samples": {"images": images, "labels": torch.arange(4), "masks": None, "indices": None},
+        "layer_name": "features",
+        "first": {"gradcam": torch.rand(4, 16, 16)},
+        "prev": {"gradcam": torch.rand(4, 16, 16)},
+        "alarmed": [["gradcam", "consensus"]],
+        "timeline": [torch.zeros(4, 3, 64, 64, dtype=torch.uint8)] * 2,
+        "timeline_labels": ["ep 0", "ep 1"],
+        "ig_steps_start": 16,
+    }
+    callback = SaliencyCallback(methods=("gradcam",))
+    callback.load_state_dict(old)
+    assert torch.equal(callback.fixed_samples.images, images)
+    assert callback.layer_name == "features" and len(callback.timeline) == 2
+    assert torch.equal(callback.monitor.references["gradcam"], old["first"]["gradcam"])
