@@ -369,7 +369,7 @@ class SaliencyCallback(L.Callback):
         logs (independent of TensorBoard's ``--samples_per_plugin``)."""
         if not (self._enabled and trainer.is_global_zero and len(self.timeline)):
             return
-        if self._publisher is None:
+        if self._publisher is None:  # a callback unpickled after setup has no loggers
             return
         picture = self.timeline.picture()
         self._publisher.images({"saliency/timeline": picture}, metrics_step(trainer))
