@@ -5,6 +5,8 @@ and YAML (a real LightningCLI), with no edit anywhere else."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -282,3 +284,27 @@ def test_unknown_flat_option_is_refused(images, name):
 def test_a_method_without_a_dataclass_for_options_is_refused():
     with pytest.raises(TypeError, match="MethodOptions dataclass"):
         register(dataclasses.replace(METHODS["gradcam"], name="broken", options=dict))
+
+
+def test_the_readme_example_of_adding_a_method_works(images, tmp_path, monkeypatch):
+    """The README's "Adding a method" snippet, run as written."""
+    from pathlib import Path
+
+    from lightning_saliency.methods.base import option_docs
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Adding a method") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n", 10)]
+    (tmp_path / "powercam_example.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        importlib.import_module("powercam_example")
+        out = explain(tiny_model().eval(), images, methods=("powercam",))
+        assert out["powercam"].shape == (4, 32, 32)
+        assert option_docs(METHODS["powercam"]) == {
+            "power": "the gradient weights are raised to this power."
+        }
+        SaliencyCallback(methods=["gradcam", "powercam"], method_options={"powercam": {"power": 2}})
+    finally:
+        unregister("powercam")
+        sys.modules.pop("powercam_example", None)

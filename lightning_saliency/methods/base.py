@@ -13,6 +13,7 @@ callback, the command line and YAML pick it up from the registry.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -185,7 +186,7 @@ def option_docs(method: SaliencyMethod) -> dict[str, str]:
     docs: dict[str, str] = {}
     current = None
     inside = False
-    for line in (method.options.__doc__ or "").splitlines():
+    for line in inspect.cleandoc(method.options.__doc__ or "").splitlines():
         text = line.strip()
         if text == "Attributes:":
             inside = True
@@ -193,12 +194,8 @@ def option_docs(method: SaliencyMethod) -> dict[str, str]:
         if not inside or not text:
             continue
         name, sep, rest = text.partition(":")
-        if (
-            sep
-            and name.isidentifier()
-            and line.startswith(" " * 8)
-            and not line.startswith(" " * 9)
-        ):
+        entry = line.startswith("    ") and not line.startswith("     ")  # one level in
+        if sep and name.isidentifier() and entry:
             current = name
             docs[name] = rest.strip()
         elif current is not None:
