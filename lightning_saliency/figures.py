@@ -17,18 +17,7 @@ from torch import Tensor
 from lightning_saliency import render
 from lightning_saliency.explain import Explanations
 from lightning_saliency.methods import METHODS
-
-
-def class_name(names: Sequence[str] | None, index: int) -> str:
-    """The name of class ``index`` (its number when no names are known).
-
-    Example:
-        >>> class_name(["cat", "dog"], 1), class_name(None, 7)
-        ('dog', '7')
-    """
-    if names and 0 <= index < len(names):
-        return names[index]
-    return str(index)
+from lightning_saliency.samples import class_name
 
 
 def captions(

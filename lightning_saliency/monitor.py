@@ -31,6 +31,7 @@ from torch import Tensor
 from lightning_saliency import alarms as rules
 from lightning_saliency.explain import Explanations
 from lightning_saliency.methods import METHODS
+from lightning_saliency.samples import class_name
 from lightning_saliency.scores import downsample_for_drift, map_scores
 
 PER_CLASS_SCORES = (
@@ -183,9 +184,9 @@ class ScoreMonitor:
             means_by_method[method], per_class_by_method[method] = means, per_class
             for name, value in means.items():
                 metrics[f"{self.prefix}/{method}/{name}"] = value
-            for class_name, values in per_class.items():
+            for group, values in per_class.items():
                 for name, value in values.items():
-                    metrics[f"{self.prefix}/{method}/{name}/{class_name}"] = value
+                    metrics[f"{self.prefix}/{method}/{name}/{group}"] = value
             if correct is not None:
                 means, per_class = self._group_means(scores, groups, correct)
             found = rules.check(method, means, per_class, self.thresholds)
@@ -242,11 +243,6 @@ class ScoreMonitor:
         self.alarms.extend(events)
         return events
 
-    def _class_name(self, index: int) -> str:
-        if self.class_names and 0 <= index < len(self.class_names):
-            return self.class_names[index]
-        return str(index)
-
     def _group_means(
         self, scores: dict[str, Tensor], groups: Tensor, select: Tensor | None, min_count: int = 2
     ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -261,7 +257,7 @@ class ScoreMonitor:
         for cls in sorted(set(groups.tolist())):
             chosen = (groups == cls) & select
             if int(chosen.sum()) >= need:
-                per_class[self._class_name(int(cls))] = _finite(
+                per_class[class_name(self.class_names, int(cls))] = _finite(
                     {
                         k: float(scores[k][chosen].float().nanmean())
                         for k in PER_CLASS_SCORES

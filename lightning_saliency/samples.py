@@ -350,6 +350,18 @@ def choose_samples(
     return FixedSamples(images.detach().clone(), labels, masks, indices), loader
 
 
+def class_name(names: Sequence[str] | None, index: int) -> str:
+    """The name of class ``index`` (its number when no names are known).
+
+    Example:
+        >>> class_name(["cat", "dog"], 1), class_name(None, 7)
+        ('dog', '7')
+    """
+    if names and 0 <= index < len(names):
+        return names[index]
+    return str(index)
+
+
 def find_class_names(trainer: L.Trainer, loader: Any) -> list[str] | None:
     """Class names from the datamodule's or the loader's dataset's ``classes``, if any."""
     for owner in (getattr(trainer, "datamodule", None), getattr(loader, "dataset", None)):
