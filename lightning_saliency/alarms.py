@@ -92,8 +92,11 @@ def merge_thresholds(user: Mapping[str, float] | None) -> dict[str, float]:
     for name, value in (user or {}).items():
         if name not in merged:
             raise SaliencyConfigError(
-                f"no alarm for score {name!r}; alarms exist for: {', '.join(merged)}."
+                f"thresholds names {name!r}, a score with no alarm; alarms exist for: "
+                f"{', '.join(merged)}."
             )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise SaliencyConfigError(f"thresholds[{name!r}] must be a number, got {value!r}.")
         merged[name] = float(value)
     return merged
 

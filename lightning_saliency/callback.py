@@ -12,22 +12,18 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_saliency import arguments, console
+from lightning_saliency.dry_run import dry_run
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.explain import (
-    explain,
-    explanation_context,
-    model_dtype,
-    normalize_methods,
-)
+from lightning_saliency.explain import Explanations, explain, normalize_methods
 from lightning_saliency.figures import EpochFigures, Timeline, first_map_method
-from lightning_saliency.layers import choose_layer
 from lightning_saliency.loggers import Publisher, metrics_step
-from lightning_saliency.methods import DEFAULT_METHODS, METHODS, MethodOptions, as_logits
+from lightning_saliency.methods import DEFAULT_METHODS, METHODS, MethodOptions
 from lightning_saliency.monitor import AlarmEvent, EpochScores, ScoreMonitor
 from lightning_saliency.options import resolve_options
 from lightning_saliency.samples import (
@@ -38,6 +34,7 @@ from lightning_saliency.samples import (
     find_normalize,
 )
 from lightning_saliency.scores import pointing_tolerance
+from lightning_saliency.watchers import StaleCheckGuard, watching
 
 TIMELINE_EVERY = 5  # the timeline picture is logged every 5th logged epoch, and at fit end
 
@@ -102,7 +99,7 @@ class SaliencyCallback(L.Callback):
         target_layer: str | nn.Module | None = None,
         target: Literal["label", "pred"] | int = "label",
         samples: Tensor | None = None,
-        labels: Tensor | None = None,
+        labels: Tensor | Sequence[int] | None = None,
         masks: Tensor | None = None,
         image_key: str = "image",
         label_key: str = "label",
@@ -120,26 +117,37 @@ class SaliencyCallback(L.Callback):
         thresholds: dict[str, float] | None = None,
         timeline_method: str | None = None,
         seed: int = 0,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         self.methods = normalize_methods(methods)
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise SaliencyConfigError(f"num_samples must be a positive int, got {num_samples!r}.")
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+        self.num_samples = arguments.positive_int("num_samples", num_samples)
+        self.every_n_epochs = arguments.positive_int("every_n_epochs", every_n_epochs)
+        self.method_every_n_epochs = arguments.method_cadences(
+            method_every_n_epochs, self.methods, lambda m: normalize_methods([m])[0]
+        )
+        if target not in ("label", "pred") and not (
+            isinstance(target, int) and not isinstance(target, bool) and target >= 0
+        ):
             raise SaliencyConfigError(
-                f"every_n_epochs must be a positive int, got {every_n_epochs!r}."
+                f"target must be 'label', 'pred' or a class index >= 0, got {target!r}."
             )
-        if target not in ("label", "pred") and not (isinstance(target, int) and target >= 0):
+        if target_layer is not None and not isinstance(target_layer, (str, nn.Module)):
             raise SaliencyConfigError(
-                f"target must be 'label', 'pred' or a class index, got {target!r}."
+                "target_layer must be a dotted module name ('backbone.layer4'), an nn.Module "
+                f"or None, got {target_layer!r}."
             )
-        if samples is not None and (not isinstance(samples, Tensor) or samples.dim() != 4):
-            raise SaliencyConfigError("samples must be an image tensor of shape (N, C, H, W).")
-        if (mean is None) != (std is None):
-            raise SaliencyConfigError("pass both mean= and std= (or neither).")
-        self.method_every_n_epochs = {
-            normalize_methods([k])[0]: int(v) for k, v in (method_every_n_epochs or {}).items()
-        }
+        given = arguments.samples_tensor(samples)
+        count = None if given is None else given.shape[0]
+        self._explicit = (
+            given,
+            arguments.labels_tensor(labels, count),
+            arguments.masks_tensor(masks, given),
+        )
+        self.mean, self.std = arguments.normalisation(
+            mean, std, None if given is None else given.shape[1]
+        )
+        self._given_normalisation = (self.mean, self.std)
         self.method_options: dict[str, MethodOptions] = resolve_options(
             self.methods,
             method_options,
@@ -149,30 +157,47 @@ class SaliencyCallback(L.Callback):
                 "dff_components": dff_components,
             },
         )
-        self.num_samples = num_samples
-        self.every_n_epochs = every_n_epochs
+        keys = {"image_key": image_key, "label_key": label_key, "mask_key": mask_key}
+        for key, value in keys.items():
+            if not isinstance(value, str) or not value:
+                raise SaliencyConfigError(f"{key} must be a non-empty string, got {value!r}.")
         self.target_layer = target_layer
         self.target = target
         self.keys = BatchKeys(image_key, label_key, mask_key)
-        self.dataloader_idx = dataloader_idx
-        self.denormalize = denormalize
-        self.mean, self.std = mean, std
-        self.class_names = class_names
-        self.tile_size = tile_size
-        self.timeline_method = (
-            normalize_methods([timeline_method])[0]
-            if timeline_method
-            else first_map_method(self.methods)
-        )
+        self.dataloader_idx = arguments.positive_int("dataloader_idx", dataloader_idx, minimum=0)
+        self.denormalize = arguments.one_of("denormalize", denormalize, (None, True, False))
+        self.class_names = arguments.class_names_list(class_names)
+        self._given_class_names = self.class_names
+        self.tile_size = arguments.positive_int("tile_size", tile_size, minimum=16)
+        if timeline_method is not None:
+            chosen = normalize_methods([timeline_method])[0]
+            if chosen not in self.methods or METHODS[chosen].kind != "map":
+                maps = [m for m in self.methods if METHODS[m].kind == "map"]
+                raise SaliencyConfigError(
+                    f"timeline_method={timeline_method!r} must be one of the map methods in "
+                    f"methods: {maps}."
+                )
+            self.timeline_method: str | None = chosen
+        else:
+            self.timeline_method = first_map_method(self.methods)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise SaliencyConfigError(f"seed must be an int, got {seed!r}.")
         self.seed = seed
-        self.monitor = ScoreMonitor(thresholds, class_names)
+        self.name = arguments.callback_name(name)
+        self.prefix = "saliency" if self.name is None else f"saliency/{self.name}"
+        self.alarm_prefix = self.prefix.replace("saliency", "saliency_alarms", 1)
+        self._thresholds = thresholds
+        self.monitor = ScoreMonitor(thresholds, self.class_names, prefix=self.prefix)
         self.timeline = Timeline()
         self.timeline_path: str | None = None
-        self._explicit = (samples, labels, masks)
         self._samples: FixedSamples | None = None
         self._layer_name: str | None = None
         self._switched_off: dict[str, str] = {}
         self._warm_start: dict[str, dict[str, Any]] = {}
+        self._validations = 0  # validation runs of this fit seen so far (the cadence's count)
+        self._last_metrics: dict[str, float] = {}  # kept in the metrics between logged runs
+        self._warned: set[str] = set()
+        self._guard: StaleCheckGuard | None = None
         self._publisher: Publisher | None = None
         self._enabled = True
         self._explain_at_train_epoch_end = False
@@ -207,37 +232,105 @@ class SaliencyCallback(L.Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(methods=self.methods, seed=self.seed)
+        """``SaliencyCallback``, or with ``name=``, ``SaliencyCallback{'name': ...}``: the
+        methods are not part of it, so a run resumed with other methods keeps what applies."""
+        if self.name is None:
+            return type(self).__qualname__
+        return self._generate_state_key(name=self.name)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         """The chosen samples, the drift references, the alarm record and history, the
-        timeline: a resumed run continues the same story. Plain tensors, lists and dicts only
-        (``torch.load(weights_only=True)`` loads it)."""
+        timeline, the cadence's count: a resumed run continues the same story. Plain tensors,
+        lists and dicts only (``torch.load(weights_only=True)`` loads it)."""
         return {
+            "version": STATE_VERSION,
+            "methods": list(self.methods),
             "samples": None if self._samples is None else self._samples.state(),
             "layer_name": self._layer_name,
             "monitor": self.monitor.state_dict(),
             "timeline": self.timeline.state_dict(),
+            "timeline_method": self.timeline_method,
             "warm_start": {k: dict(v) for k, v in self._warm_start.items()},
+            "validations": self._validations,
+            "last_metrics": dict(self._last_metrics),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("samples") is not None:
-            self._samples = FixedSamples.from_state(state_dict["samples"])
-        self._layer_name = state_dict.get("layer_name")
-        self.monitor.load_state_dict(state_dict.get("monitor", state_dict))
-        timeline = state_dict.get("timeline", {})
+        """Restore a saved state; what no longer applies (methods not chosen now, another
+        timeline method, another target layer) is dropped, and said once."""
+        state = state_dict
+        if state.get("samples") is not None and self._explicit[0] is None:
+            self._samples = FixedSamples.from_state(state["samples"])
+        saved_methods = list(state.get("methods") or _methods_in(state))
+        dropped = [m for m in saved_methods if m not in self.methods]
+        layer = state.get("layer_name")
+        new_layer = isinstance(self.target_layer, str) and layer and self.target_layer != layer
+        stale = set(dropped)
+        if new_layer:
+            stale |= {m for m in saved_methods if m in METHODS and METHODS[m].needs_layer}
+        else:
+            self._layer_name = layer
+        self.monitor.load_state_dict(state.get("monitor", state), drop=stale)
+        timeline = state.get("timeline", {})
         if isinstance(timeline, list):  # 0.1.0: the columns and their labels side by side
-            timeline = {"columns": timeline, "labels": state_dict.get("timeline_labels", [])}
-        self.timeline.load_state_dict(timeline)
-        self._warm_start = {k: dict(v) for k, v in state_dict.get("warm_start", {}).items()}
+            timeline = {"columns": timeline, "labels": state.get("timeline_labels", [])}
+        saved_timeline = state.get("timeline_method", self.timeline_method)
+        if saved_timeline == self.timeline_method and saved_timeline not in stale:
+            self.timeline.load_state_dict(timeline)
+        elif timeline.get("columns"):
+            stale.add(f"the timeline of {saved_timeline}")
+        self._warm_start = {
+            k: dict(v) for k, v in state.get("warm_start", {}).items() if k in self.methods
+        }
+        self._validations = int(state.get("validations", len(self.monitor.history)))
+        self._last_metrics = {
+            k: float(v)
+            for k, v in state.get("last_metrics", {}).items()
+            if _method_of(k, self.prefix) not in stale
+        }
+        if stale:
+            why = "another target_layer" if new_layer else "methods or timeline_method changed"
+            console.warn(
+                f"SaliencyCallback: resumed; dropped the saved state of {', '.join(sorted(stale))} "
+                f"({why}); kept the samples and the rest."
+            )
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Checkpoints of 0.1 saved this callback's state under a key holding its methods and
+        seed; Lightning looks for the new key only, so a legacy state is loaded here."""
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states or self.name is not None:
+            return
+        legacy = [v for k, v in states.items() if k.startswith("SaliencyCallback{'methods'")]
+        if len(legacy) == 1:
+            self.load_state_dict(legacy[0])
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_publisher"] = None  # loggers hold file handles; re-created at setup
+        state["_guard"] = None
         return state
+
+    def _fresh_state(self) -> None:
+        """A new ``fit``: new samples (unless given), references, alarms, timeline and count.
+        A resumed fit loads its saved state right after this."""
+        self._samples = None
+        self._layer_name = None
+        self.mean, self.std = self._given_normalisation
+        self.class_names = self._given_class_names
+        self.monitor = ScoreMonitor(self._thresholds, self.class_names, prefix=self.prefix)
+        self.timeline = Timeline()
+        self.timeline_path = None
+        self._switched_off = {}
+        self._warm_start = {}
+        self._validations = 0
+        self._last_metrics = {}
+        self._warned = set()
 
     # -- setup ---------------------------------------------------------------------------------
     @override
@@ -245,17 +338,31 @@ class SaliencyCallback(L.Callback):
         """Check what can be checked before the model is placed.
 
         Raises:
-            SaliencyConfigError: no logger, or a sharded strategy.
+            SaliencyConfigError: no logger, two callbacks with the same ``name``, or a sharded
+                strategy.
         """
-        self._enabled = True
+        self._enabled = stage in ("fit", "validate")
+        if not self._enabled:
+            return  # test() and predict() get no saliency, and need no logger for it
         if getattr(trainer, "fast_dev_run", False):
             self._enabled = False
-            rank_zero_info("SaliencyCallback: fast_dev_run is on, so no saliency is computed.")
+            console.info("SaliencyCallback: fast_dev_run is on, so no saliency is computed.")
             return
         if not trainer.loggers:
             raise SaliencyConfigError(
                 "SaliencyCallback needs a logger to write images to; pass "
                 "Trainer(logger=TensorBoardLogger('logs')) (or CSVLogger for PNG files)."
+            )
+        twins = [
+            cb
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if isinstance(cb, SaliencyCallback) and cb is not self and cb.name == self.name
+        ]
+        if twins:
+            raise SaliencyConfigError(
+                f"{len(twins) + 1} SaliencyCallbacks share name={self.name!r}, so their tags "
+                "and checkpoint states would collide; give each its own name=, e.g. "
+                "SaliencyCallback(target_layer='layer3', name='layer3')."
             )
         self._publisher = Publisher(trainer.loggers)
         strategy = type(trainer.strategy).__name__
@@ -266,35 +373,70 @@ class SaliencyCallback(L.Callback):
                 "(or explain() on a gathered model after training)."
             )
         if stage == "fit":
+            self._fresh_state()
             has_val = is_overridden("validation_step", pl_module)
-            if not has_val or trainer.limit_val_batches == 0:
+            self._explain_at_train_epoch_end = not has_val or trainer.limit_val_batches == 0
+            if self._explain_at_train_epoch_end:
                 why = "no validation_step" if not has_val else "limit_val_batches=0"
-                self._explain_at_train_epoch_end = True
-                rank_zero_warn(
+                console.warn(
                     f"SaliencyCallback: {why}, so saliency is computed at the end of training "
                     "epochs instead, on samples from the training set (or samples=...)."
                 )
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Choose the samples and check the model on them, before any training step.
+        """Choose the samples and dry-run every method on two of them, before any training
+        step, on every rank.
 
         Raises:
-            SaliencyConfigError: non-image batches, an unknown target layer, no usable layer,
-                or a target class out of range.
+            SaliencyConfigError: what the dry run finds (:mod:`lightning_saliency.dry_run`),
+                non-image batches, or no loader to take samples from.
         """
-        if self._enabled:
-            self._prepare(trainer, pl_module, "fit")
+        if not self._enabled:
+            return
+        self._prepare(trainer, pl_module, "fit")
+        watchers = watching(trainer.callbacks, self.prefix)  # type: ignore[attr-defined]
+        if watchers and self._enabled:
+            self._guard = StaleCheckGuard(watchers)
+            trainer.callbacks.append(self._guard)  # type: ignore[attr-defined]
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Under ``trainer.validate()``: the same checks as :meth:`on_fit_start`.
+        """Under ``trainer.validate()``: the same checks as :meth:`on_fit_start` (after a
+        ``fit``, the same samples are explained again).
 
         Raises:
             SaliencyConfigError: as :meth:`on_fit_start`.
         """
         if self._enabled and self._samples is None and not trainer.sanity_checking:
             self._prepare(trainer, pl_module, "validate")
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the whole timeline once more and save it as ``saliency_timeline.png`` beside the
+        logs (independent of TensorBoard's ``--samples_per_plugin``)."""
+        self._drop_guard(trainer)
+        if not (self._enabled and trainer.is_global_zero and len(self.timeline)):
+            return
+        if self._publisher is None:  # a callback unpickled after setup has no loggers
+            return
+        try:
+            picture = self.timeline.picture()
+            self._publisher.images({f"{self.prefix}/timeline": picture}, metrics_step(trainer))
+            suffix = "" if self.name is None else f"_{self.name}"
+            filename = f"saliency_timeline{suffix}.png"
+            self.timeline_path = self._publisher.save_png(picture, filename)
+        except Exception as err:  # a monitor never kills a run, at its end neither
+            self._warn_once("timeline", "writing the timeline", err, "the run is done")
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._drop_guard(trainer)
+
+    def _drop_guard(self, trainer: L.Trainer) -> None:
+        if self._guard is not None and self._guard in trainer.callbacks:  # type: ignore[attr-defined]
+            trainer.callbacks.remove(self._guard)  # type: ignore[attr-defined]
+        self._guard = None
 
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         loader = None
@@ -314,11 +456,11 @@ class SaliencyCallback(L.Callback):
                     train=self._explain_at_train_epoch_end,
                 )
         if self._samples is None:
-            rank_zero_warn("SaliencyCallback: the val set yields no images; nothing to explain.")
+            console.warn("SaliencyCallback: the val set yields no images; nothing to explain.")
             self._enabled = False
             return
-        if len(self._samples) < self.num_samples:
-            rank_zero_warn(
+        if len(self._samples) < self.num_samples and self._explicit[0] is None:
+            console.warn(
                 f"SaliencyCallback: only {len(self._samples)} images available, fewer than "
                 f"num_samples={self.num_samples}; explaining those."
             )
@@ -329,121 +471,296 @@ class SaliencyCallback(L.Callback):
         if self.class_names is None:
             self.class_names = find_class_names(trainer, loader)
             self.monitor.class_names = self.class_names
-        self._check_model(pl_module)
-
-    def _check_model(self, pl_module: L.LightningModule) -> None:
-        """A forward on two samples: the layer resolves (or is found), the classes fit."""
-        assert self._samples is not None
-        images = self._samples.images.to(pl_module.device)
-        with explanation_context(pl_module):
-            x = images[:2].detach().clone().to(model_dtype(pl_module))
-            if any(METHODS[m].needs_layer for m in self.methods):
-                layer = self.target_layer or self._layer_name  # a resumed run keeps its layer
-                self._layer_name = choose_layer(pl_module, x, layer)[0]
-            logits = as_logits(pl_module(x))
-        if isinstance(self.target, int) and self.target >= logits.shape[1]:
-            raise SaliencyConfigError(
-                f"target={self.target} but the model has {logits.shape[1]} classes."
-            )
+        samples = self._samples.to(pl_module.device)
+        self._layer_name = dry_run(
+            pl_module,
+            samples.images,
+            samples.labels,
+            self.target,
+            [m for m in self.methods if m not in self._switched_off],
+            self.target_layer or self._layer_name,  # a resumed run keeps its layer
+            self.method_options,
+            self.mean if self.denormalize is not False else None,
+            self.std if self.denormalize is not False else None,
+            self.seed,
+        )
         if self._layer_name:
-            rank_zero_info(f"SaliencyCallback: explaining layer '{self._layer_name}'.")
+            console.info(f"SaliencyCallback: explaining layer '{self._layer_name}'.")
 
     # -- cadence -------------------------------------------------------------------------------
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every validation run of a ``fit`` counts; runs ``0, n, 2n, ...`` are logged
+        (``n = every_n_epochs``), so the cadence meets ``check_val_every_n_epoch`` and
+        ``val_check_interval < 1`` (several runs per epoch) alike. ``trainer.validate()``
+        always logs."""
         if not self._enabled or trainer.sanity_checking or self._explain_at_train_epoch_end:
             return
-        if trainer.state.fn == "fit" and trainer.current_epoch % self.every_n_epochs != 0:
+        if trainer.state.fn != "fit":
+            self._explain_and_log(trainer, pl_module, None)
             return
-        self._explain_and_log(trainer, pl_module)
+        self._tick(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        due = trainer.current_epoch % self.every_n_epochs == 0
-        if self._enabled and self._explain_at_train_epoch_end and due:
-            self._explain_and_log(trainer, pl_module)
+        if self._enabled and self._explain_at_train_epoch_end:
+            self._tick(trainer, pl_module)
 
-    @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Log the whole timeline once more and save it as ``saliency_timeline.png`` beside the
-        logs (independent of TensorBoard's ``--samples_per_plugin``)."""
-        if not (self._enabled and trainer.is_global_zero and len(self.timeline)):
-            return
-        if self._publisher is None:  # a callback unpickled after setup has no loggers
-            return
-        picture = self.timeline.picture()
-        self._publisher.images({"saliency/timeline": picture}, metrics_step(trainer))
-        self.timeline_path = self._publisher.save_png(picture, "saliency_timeline.png")
+    def _tick(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        index = self._validations
+        self._validations += 1
+        if index % self.every_n_epochs == 0:
+            self._explain_and_log(trainer, pl_module, index)
+        else:
+            self._keep_metrics(trainer, pl_module, set())
 
-    def _due(self, method: str, epoch: int) -> bool:
+    def _due(self, method: str, index: int | None) -> bool:
         every = self.method_every_n_epochs.get(method, 1)
-        return method not in self._switched_off and epoch % every == 0
+        return method not in self._switched_off and (index is None or index % every == 0)
 
-    # -- one logged epoch: explain -> monitor -> figures -> loggers ------------------------------
-    def _explain_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _label(self, trainer: L.Trainer) -> tuple[str, float]:
+        """The timeline's column label and position: ``ep 3``, or ``ep 3.50`` for a validation
+        in the middle of an epoch (``val_check_interval < 1``)."""
+        epoch = trainer.current_epoch
+        batches = trainer.num_training_batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if trainer.state.fn == "fit" and isinstance(batches, int) and 0 < done < batches:
+            position = epoch + done / batches
+            return f"ep {position:.2f}", position
+        return f"ep {epoch}", float(epoch)
+
+    def _keep_metrics(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, fresh: set[str]
+    ) -> None:
+        """Log the last value of every key not logged fresh this run, so each key stays present
+        and finite at every validation; an EarlyStopping that watches one does not count it."""
+        stale = {k: v for k, v in self._last_metrics.items() if k not in fresh}
+        if not stale:
+            return
+        if self._guard is not None:
+            self._guard.hold(trainer, set(stale))
+        self._log_metrics(pl_module, stale)
+
+    def _log_metrics(self, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
+        # Every rank computes the same values; sync_dist=True says so to Lightning (a mean of
+        # equal numbers) and keeps callback_metrics equal on all ranks.
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
+
+    # -- one logged run: explain -> monitor -> figures -> loggers --------------------------------
+    def _explain_and_log(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, index: int | None
+    ) -> None:
+        """Everything of one logged run sits inside the failure policy: a failing method is
+        switched off (on every rank alike) and the others go on; a failing step of the
+        bookkeeping warns once and the run goes on."""
         if self._samples is None:
             return
         epoch = trainer.current_epoch
-        active = [m for m in self.methods if self._due(m, epoch)]
+        active = [m for m in self.methods if self._due(m, index)]
         if not active:
+            self._keep_metrics(trainer, pl_module, set())
             return
-        samples = self._samples.to(pl_module.device)
+        fitting = trainer.state.fn == "fit"
         try:
-            out = explain(
+            samples = self._samples.to(pl_module.device)
+        except Exception as err:
+            self._warn_once("transfer", "moving the samples", err, "this run is skipped")
+            return
+        out, errors = self._explain(pl_module, samples, active)
+        self._agree_and_switch_off(trainer, active, errors, pl_module)
+        if out is None or not len(out):
+            self._keep_metrics(trainer, pl_module, set())
+            return
+        if not bool(torch.isfinite(out.logits).all()):
+            self._nonfinite(trainer, pl_module, epoch)
+            return
+        tolerance = pointing_tolerance(samples.images.shape[-1])
+        try:
+            report = self.monitor.observe(
+                epoch, out, samples.labels, samples.masks, tolerance, update_references=fitting
+            )
+        except Exception as err:
+            self._warn_once("scores", "scoring", err, "no scores this run")
+            return
+        metrics = dict(report.metrics)
+        metrics.update({f"{self.alarm_prefix}/switched_off/{m}": 1.0 for m in self._switched_off})
+        self._log_metrics(pl_module, metrics)
+        self._keep_metrics(trainer, pl_module, set(metrics))
+        self._last_metrics.update(metrics)
+        for event in report.events:
+            if event.state == "cleared":
+                console.info(event.message())
+            else:
+                console.warn(event.message())
+        if trainer.is_global_zero and self._publisher is not None:
+            self._publish(trainer, samples, out, epoch, [e.message() for e in report.events])
+
+    def _explain(
+        self, pl_module: L.LightningModule, samples: FixedSamples, active: Sequence[str]
+    ) -> tuple[Explanations | None, dict[str, BaseException]]:
+        """Explain ``active`` together; if the pass as a whole fails, each method alone, so
+        that only the methods that fail by themselves are switched off."""
+
+        def run(methods: Sequence[str]) -> Explanations:
+            return explain(
                 pl_module,
                 samples.images,
                 self._targets(samples),
-                active,
+                methods,
                 self.target_layer or self._layer_name,
                 on_error="collect",
-                method_options={m: self.method_options[m] for m in active},
+                method_options={m: self.method_options[m] for m in methods},
                 seed=self.seed,
                 warm_start=self._warm_start,
             )
-        except Exception as err:  # a monitor never kills a training run
-            self._switch_off(active, err)
-            return
-        for method, error in out.errors.items():
-            self._switch_off([method], error)
-        tolerance = pointing_tolerance(samples.images.shape[-1])
-        report = self.monitor.observe(epoch, out, samples.labels, samples.masks, tolerance)
-        pl_module.log_dict(report.metrics, on_step=False, on_epoch=True, sync_dist=False)
-        for event in report.events:
-            if event.state == "cleared":
-                rank_zero_info(event.message())
+
+        try:
+            out = run(active)
+            return out, dict(out.errors)
+        except Exception as whole:
+            if len(active) == 1:
+                return None, {active[0]: whole}
+        kept: Explanations | None = None
+        errors: dict[str, BaseException] = {}
+        for method in active:
+            try:
+                alone = run([method])
+            except Exception as err:
+                errors[method] = err
+                continue
+            errors.update(alone.errors)
+            if kept is None:
+                kept = alone
             else:
-                rank_zero_warn(event.message())
-        if not (trainer.is_global_zero and self._publisher is not None):
-            return
-        figures = EpochFigures(
-            samples.images,
-            out,
-            samples.labels,
-            self.class_names,
-            self.mean,
-            self.std,
-            self.tile_size,
+                kept.maps.update(alone.maps)
+                kept.extras.update(alone.extras)
+        return kept, errors
+
+    def _agree_and_switch_off(
+        self,
+        trainer: L.Trainer,
+        active: Sequence[str],
+        errors: dict[str, BaseException],
+        pl_module: L.LightningModule,
+    ) -> None:
+        """A method that failed on any rank is switched off on every rank, so all ranks keep
+        logging the same keys (their metrics are synced)."""
+        for method in active:
+            failed = method in errors
+            if trainer.world_size > 1:
+                failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
+            if failed:
+                error = errors.get(method, RuntimeError("failed on another rank"))
+                self._switch_off(method, error, trainer)
+
+    def _nonfinite(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        message = (
+            f"SaliencyCallback: the model's outputs on the fixed samples are not finite at "
+            f"epoch {epoch} (training diverged?); no maps or scores this run."
         )
-        pictures = {f"saliency/{m}": grid for m, grid in figures.grids().items()}
-        pictures["saliency/overview"] = figures.overview()
+        if "nonfinite" not in self._warned:
+            self._warned.add("nonfinite")
+            console.warn(message)
+        metrics = {f"{self.alarm_prefix}/nonfinite_outputs": 1.0}
+        self._log_metrics(pl_module, metrics)
+        self._keep_metrics(trainer, pl_module, set())
+        self._announce(trainer, message)
+
+    def _publish(
+        self,
+        trainer: L.Trainer,
+        samples: FixedSamples,
+        out: Explanations,
+        epoch: int,
+        messages: list[str],
+    ) -> None:
+        """Pictures and text to the loggers (rank zero): a method whose pictures fail is
+        switched off; a logger that fails warns once."""
+        assert self._publisher is not None
+        try:
+            figures = EpochFigures(
+                samples.images,
+                out,
+                samples.labels,
+                self.class_names,
+                self.mean if self.denormalize is not False else None,
+                self.std if self.denormalize is not False else None,
+                self.tile_size,
+            )
+        except Exception as err:
+            self._warn_once("figures", "drawing", err, "no pictures this run")
+            return
+        for method, error in figures.errors.items():
+            self._switch_off(method, error, trainer, agreed=True)
+        pictures = {f"{self.prefix}/{m}": grid for m, grid in figures.grids().items()}
+        if figures.tiles:
+            pictures[f"{self.prefix}/overview"] = figures.overview()
         if self.timeline_method in figures.tiles:
-            self.timeline.add(figures.tiles[self.timeline_method], epoch)
-            if len(self.timeline) % TIMELINE_EVERY == 1:  # the whole picture again at fit end
-                pictures["saliency/timeline"] = self.timeline.picture()
+            label, position = self._label(trainer)
+            self.timeline.add(figures.tiles[self.timeline_method], epoch, label, position)
+            if self.timeline.added % TIMELINE_EVERY == 1:  # the whole picture again at fit end
+                pictures[f"{self.prefix}/timeline"] = self.timeline.picture()
         step = metrics_step(trainer)
-        self._publisher.images(pictures, step)
-        self._publisher.text("saliency/captions", "  \n".join(figures.captions), step)
+        try:
+            self._publisher.images(pictures, step)
+            self._publisher.text(f"{self.prefix}/captions", "  \n".join(figures.captions), step)
+            if messages:
+                self._publisher.text(f"{self.alarm_prefix}/messages", "  \n".join(messages), step)
+        except Exception as err:
+            self._warn_once("loggers", "writing to the loggers", err, "training goes on")
 
     def _targets(self, samples: FixedSamples) -> Tensor | int | None:
         if self.target == "label" and samples.labels is not None:
             return samples.labels
         return self.target if isinstance(self.target, int) else None
 
-    def _switch_off(self, methods: Sequence[str], err: BaseException) -> None:
-        """The failure policy: warn once, skip the methods from now on, keep training."""
-        for method in methods:
-            self._switched_off[method] = repr(err)
-        rank_zero_warn(
-            f"SaliencyCallback: {', '.join(methods)} failed and is skipped from now on "
-            f"({type(err).__name__}: {err}). Training goes on."
+    def _switch_off(
+        self, method: str, err: BaseException, trainer: L.Trainer, agreed: bool = False
+    ) -> None:
+        """The failure policy: said once on the ``lightning_saliency`` logger and in
+        TensorBoard; the method is skipped from now on, the others and training go on."""
+        if method in self._switched_off:
+            return
+        self._switched_off[method] = repr(err)
+        message = (
+            f"SaliencyCallback: {method} failed and is switched off from now on "
+            f"({_describe(err)}); the other methods and training go on."
         )
+        console.warn(message)
+        self._announce(trainer, message)
+
+    def _announce(self, trainer: L.Trainer, message: str) -> None:
+        """Text in TensorBoard's alarm section (rank zero), for people who only look there."""
+        if not (trainer.is_global_zero and self._publisher is not None):
+            return
+        try:
+            self._publisher.text(f"{self.alarm_prefix}/messages", message, metrics_step(trainer))
+        except Exception as err:
+            self._warn_once("loggers", "writing to the loggers", err, "training goes on")
+
+    def _warn_once(self, key: str, step: str, err: BaseException, consequence: str) -> None:
+        """A failing step of the bookkeeping: said once per kind, then quiet."""
+        if key not in self._warned:
+            self._warned.add(key)
+            console.warn(f"SaliencyCallback: {step} failed ({_describe(err)}); {consequence}.")
+
+
+STATE_VERSION = 2
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _method_of(tag: str, prefix: str) -> str | None:
+    """``saliency/gradcam/consensus`` -> ``gradcam``."""
+    if not tag.startswith(prefix + "/"):
+        return None
+    return tag[len(prefix) + 1 :].split("/", 1)[0]
+
+
+def _methods_in(state: dict[str, Any]) -> list[str]:
+    """Methods a saved state has references for (states before ``methods`` was saved)."""
+    monitor = state.get("monitor", state)
+    return list(monitor.get("first", {}))

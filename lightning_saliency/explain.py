@@ -140,7 +140,9 @@ def explain(
         targets: class per image (tensor, list or int); ``None`` explains the prediction.
         methods: names from :func:`lightning_saliency.available_methods` (``ig`` is an alias).
         target_layer: dotted path or module for layer methods; ``None`` auto-detects.
-        on_error: ``"collect"`` puts a failing method's exception in ``.errors`` and goes on.
+        on_error: ``"collect"`` puts a failing method's exception in ``.errors`` (configuration
+            errors and a target layer that cannot be used included: those fail only the
+            methods that need the layer) and goes on with the others.
         method_options: per-method options, ``{"smoothgrad": {"samples": 16}}``; every
             method's options and defaults are listed by
             :func:`lightning_saliency.available_options`.
@@ -196,15 +198,22 @@ def explain(
         if requested is not None:
             requested = requested.detach().clone()
         layer_name, layer = None, None
+        layer_error: Exception | None = None
         if any(METHODS[n].needs_layer for n in names):
-            layer_name, layer = choose_layer(model, x, target_layer)
+            try:
+                layer_name, layer = choose_layer(model, x, target_layer)
+            except Exception as err:  # only the methods that need the layer fail
+                if on_error == "raise":
+                    raise
+                layer_error = err
         session = ExplainSession(model, x, requested, layer, names, seed, warm_start)
         for name in names:
+            if layer_error is not None and METHODS[name].needs_layer:
+                errors[name] = layer_error
+                continue
             try:
                 out = METHODS[name].compute(session, options[name])
                 maps[name] = torch.nan_to_num(out.detach().float(), nan=0.0, posinf=0.0)
-            except SaliencyConfigError:
-                raise
             except Exception as err:  # a monitor reports, the caller decides
                 if on_error == "raise":
                     raise

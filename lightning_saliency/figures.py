@@ -103,6 +103,8 @@ class EpochFigures:
     """The pictures of one logged epoch: a grid per method, the overview, and the small tiles
     of each method for the timeline.
 
+    A method whose tiles cannot be drawn is left out and its error kept in ``errors``.
+
     Args:
         images: ``(N, C, H, W)`` model inputs.
         out: their explanations.
@@ -127,7 +129,13 @@ class EpochFigures:
         size = tile_shape((images.shape[-2], images.shape[-1]), tile_size)
         self.picture = render.resize(render.to_picture(images, mean, std), size)
         self.captions = captions(out.logits, out.targets, labels, names)
-        self.tiles = {m: method_tiles(m, maps, self.picture, alpha) for m, maps in out.items()}
+        self.tiles: dict[str, Tensor] = {}
+        self.errors: dict[str, BaseException] = {}
+        for method, maps in out.items():
+            try:
+                self.tiles[method] = method_tiles(method, maps, self.picture, alpha)
+            except Exception as err:  # one method's picture never takes down the others
+                self.errors[method] = err
         self._out = out
         self._names = names
 
@@ -168,48 +176,99 @@ def comparison_figure(
 
 
 class Timeline:
-    """One method's maps across logged epochs: samples as rows, epochs as columns.
+    """One method's maps across logged validations: samples as rows, validations as columns.
 
     Columns are kept on the host as small ``uint8`` tiles (64 px) so a long run costs no
-    device memory; past ``capacity`` columns the older half is thinned to every other one.
+    device memory. Past ``capacity`` columns the timeline keeps the first column, the last, and
+    an even spread between them (by position, the epoch), so the early epochs where a shortcut
+    is learnt stay in the picture however long the run.
 
     Example:
         >>> import torch
-        >>> timeline = Timeline()
-        >>> timeline.add(torch.rand(2, 3, 16, 16), epoch=0)
-        >>> timeline.picture().shape[0], len(timeline)
-        (3, 1)
+        >>> timeline = Timeline(capacity=4)
+        >>> for epoch in range(10):
+        ...     timeline.add(torch.rand(2, 3, 16, 16), epoch=epoch)
+        >>> timeline.labels
+        ['ep 0', 'ep 3', 'ep 6', 'ep 9']
+        >>> timeline.picture().shape[0], len(timeline), timeline.added
+        (3, 4, 10)
     """
 
     def __init__(self, side: int = 64, capacity: int = 32) -> None:
         self.side = side
-        self.capacity = capacity
+        self.capacity = max(2, capacity)
         self.columns: list[Tensor] = []
         self.labels: list[str] = []
+        self.positions: list[float] = []
+        self.added = 0
 
     def __len__(self) -> int:
         return len(self.columns)
 
-    def add(self, tiles: Tensor, epoch: int) -> None:
-        """Add one epoch's ``(N, 3, H, W)`` tiles (floats in ``[0, 1]``)."""
+    def add(
+        self, tiles: Tensor, epoch: int, label: str | None = None, position: float | None = None
+    ) -> None:
+        """Add one validation's ``(N, 3, H, W)`` tiles (floats in ``[0, 1]``), labelled
+        ``ep <epoch>`` unless ``label`` is given; ``position`` (default: the epoch) places it
+        on the time axis for thinning."""
         small = render.resize(tiles, (self.side, self.side))
         self.columns.append(render.to_uint8(small).cpu())
-        self.labels.append(f"ep {epoch}")
-        if len(self.columns) > self.capacity:  # keep memory flat: thin out the older half
-            half = self.capacity // 2
-            self.columns = self.columns[:half:2] + self.columns[half:]
-            self.labels = self.labels[:half:2] + self.labels[half:]
+        self.labels.append(label or f"ep {epoch}")
+        self.positions.append(float(epoch if position is None else position))
+        self.added += 1
+        if len(self.columns) > self.capacity:
+            keep = spread(self.positions, self.capacity)
+            self.columns = [self.columns[i] for i in keep]
+            self.labels = [self.labels[i] for i in keep]
+            self.positions = [self.positions[i] for i in keep]
 
     def picture(self) -> Tensor:
         """The timeline as one ``uint8`` picture (on the host)."""
         return render.to_uint8(render.timeline(self.columns, self.labels))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"columns": [c.clone() for c in self.columns], "labels": list(self.labels)}
+        return {
+            "columns": [c.clone() for c in self.columns],
+            "labels": list(self.labels),
+            "positions": list(self.positions),
+            "added": self.added,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.columns = list(state.get("columns", []))
         self.labels = list(state.get("labels", []))
+        positions = state.get("positions")
+        if positions is None:  # 0.1.0 kept labels only: "ep 12"
+            positions = [_epoch_of(label, i) for i, label in enumerate(self.labels)]
+        self.positions = [float(p) for p in positions]
+        self.added = int(state.get("added", len(self.columns)))
+
+
+def _epoch_of(label: str, default: int) -> float:
+    try:
+        return float(label.split()[-1])
+    except (ValueError, IndexError):
+        return float(default)
+
+
+def spread(positions: Sequence[float], count: int) -> list[int]:
+    """Indices of ``count`` of the (increasing) ``positions``: the first, the last, and for
+    each evenly spaced point between them the nearest position not yet taken.
+
+    Example:
+        >>> spread([0, 1, 2, 3, 4, 5, 6, 7, 8], 3)
+        [0, 4, 8]
+    """
+    n = len(positions)
+    if n <= count:
+        return list(range(n))
+    first, last = positions[0], positions[-1]
+    chosen = {0, n - 1}
+    for k in range(1, count - 1):
+        target = first + (last - first) * k / (count - 1)
+        free = (i for i in range(n) if i not in chosen)
+        chosen.add(min(free, key=lambda i: (abs(positions[i] - target), i)))
+    return sorted(chosen)
 
 
 def first_map_method(methods: Sequence[str]) -> str | None:

@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +32,7 @@ from lightning_saliency import alarms as rules
 from lightning_saliency.explain import Explanations
 from lightning_saliency.methods import METHODS
 from lightning_saliency.samples import class_name
-from lightning_saliency.scores import downsample_for_drift, map_scores
+from lightning_saliency.scores import chance_levels, downsample_for_drift, map_scores
 
 PER_CLASS_SCORES = (
     "object_enrichment",
@@ -153,8 +153,14 @@ class ScoreMonitor:
         labels: Tensor | None = None,
         masks: Tensor | None = None,
         tolerance: int = 1,
+        update_references: bool = True,
     ) -> EpochReport:
         """Score the maps of ``out`` (drift against the references), aggregate, check alarms.
+
+        Every logged score is finite: a group whose maps are all dead logs chance
+        (:func:`~lightning_saliency.scores.chance_levels`), and the first observation of a
+        method compares it with itself (drift 1), so a key an ``EarlyStopping`` watches exists
+        from the first logged epoch. Alarms judge only real values.
 
         Args:
             epoch: the trainer's epoch (recorded in history and events).
@@ -163,6 +169,9 @@ class ScoreMonitor:
                 them, groups are the explained targets and every sample counts.
             masks: ``(N, H, W)`` object masks: the localisation scores.
             tolerance: the pointing game's tolerance in pixels.
+            update_references: ``False`` scores against the references without moving the
+                previous-epoch reference (``trainer.validate()`` after ``fit``); the first
+                reference is set once either way.
         """
         metrics: dict[str, float] = {}
         means_by_method: dict[str, dict[str, float]] = {}
@@ -176,30 +185,33 @@ class ScoreMonitor:
         for method, maps in out.items():
             if METHODS[method].kind != "map":
                 continue
-            scores = map_scores(
-                maps, masks, self._previous.get(method), self._first.get(method), tolerance
-            )
+            small = downsample_for_drift(maps)
+            first = self._first.setdefault(method, small)
+            scores = map_scores(maps, masks, self._previous.get(method, small), first, tolerance)
             scores.update(self._method_scores(method, out, maps.shape[0], maps.device))
-            means, per_class = self._group_means(scores, groups, None)
-            means_by_method[method], per_class_by_method[method] = means, per_class
-            for name, value in means.items():
+            chance = chance_levels(masks, maps.shape[0], maps.device)
+            logged, logged_per_class = self._group_means(scores, groups, None, fill=chance)
+            for name, value in logged.items():
                 metrics[f"{self.prefix}/{method}/{name}"] = value
-            for group, values in per_class.items():
+            for group, values in logged_per_class.items():
                 for name, value in values.items():
                     metrics[f"{self.prefix}/{method}/{name}/{group}"] = value
-            if correct is not None:
-                means, per_class = self._group_means(scores, groups, correct)
+            means, per_class = self._group_means(scores, groups, correct)
+            means_by_method[method], per_class_by_method[method] = (
+                self._group_means(scores, groups, None)
+                if correct is not None
+                else (means, per_class)
+            )
             found = rules.check(method, means, per_class, self.thresholds)
             names = {a.score for a in found}
             for score in self.thresholds:
-                if score in names or score in means:
+                if score in names or score in means or score in logged:
                     metrics[f"{self.prefix}/{method}/alarm/{score}"] = float(score in names)
                 if score in means or any(score in v for v in per_class.values()):
                     judged[(method, score)] = means.get(score, float("nan"))
             tripped.extend(found)
-            small = downsample_for_drift(maps)
-            self._first.setdefault(method, small)
-            self._previous[method] = small
+            if update_references or method not in self._previous:
+                self._previous[method] = small
         metrics[f"{self.prefix}/alarms"] = float(len(tripped))
         events = self._update_alarms(epoch, tripped, judged)
         record = EpochScores(
@@ -244,25 +256,35 @@ class ScoreMonitor:
         return events
 
     def _group_means(
-        self, scores: dict[str, Tensor], groups: Tensor, select: Tensor | None, min_count: int = 2
+        self,
+        scores: dict[str, Tensor],
+        groups: Tensor,
+        select: Tensor | None,
+        min_count: int = 2,
+        fill: Mapping[str, Tensor] | None = None,
     ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Mean of each score over the selected samples, and per class (groups with fewer than
-        ``min_count`` selected samples are left out when a selection is given)."""
+        ``min_count`` selected samples are left out when a selection is given). A score whose
+        maps are all dead in a group is left out, or, with ``fill``, takes the mean of
+        ``fill``'s values there."""
         need = 1 if select is None or bool(select.all()) else min_count
         select = torch.ones_like(groups, dtype=torch.bool) if select is None else select
+
+        def mean(name: str, chosen: Tensor) -> float:
+            value = float(scores[name][chosen].float().nanmean())
+            if value != value and fill is not None and name in fill:
+                value = float(fill[name][chosen].float().mean())
+            return value
+
         means: dict[str, float] = {}
         if int(select.sum()) >= need:
-            means = _finite({k: float(v[select].float().nanmean()) for k, v in scores.items()})
+            means = _finite({k: mean(k, select) for k in scores})
         per_class: dict[str, dict[str, float]] = {}
         for cls in sorted(set(groups.tolist())):
             chosen = (groups == cls) & select
             if int(chosen.sum()) >= need:
                 per_class[class_name(self.class_names, int(cls))] = _finite(
-                    {
-                        k: float(scores[k][chosen].float().nanmean())
-                        for k in PER_CLASS_SCORES
-                        if k in scores
-                    }
+                    {k: mean(k, chosen) for k in PER_CLASS_SCORES if k in scores}
                 )
         return means, per_class
 
@@ -283,9 +305,12 @@ class ScoreMonitor:
             "ever": [list(k) for k in sorted(self._ever)],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._first = dict(state.get("first", {}))
-        self._previous = dict(state.get("previous", state.get("prev", {})))
+    def load_state_dict(self, state: Mapping[str, Any], drop: Collection[str] = ()) -> None:
+        """Restore a saved record; the references and open alarms of the methods in ``drop``
+        are left out (the alarm record and history keep them: they happened)."""
+        self._first = {k: v for k, v in state.get("first", {}).items() if k not in drop}
+        previous = state.get("previous", state.get("prev", {}))
+        self._previous = {k: v for k, v in previous.items() if k not in drop}
         self.alarms = [AlarmEvent(**e) for e in state.get("alarms", [])]
         self.history = [
             EpochScores(h["epoch"], h["means"], h["per_class"], [tuple(a) for a in h["alarms"]])
@@ -296,3 +321,4 @@ class ScoreMonitor:
         for method, score in state.get("alarmed", []):  # 0.1.0: the alarms raised, never cleared
             self._ever.add((method, score))
             self._active[(method, score)] = self.thresholds.get(score, float("nan"))
+        self._active = {k: v for k, v in self._active.items() if k[0] not in drop}

@@ -10,6 +10,7 @@ their options; ``explain()``'s other flat options still work for one release, wi
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,7 +33,10 @@ def _declared_default(method: str, option: str) -> Any:
 
 
 def _from_flat(
-    methods: Sequence[str], flat: Mapping[str, Any], deprecated: bool
+    methods: Sequence[str],
+    flat: Mapping[str, Any],
+    deprecated: bool,
+    spelled: dict[tuple[str, str], str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     table = flat_option_names()
     out: dict[str, dict[str, Any]] = {}
@@ -55,7 +59,22 @@ def _from_flat(
         for method, option in targets:
             if method in methods and (deprecated or value != _declared_default(method, option)):
                 out.setdefault(method, {})[option] = value
+                if spelled is not None:
+                    spelled[(method, option)] = f"{name}={value!r}"
     return out
+
+
+def _build(method: str, values: Mapping[str, Any], spelled: Mapping[tuple[str, str], str]) -> Any:
+    """The method's options; an error about an option the user set through a flat argument
+    names that argument first (``ig_steps=0: ...``), since that is what they wrote."""
+    try:
+        return build_options(METHODS[method], values)
+    except SaliencyConfigError as err:
+        text = str(err)
+        for (owner, option), argument in spelled.items():
+            if owner == method and re.search(rf"\b{re.escape(option)}\b", text):
+                raise SaliencyConfigError(f"{argument} is not valid: {text}") from err
+        raise
 
 
 def resolve_options(
@@ -75,7 +94,8 @@ def resolve_options(
         >>> opts["occlusion"].window, opts["integrated_gradients"].steps
         (8, 16)
     """
-    values = _from_flat(methods, flat or {}, deprecated=False)
+    spelled: dict[tuple[str, str], str] = {}
+    values = _from_flat(methods, flat or {}, deprecated=False, spelled=spelled)
     for method, old in _from_flat(methods, deprecated_flat or {}, deprecated=True).items():
         values.setdefault(method, {}).update(old)
     if method_options is not None and not isinstance(method_options, Mapping):
@@ -107,7 +127,7 @@ def resolve_options(
                     f"argument and to {value!r} by method_options; keep one."
                 )
             chosen[option] = value
-    return {m: build_options(METHODS[m], values.get(m, {})) for m in methods}
+    return {m: _build(m, values.get(m, {}), spelled) for m in methods}
 
 
 def parse_option_assignment(text: str) -> tuple[str, str, Any]:

@@ -1,10 +1,13 @@
 """Choosing and holding the fixed samples the callback explains every epoch.
 
-The loader is found through Lightning's public API: ``trainer.val_dataloaders`` once a
-validation loop has set it up, else the datamodule's or the module's ``val_dataloader()`` hook
-(``train_dataloader()`` when the callback explains at train-epoch end). Loaders handed straight
-to ``fit(val_dataloaders=...)`` have no public accessor before the first validation; for those
-alone :func:`source_loaders` reads the loop's data source, in one place.
+The samples are chosen from what the val loader actually yields: the indices its sampler (or
+batch sampler) visits, collated by its ``collate_fn``, picked by the callback's own generator.
+The loader is the user's own, as the datamodule's or the module's ``val_dataloader()`` hook
+returns it (``train_dataloader()`` when the callback explains at train-epoch end), so under
+DDP every rank sees the user's sampler, not the per-rank ``DistributedSampler`` Lightning
+wraps around it, and every rank holds the same samples as a single-device run. Loaders handed
+straight to ``fit(val_dataloaders=...)`` have no public accessor before the first validation;
+for those alone :func:`source_loaders` reads the loop's data source, in one place.
 """
 
 from __future__ import annotations
@@ -178,20 +181,29 @@ def _dataset_labels(
 
 
 def choose_indices(
-    dataset: Dataset[Any], num: int, seed: int, keys: BatchKeys = DEFAULT_KEYS
+    dataset: Dataset[Any],
+    num: int,
+    seed: int,
+    keys: BatchKeys = DEFAULT_KEYS,
+    candidates: Sequence[int] | None = None,
 ) -> list[int]:
-    """``num`` indices of a map-style dataset, chosen by a private generator and spread over
-    classes (round robin) when labels are known. The global RNG is never touched.
+    """``num`` indices of a map-style dataset, chosen among ``candidates`` (default: all) by a
+    private generator and spread over classes (round robin) when labels are known. The global
+    RNG is never touched.
 
     Example:
         >>> ds = [(torch.zeros(3, 4, 4), i % 2) for i in range(10)]
         >>> idx = choose_indices(ds, 4, seed=0)
         >>> sorted(ds[i][1] for i in idx)
         [0, 0, 1, 1]
+        >>> set(choose_indices(ds, 2, seed=0, candidates=[7, 8, 9])) <= {7, 8, 9}
+        True
     """
-    size = len(dataset)  # type: ignore[arg-type]  # map-style datasets have __len__
+    if candidates is None:
+        candidates = range(len(dataset))  # type: ignore[arg-type]  # map-style: __len__
+    size = len(candidates)
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(size, generator=gen).tolist()
+    order = [candidates[i] for i in torch.randperm(size, generator=gen).tolist()]
     if num >= size:
         return sorted(order)
     pool = order[: min(size, max(8 * num, 64))]
@@ -209,9 +221,53 @@ def choose_indices(
     return chosen
 
 
+def _user_sampler(sampler: Any) -> Any:
+    """The user's sampler inside the distributed wrappers Lightning puts around it (``None``
+    for a plain ``DistributedSampler``, which Lightning makes from a sequential one)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    if isinstance(sampler, DistributedSampler):
+        inner = getattr(sampler, "dataset", None)
+        return getattr(inner, "_sampler", None)  # lightning's DistributedSamplerWrapper
+    return sampler
+
+
+def visited_indices(loader: Any) -> list[int] | None:
+    """The dataset indices one pass of ``loader`` visits (sorted, without repeats), read from
+    its batch sampler or sampler; ``None`` when they are not plain indices. Iterating a random
+    sampler draws from the global RNG, so the caller isolates it.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, SubsetRandomSampler
+        >>> loader = DataLoader(list(range(10)), sampler=SubsetRandomSampler([7, 2, 5]))
+        >>> visited_indices(loader)
+        [2, 5, 7]
+    """
+    from torch.utils.data import BatchSampler
+
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(batch_sampler, BatchSampler):
+        batch_sampler = None  # the default one: its sampler says the same
+    source = _user_sampler(sampler if batch_sampler is None else batch_sampler)
+    if source is None:
+        return None
+    found: set[int] = set()
+    try:
+        for item in source:
+            for index in item if batch_sampler is not None else [item]:
+                if isinstance(index, bool) or not isinstance(index, int):
+                    index = int(index)  # numpy or tensor scalars; others raise
+                found.add(index)
+    except (TypeError, ValueError):
+        return None
+    return sorted(found)
+
+
 def collect_samples(loader: Any, num: int, seed: int, keys: BatchKeys = DEFAULT_KEYS) -> Any:
-    """A collated batch of ``num`` fixed samples from a dataloader's dataset (by index), or
-    the first ``num`` of its stream for an ``IterableDataset``. Returns ``(batch, indices)``."""
+    """A collated batch of ``num`` fixed samples among what the loader's sampler visits (by
+    index), or the first ``num`` of its stream for an ``IterableDataset``. Returns
+    ``(batch, indices)``."""
     dataset = getattr(loader, "dataset", None)
     collate = getattr(loader, "collate_fn", None) or default_collate
     if (
@@ -220,7 +276,10 @@ def collect_samples(loader: Any, num: int, seed: int, keys: BatchKeys = DEFAULT_
         and hasattr(dataset, "__len__")
         and len(dataset) > 0
     ):
-        indices = choose_indices(dataset, num, seed, keys)
+        candidates = visited_indices(loader)
+        if candidates is not None and not candidates:
+            return None, None
+        indices = choose_indices(dataset, num, seed, keys, candidates)
         return collate([dataset[i] for i in indices]), indices
     batches, count = [], 0
     for batch in loader:
@@ -295,11 +354,9 @@ def find_normalize(dataset: Any) -> tuple[list[float], list[float]] | None:
 def source_loaders(
     trainer: L.Trainer, pl_module: L.LightningModule, stage: str, train: bool = False
 ) -> Any:
-    """What the val (or, with ``train=True``, the train) dataloader hook of this run returns:
-    a loader, a list or a dict of loaders, or ``None`` when there is none."""
-    public = trainer.train_dataloader if train else trainer.val_dataloaders
-    if public is not None:
-        return public
+    """What the val (or, with ``train=True``, the train) dataloader hook of this run returns,
+    as the user wrote it (before Lightning adds distributed samplers): a loader, a list or a
+    dict of loaders, or ``None`` when there is none."""
     hook = "train_dataloader" if train else "val_dataloader"
     for owner in (getattr(trainer, "datamodule", None), pl_module):
         if owner is not None and is_overridden(hook, owner):
@@ -312,9 +369,11 @@ def source_loaders(
     else:
         loop = trainer.validate_loop
     instance = getattr(getattr(loop, "_data_source", None), "instance", None)
-    if isinstance(instance, (L.LightningModule, L.LightningDataModule)):
-        return None
-    return instance
+    if instance is not None and not isinstance(
+        instance, (L.LightningModule, L.LightningDataModule)
+    ):
+        return instance
+    return trainer.train_dataloader if train else trainer.val_dataloaders
 
 
 def choose_samples(

@@ -221,3 +221,28 @@ def map_scores(
         if name in out:
             out[name] = out[name].masked_fill(dead, float("nan"))
     return out
+
+
+def chance_levels(masks: Tensor | None, n: int, device: torch.device) -> dict[str, Tensor]:
+    """What a map that points nowhere (zero everywhere) is logged as, per sample: the scores of
+    a uniform map, i.e. chance. Enrichments are 1; with masks, the energy inside the object,
+    the rank accuracy and the pointing game are the object's share of the image. Alarms never
+    judge these values; they keep a logged key present and finite when every map is dead.
+
+    Example:
+        >>> masks = torch.zeros(2, 4, 4, dtype=torch.bool); masks[:, :2] = True
+        >>> levels = chance_levels(masks, 2, torch.device("cpu"))
+        >>> levels["corner_enrichment"].tolist(), levels["pointing_game"].tolist()
+        ([1.0, 1.0], [0.5, 0.5])
+    """
+    ones = torch.ones(n, device=device)
+    levels = {"corner_enrichment": ones, "border_enrichment": ones}
+    if masks is not None:
+        area = masks.to(device).float().flatten(1).mean(1)
+        levels.update(
+            object_enrichment=ones,
+            object_energy=area,
+            rank_accuracy=area,
+            pointing_game=area,
+        )
+    return levels

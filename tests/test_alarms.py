@@ -144,7 +144,7 @@ def test_a_0_1_checkpoint_keeps_its_alarms_quiet():
 def test_thresholds_and_rules():
     assert merge_thresholds({"consensus": 0.9})["consensus"] == 0.9
     assert "ig_completeness_error" in default_thresholds()  # declared by the method
-    with pytest.raises(SaliencyConfigError, match="no alarm for score 'objekt'"):
+    with pytest.raises(SaliencyConfigError, match="thresholds names 'objekt'"):
         merge_thresholds({"objekt": 1.0})
     # Only object_enrichment alarms per class; the others on the mean.
     per_class = {"cat": {"corner_enrichment": 9.0, "object_enrichment": 0.2}}
