@@ -74,12 +74,26 @@ class SaliencyCallback(L.Callback):
             :func:`lightning_saliency.alarms.default_thresholds`.
         timeline_method: the method shown in the timeline (default: the first map method).
         seed: the sample choice and the noise of noisy methods use private generators from it.
+        name: for several callbacks in one Trainer (e.g. Grad-CAM at two layers): each logs
+            under ``saliency/<name>/`` and saves its state under its own ``state_key``. Two
+            callbacks without distinct names share the ``state_key``, which the Trainer
+            refuses; give each a ``name=``.
+
+    Cadence: every validation run of a ``fit`` counts (several per epoch with
+    ``val_check_interval < 1``, one every k epochs with ``check_val_every_n_epoch=k``); runs
+    ``0, n, 2n, ...`` are logged, ``n = every_n_epochs``, and a method of
+    ``method_every_n_epochs={m: k}`` runs on those logged runs whose count is a multiple of k.
+    Between logged runs the last values stay in the metrics, so ``EarlyStopping`` and
+    ``ModelCheckpoint`` can watch a saliency key; an ``EarlyStopping`` on one counts logged
+    runs only.
 
     Raises:
         SaliencyConfigError: at construction for a bad argument (unknown method, option or
-            score; a value of the wrong type); at setup, before any training step, for what
-            depends on the model or the data (no logger, non-image batches, an unknown layer, a
-            target out of range, a sharded strategy).
+            score; a value of the wrong type or range; labels, masks or mean/std that do not
+            fit the samples); before any training step, by a dry run of every method on two
+            samples, for what depends on the model or the data (no logger, non-image batches,
+            an unusable target layer, labels or target out of range, mean/std that do not fit
+            the channels, outputs that are not finite, a sharded strategy).
 
     Example:
         >>> from lightning_saliency import SaliencyCallback
@@ -338,8 +352,7 @@ class SaliencyCallback(L.Callback):
         """Check what can be checked before the model is placed.
 
         Raises:
-            SaliencyConfigError: no logger, two callbacks with the same ``name``, or a sharded
-                strategy.
+            SaliencyConfigError: no logger, or a sharded strategy.
         """
         self._enabled = stage in ("fit", "validate")
         if not self._enabled:
@@ -352,17 +365,6 @@ class SaliencyCallback(L.Callback):
             raise SaliencyConfigError(
                 "SaliencyCallback needs a logger to write images to; pass "
                 "Trainer(logger=TensorBoardLogger('logs')) (or CSVLogger for PNG files)."
-            )
-        twins = [
-            cb
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if isinstance(cb, SaliencyCallback) and cb is not self and cb.name == self.name
-        ]
-        if twins:
-            raise SaliencyConfigError(
-                f"{len(twins) + 1} SaliencyCallbacks share name={self.name!r}, so their tags "
-                "and checkpoint states would collide; give each its own name=, e.g. "
-                "SaliencyCallback(target_layer='layer3', name='layer3')."
             )
         self._publisher = Publisher(trainer.loggers)
         strategy = type(trainer.strategy).__name__

@@ -30,12 +30,19 @@ def watching(callbacks: Sequence[L.Callback], prefix: str) -> list[EarlyStopping
     return [
         cb
         for cb in callbacks
-        if isinstance(cb, EarlyStopping) and str(cb.monitor).startswith(prefix + "/")
+        if isinstance(cb, EarlyStopping)
+        and not isinstance(cb, StaleCheckGuard)
+        and str(cb.monitor).startswith(prefix + "/")
     ]
 
 
-class StaleCheckGuard(L.Callback):
+class StaleCheckGuard(EarlyStopping):
     """Restores watching ``EarlyStopping`` callbacks after a check on a stale key.
+
+    It is an ``EarlyStopping`` only so that Lightning calls it where it calls those: in the
+    monitoring phase of ``on_train_epoch_end``, after the module's own hook, and so after the
+    user's ``EarlyStopping`` that it follows in the callback list. It never stops a run itself
+    and saves no state.
 
     Example:
         >>> guard = StaleCheckGuard([EarlyStopping("saliency/gradcam/consensus")])
@@ -44,10 +51,28 @@ class StaleCheckGuard(L.Callback):
     """
 
     def __init__(self, watchers: Sequence[EarlyStopping]) -> None:
+        super().__init__(monitor="lightning_saliency_guard", strict=False, check_finite=False)
         self.watchers = list(watchers)
         self._held: dict[int, dict[str, Any]] = {}
         self._stop_before = False
         self._others: dict[int, int] = {}  # other EarlyStopping callbacks -> stopped_epoch
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return f"StaleCheckGuard{[w.monitor for w in self.watchers]}"
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pass
 
     @property
     def holding(self) -> bool:
@@ -62,7 +87,7 @@ class StaleCheckGuard(L.Callback):
         self._others = {
             id(cb): cb.stopped_epoch
             for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if isinstance(cb, EarlyStopping) and id(cb) not in self._held
+            if isinstance(cb, EarlyStopping) and cb is not self and id(cb) not in self._held
         }
 
     @override
