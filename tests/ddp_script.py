@@ -13,6 +13,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_datamodule, tiny_model  # noqa: E402
+from torch.utils.data import DataLoader, SubsetRandomSampler  # noqa: E402
+
+from lightning_saliency.data import ShortcutDataModule  # noqa: E402
 
 from lightning_saliency import SaliencyCallback  # noqa: E402
 from lightning_saliency.loggers import Publisher  # noqa: E402
@@ -46,9 +49,26 @@ class CountingCallback(SaliencyCallback):
             "history": [h.means for h in self.history],
             "alarm_events": [(e.epoch, e.method, e.score, e.state) for e in self.alarms],
             "alarms": float(trainer.callback_metrics.get("saliency/alarms", torch.tensor(-1.0))),
+            "indices": self.fixed_samples.indices,
+            "images_sum": float(self.fixed_samples.images.double().sum()),
         }
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f)
+
+
+VAL_INDICES = list(range(8, 32))
+
+
+class SubsetVal(ShortcutDataModule):
+    """The val loader samples a subset (k-fold style); under DDP Lightning wraps its sampler
+    in a per-rank DistributedSampler."""
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=8, sampler=SubsetRandomSampler(VAL_INDICES))
+
+
+def subset_datamodule():
+    return SubsetVal(n_train=64, n_val=32, size=32, batch_size=16)
 
 
 def main() -> None:
@@ -68,7 +88,7 @@ def main() -> None:
         enable_checkpointing=False,
         num_sanity_val_steps=2,
     )
-    trainer.fit(tiny_model(), tiny_datamodule())
+    trainer.fit(tiny_model(), subset_datamodule())
 
 
 if __name__ == "__main__":
