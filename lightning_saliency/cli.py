@@ -12,11 +12,14 @@ loads ``--weights`` if given. Errors are one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import importlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -98,9 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="dotted module path; default: the last spatial feature map",
     )
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
-    p.add_argument("--size", type=int, default=224, help="images are resized to SIZE x SIZE")
-    p.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="normalisation")
-    p.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="normalisation")
+    p.add_argument("--size", default="224", help="images are resized to SIZE x SIZE")
+    p.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=None,
+        help="normalisation, one value per input channel (or one for all); default: "
+        "ImageNet's for 3-channel models, none (0) otherwise",
+    )
+    p.add_argument(
+        "--std",
+        type=float,
+        nargs="+",
+        default=None,
+        help="normalisation, one value per input channel (or one for all); default: "
+        "ImageNet's for 3-channel models, none (1) otherwise",
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the maps (0..1)")
     p.add_argument("--rows", type=int, default=None, help="show at most N images (rows)")
     p.add_argument("--ig-steps", default="32", help="IG steps, or 'auto'")
@@ -151,10 +168,32 @@ def _load_into(model: nn.Module, state: dict[str, Tensor]) -> None:
             if keys & set(stripped):
                 state = stripped
                 break
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CliError(f"the weights do not fit the model: {str(err).splitlines()[0]}") from err
+    own = model.state_dict()
+    missing = sorted(keys - set(state))
+    unexpected = sorted(set(state) - keys)
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    problems = [
+        f"{label}: {_few(items)}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("other shapes (file vs model)", shapes),
+        )
+        if items
+    ]
+    if problems:
+        raise CliError("the weights do not fit the model; " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def _few(items: Sequence[str], shown: int = 4) -> str:
+    """``a, b, c, d and 12 more``."""
+    text = ", ".join(items[:shown])
+    return text + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def load_model(args: argparse.Namespace) -> nn.Module:
@@ -169,12 +208,14 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         if num_classes is None and state is not None:
             last = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
             num_classes = last[-1].shape[0] if last else 1000
-        try:
-            model = torchvision.models.get_model(
-                args.arch, weights=None, num_classes=num_classes or 1000
-            )
-        except ValueError as err:
-            raise CliError(f"unknown torchvision architecture {args.arch!r}") from err
+        known = torchvision.models.list_models()
+        if args.arch not in known:
+            close = difflib.get_close_matches(args.arch, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise CliError(f"unknown torchvision architecture {args.arch!r}{hint}")
+        model = torchvision.models.get_model(
+            args.arch, weights=None, num_classes=num_classes or 1000
+        )
         if state is not None:
             _load_into(model, state)
         built: nn.Module = model
@@ -201,7 +242,14 @@ def load_model(args: argparse.Namespace) -> nn.Module:
             raise CliError(
                 f"cannot load {args.checkpoint}: {str(err).splitlines()[0]}{hint}"
             ) from err
-    model = factory()
+    try:
+        model = factory()
+    except TypeError as err:
+        raise CliError(
+            f"{args.model} cannot be called without arguments ({err}); point --model at a "
+            "class whose arguments all have defaults, or at a function that takes none and "
+            "returns the model"
+        ) from err
     if not isinstance(model, nn.Module):
         raise CliError(f"{args.model} did not return an nn.Module")
     if args.checkpoint:
@@ -209,10 +257,69 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     return model
 
 
+IMAGE_FORMATS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def check_images(paths: Sequence[str]) -> None:
+    """Every image exists and its header reads, before anything slow (the model) loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        if not os.path.isfile(path):
+            raise CliError(f"no such image: {path}")
+        try:
+            with _bomb_checked(), Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as err:
+            raise CliError(f"cannot read image {path}: {err}") from err
+        except Image.DecompressionBombError as err:
+            raise CliError(f"image {path} is too large to open safely: {err}") from err
+
+
+@contextlib.contextmanager
+def _bomb_checked() -> Iterator[None]:
+    """PIL's decompression-bomb warning (over 89 M pixels) as an error, like its error at 2×."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except Image.DecompressionBombWarning as warning:
+            raise Image.DecompressionBombError(str(warning)) from None
+
+
+def _to_channels(img: Any, channels: int) -> Tensor:
+    """A PIL image → ``(channels, H, W)`` floats in ``[0, 1]``, scaled by its real bit depth
+    (16-bit PNGs are 0..65535, not saturated at 255)."""
+    import numpy as np
+    from torchvision.transforms import functional as TF
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = max(float(array.max()), 1.0)
+        elif img.mode == "I" and float(array.max()) > 65535:
+            top = float(2**32 - 1)
+        else:
+            top = 65535.0 if img.mode != "I" or float(array.max()) > 255 else 255.0
+        grey = torch.from_numpy(array / top).float().clamp(0, 1)[None]
+        if channels == 4:
+            return torch.cat([grey.expand(3, -1, -1), torch.ones_like(grey)])
+        return grey.expand(channels, -1, -1).clone()
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+    tensor: Tensor = TF.to_tensor(img.convert(mode))
+    return tensor
+
+
 def load_images(
-    paths: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float]
+    paths: Sequence[str],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channels: int = 3,
 ) -> Tensor:
-    """Files → a normalised ``(N, 3, size, size)`` batch."""
+    """Files → a normalised ``(N, channels, size, size)`` batch (1, 3 or 4 channels)."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import functional as TF
 
@@ -221,12 +328,79 @@ def load_images(
         if not os.path.isfile(path):
             raise CliError(f"no such image: {path}")
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        except (UnidentifiedImageError, OSError) as err:
+            with _bomb_checked(), Image.open(path) as img:
+                pixels = _to_channels(img, channels)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise CliError(f"cannot read image {path}: {err}") from err
-        batch.append(TF.normalize(TF.to_tensor(img), mean, std))
+        pixels = TF.resize(pixels[None], [size, size], antialias=True)[0]
+        batch.append(TF.normalize(pixels, list(mean), list(std)))
     return torch.stack(batch)
+
+
+def input_channels(model: nn.Module) -> int:
+    """The channels the model's first convolution (or patch embedding) takes; 3 if unknown."""
+    for module in model.modules():
+        channels = getattr(module, "in_channels", None)
+        if isinstance(channels, int) and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return channels
+    return 3
+
+
+def normalisation(
+    mean: Sequence[float] | None, std: Sequence[float] | None, channels: int
+) -> tuple[list[float], list[float]]:
+    """``--mean``/``--std`` for ``channels`` (one value stretches to all); the defaults are
+    ImageNet's for 3 channels and none otherwise."""
+    if mean is None:
+        mean = IMAGENET_MEAN if channels == 3 else [0.0]
+    if std is None:
+        std = IMAGENET_STD if channels == 3 else [1.0]
+    out = []
+    for name, values in (("--mean", list(mean)), ("--std", list(std))):
+        if len(values) == 1:
+            values = values * channels
+        if len(values) != channels:
+            raise CliError(
+                f"{name} has {len(values)} values but the model takes {channels} input "
+                f"channels; give {channels} (or one for all)"
+            )
+        out.append(values)
+    if any(not v > 0 for v in out[1]):
+        raise CliError(f"--std must be > 0 for every channel, got {out[1]}")
+    return out[0], out[1]
+
+
+def check_output(path: str) -> str:
+    """The figure's path: an image extension PIL writes, not a directory, in a directory that
+    exists (or can be made) and is writable. Checked before any compute."""
+    if os.path.isdir(path):
+        raise CliError(f"--out {path} is a directory; give a file name such as {path}/saliency.png")
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in IMAGE_FORMATS:
+        raise CliError(
+            f"--out {path} needs an image extension ({', '.join(IMAGE_FORMATS[:3])}, ...), "
+            f"got {extension or 'none'}"
+        )
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CliError(f"--out {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK):
+        raise CliError(f"--out {path}: cannot write in {existing}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CliError(f"--out {path} exists and is not writable")
+    return path
+
+
+def positive_size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError as err:
+        raise CliError(f"--size must be a positive int, got {text!r}") from err
+    if size < 8:
+        raise CliError(f"--size must be at least 8 pixels, got {size}")
+    return size
 
 
 def _class_names(path: str | None) -> list[str] | None:
@@ -234,8 +408,14 @@ def _class_names(path: str | None) -> list[str] | None:
         return None
     if not os.path.isfile(path):
         raise CliError(f"no such labels file: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as err:
+        raise CliError(
+            f"labels file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+            "save it as UTF-8"
+        ) from err
 
 
 def _method_options(methods: tuple[str, ...], args: argparse.Namespace) -> dict[str, Any]:
@@ -263,6 +443,10 @@ def explain_command(args: argparse.Namespace) -> str:
         raise CliError(str(err)) from err
     if not 0 <= args.alpha <= 1:
         raise CliError("--alpha must be between 0 and 1")
+    if args.rows is not None and args.rows < 1:
+        raise CliError(f"--rows must be >= 1, got {args.rows}")
+    size = positive_size(args.size)
+    out_path = check_output(args.out)
     try:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -271,9 +455,14 @@ def explain_command(args: argparse.Namespace) -> str:
         raise CliError(f"bad --device {args.device!r}: {err}") from err
     names = _class_names(args.labels)
     paths = args.image[: args.rows] if args.rows else args.image
+    check_images(paths)
+    if args.mean is not None or args.std is not None:  # lengths known before the model loads
+        normalisation(args.mean, args.std, len(args.mean or args.std or [0]))
     _say(f"[1/3] loading the model and {len(paths)} image(s)")
     model = load_model(args).eval().to(device)
-    images = load_images(paths, args.size, args.mean, args.std).to(device)
+    channels = input_channels(model)
+    mean, std = normalisation(args.mean, args.std, channels)
+    images = load_images(paths, size, mean, std, channels).to(device)
     target: Any = None
     if args.target != "pred":
         try:
@@ -291,15 +480,18 @@ def explain_command(args: argparse.Namespace) -> str:
         maps = explain(model, images, target, methods, args.target_layer, method_options=options)
     except SaliencyConfigError as err:
         raise CliError(str(err).splitlines()[0]) from err
-    _say(f"[3/3] writing {args.out}")
-    picture = comparison_figure(images, maps, names, args.mean, args.std, args.alpha).cpu()
+    _say(f"[3/3] writing {out_path}")
+    picture = comparison_figure(images, maps, names, mean, std, args.alpha).cpu()
     from PIL import Image
 
-    directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
-    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(args.out)
-    _say(f"done in {time.perf_counter() - start:.1f} s: {args.out}")
-    return str(args.out)
+    directory = os.path.dirname(os.path.abspath(out_path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out_path)
+    except OSError as err:
+        raise CliError(f"cannot write {out_path}: {err}") from err
+    _say(f"done in {time.perf_counter() - start:.1f} s: {out_path}")
+    return str(out_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -312,6 +504,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         _say(f"error: {err}")
         return 2
+    except Exception as err:  # a bug or the model's own failure: still one line
+        if os.environ.get("LIGHTNING_SALIENCY_DEBUG"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        _say(
+            f"error: {type(err).__name__}: {first} (set LIGHTNING_SALIENCY_DEBUG=1 for the "
+            "traceback)"
+        )
+        return 1
     except KeyboardInterrupt:
         _say("interrupted")
         return 130

@@ -12,12 +12,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import tiny_datamodule, tiny_model  # noqa: E402
+from helpers import tiny_model  # noqa: E402
 from torch.utils.data import DataLoader, SubsetRandomSampler  # noqa: E402
 
-from lightning_saliency.data import ShortcutDataModule  # noqa: E402
-
 from lightning_saliency import SaliencyCallback  # noqa: E402
+from lightning_saliency.data import ShortcutDataModule  # noqa: E402
 from lightning_saliency.loggers import Publisher  # noqa: E402
 
 WRITTEN = {"pictures": 0}

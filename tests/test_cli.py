@@ -160,14 +160,26 @@ def test_plain_module_factory_with_state_dict(tmp_path, photos):
         (["--image", "PHOTO"], "exactly one of --model"),
     ],
 )
-def test_bad_input_is_one_clear_line(photos, args, message):
+def test_bad_input_is_one_clear_line(photos, args, message, capsys):
+    """In-process (the console script calls main(); one subprocess run is tested below)."""
+    from lightning_saliency.cli import main
+
     paths, broken = photos
     args = [a.replace("PHOTO", paths[0]).replace("BROKEN", broken) for a in args]
-    proc = _cli("explain", "--size", "32", "--methods", "gradcam", *args)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message in errors[0], proc.stderr
+    code = main(["explain", "--size", "32", "--methods", "gradcam", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], err
+
+
+def test_a_bad_input_from_the_shell_is_one_line(photos):
+    proc = _cli("explain", "--arch", "resnet18", "--image", "missing.png")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "error:" in line] == [
+        "lightning-saliency: error: no such image: missing.png"
+    ]
 
 
 def test_unsafe_checkpoint_needs_opt_in(tmp_path, photos):
@@ -225,3 +237,119 @@ def test_console_script_is_installed():
     assert exe, "pip install -e . installs the console script"
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "explain" in proc.stdout
+
+
+# -- bad input, in-process (the console script calls main()): one line, exit 2 ----------------
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width x height`` pixels (a decompression-bomb header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, photos):
+    folder = tmp_path_factory.mktemp("inputs")
+    (folder / "latin1.txt").write_bytes("café\nthé\n".encode("latin-1"))
+    (folder / "bomb.png").write_bytes(_png_header(30000, 30000))
+    (folder / "a_file").write_text("not a directory")
+    (folder / "factories.py").write_text(
+        "import torch.nn as nn\n"
+        "class NeedsArgs(nn.Module):\n"
+        "    def __init__(self, depth):\n"
+        "        super().__init__()\n"
+        "def touching():\n"
+        "    open(__file__ + '.called', 'w').close()\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
+        " nn.Linear(4, 2))\n"
+        "def grey():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),"
+        " nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n"
+        "def rgba():\n"
+        "    return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),"
+        " nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n"
+    )
+    weights = folder / "other.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    return folder
+
+
+BAD_INPUTS = {
+    "--ig-steps abc": (["--arch", "resnet18", "--ig-steps", "abc"], "--ig-steps"),
+    "--size 0": (["--arch", "resnet18", "--size", "0"], "--size"),
+    "--size -3": (["--arch", "resnet18", "--size", "-3"], "--size"),
+    "--out without extension": (["--arch", "resnet18", "--out", "OUT/figure"], "extension"),
+    "--out a directory": (["--arch", "resnet18", "--out", "OUT"], "is a directory"),
+    "--out unwritable": (["--arch", "resnet18", "--out", "OUT/a_file/f.png"], "not a directory"),
+    "Latin-1 labels": (["--arch", "resnet18", "--labels", "OUT/latin1.txt"], "UTF-8"),
+    "factory needing arguments": (["--model", "factories:NeedsArgs"], "without arguments"),
+    "--std 0": (["--arch", "resnet18", "--std", "0"], "--std must be > 0"),
+    "--mean for 2 channels": (["--arch", "resnet18", "--mean", "0.5", "0.5"], "--mean has 2"),
+    "decompression bomb": (["--arch", "resnet18", "--image", "OUT/bomb.png"], "too large"),
+    "architecture typo": (["--arch", "resnet81"], "did you mean resnet18"),
+    "weights that do not fit": (
+        ["--arch", "resnet34", "--weights", "OUT/other.pth"],
+        "missing keys: layer1.2",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_each_bad_input_is_one_line_and_exit_2(case, inputs, photos, capsys, monkeypatch):
+    from lightning_saliency.cli import main
+
+    args, message = BAD_INPUTS[case]
+    args = [a.replace("OUT", str(inputs)) for a in args]
+    if "--image" not in args:
+        args += ["--image", photos[0][0]]
+    monkeypatch.chdir(inputs)
+    base = ["explain", "--methods", "gradcam"] + ([] if "--size" in args else ["--size", "32"])
+    code = main(base + args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_a_missing_image_is_reported_before_the_model_loads(inputs, photos, capsys, monkeypatch):
+    from lightning_saliency.cli import main
+
+    monkeypatch.chdir(inputs)
+    code = main(["explain", "--model", "factories:touching", "--image", photos[0][0],
+                 "--image", "gone.png", "--size", "32", "--methods", "gradcam"])  # fmt: skip
+    assert code == 2 and "no such image: gone.png" in capsys.readouterr().err
+    assert not (inputs / "factories.py.called").exists()
+
+
+def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path):
+    """A 0..65535 ramp reads as 0..1, not 98 % white."""
+    import numpy as np
+
+    from lightning_saliency.cli import load_images
+
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    x = load_images([str(tmp_path / "ramp16.png")], 64, [0.0] * 3, [1.0] * 3)
+    assert x.shape == (1, 3, 64, 64)
+    assert float((x >= 0.999).float().mean()) < 0.05
+    assert float(x.mean()) == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("factory, channels", [("grey", 1), ("rgba", 4)])
+def test_models_with_1_or_4_input_channels(factory, channels, inputs, photos, monkeypatch, capsys):
+    from lightning_saliency.cli import main
+
+    monkeypatch.chdir(inputs)
+    out = inputs / f"{factory}.png"
+    code = main(["explain", "--model", f"factories:{factory}", "--image", photos[0][0],
+                 "--size", "32", "--methods", "gradcam,ig", "--ig-steps", "4",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).mode == "RGB"

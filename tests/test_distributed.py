@@ -5,11 +5,11 @@ import os
 import subprocess
 import sys
 
+import ddp_script
 import lightning as L
 import pytest
 from helpers import read_events, tiny_model, trainer
 
-import ddp_script
 from lightning_saliency import SaliencyCallback
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
@@ -46,5 +46,7 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
     assert set(single.fixed_samples.indices) <= set(ddp_script.VAL_INDICES)
     for record in ranks:
         assert record["indices"] == single.fixed_samples.indices
-        assert record["images_sum"] == pytest.approx(float(single.fixed_samples.images.double().sum()))
+        assert record["images_sum"] == pytest.approx(
+            float(single.fixed_samples.images.double().sum())
+        )
     assert "self.log('saliency" not in proc.stdout + proc.stderr  # logged as Lightning asks

@@ -100,7 +100,9 @@ class Mistake:
 
 
 MISTAKES = {
-    "cadence 0": Mistake("method_every_n_epochs", lambda: {"method_every_n_epochs": {"gradcam": 0}}),
+    "cadence 0": Mistake(
+        "method_every_n_epochs", lambda: {"method_every_n_epochs": {"gradcam": 0}}
+    ),
     "cadence of an unused method": Mistake(
         "method_every_n_epochs", lambda: {"method_every_n_epochs": {"dff": 2}}
     ),
@@ -130,7 +132,9 @@ MISTAKES = {
     "labels out of range": Mistake(
         "labels", lambda: {"samples": samples(), "labels": [0, 1, 2, 9]}
     ),
-    "timeline_method not used": Mistake("timeline_method", lambda: {"timeline_method": "occlusion"}),
+    "timeline_method not used": Mistake(
+        "timeline_method", lambda: {"timeline_method": "occlusion"}
+    ),
     "thresholds NaN": Mistake("thresholds", lambda: {"thresholds": {"consensus": float("nan")}}),
     "thresholds unknown": Mistake("thresholds", lambda: {"thresholds": {"consensuss": 0.5}}),
     "NaN outputs at setup": Mistake("not finite", lambda: {}, model=NaNAtStart),
@@ -163,7 +167,12 @@ def test_labels_as_a_list_are_used(tmp_path):
     callback = SaliencyCallback(**FAST, samples=samples(), labels=[0, 1, 2, 3])
     fit(tmp_path, [callback])
     assert callback.fixed_samples.labels.tolist() == [0, 1, 2, 3]
-    assert set(callback.history[0].per_class["gradcam"]) == {"circle", "square", "triangle", "cross"}
+    assert set(callback.history[0].per_class["gradcam"]) == {
+        "circle",
+        "square",
+        "triangle",
+        "cross",
+    }
 
 
 def test_cadence_counts_validation_runs(tmp_path):
@@ -209,7 +218,9 @@ def test_one_failing_layer_leaves_the_other_methods_on(tmp_path, monkeypatch, ca
     assert len(events.Images("saliency/integrated_gradients")) == 3
     assert len(events.Images("saliency/gradcam")) == 1
     assert "saliency_alarms/switched_off/gradcam" in events.Tags()["scalars"]
-    assert any("gradcam failed" in str(t) for t in events.Tensors("saliency_alarms/messages/text_summary"))
+    assert any(
+        "gradcam failed" in str(t) for t in events.Tensors("saliency_alarms/messages/text_summary")
+    )
 
 
 def test_nan_outputs_mid_run_warn_once_and_draw_nothing(tmp_path, caplog):
@@ -292,7 +303,9 @@ def test_a_legacy_state_key_still_loads(tmp_path):
     path = tmp_path / "ckpt" / "last.ckpt"
     saved = torch.load(path, weights_only=False)
     state = saved["callbacks"].pop("SaliencyCallback")
-    saved["callbacks"]["SaliencyCallback{'methods': ('gradcam', 'integrated_gradients'), 'seed': 0}"] = state
+    saved["callbacks"][
+        "SaliencyCallback{'methods': ('gradcam', 'integrated_gradients'), 'seed': 0}"
+    ] = state
     torch.save(saved, path)
     resumed = SaliencyCallback(**FAST)
     L.seed_everything(0)
@@ -349,7 +362,13 @@ def test_model_checkpoint_on_a_saliency_key_saves_at_logged_epochs(tmp_path):
         mode="max",
         filename="{epoch}",
     )
-    fit(tmp_path, [callback, best], model=frozen_model(dead=True), max_epochs=4, enable_checkpointing=True)
+    fit(
+        tmp_path,
+        [callback, best],
+        model=frozen_model(dead=True),
+        max_epochs=4,
+        enable_checkpointing=True,
+    )
     saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert saved == ["epoch=0.ckpt"]
 
