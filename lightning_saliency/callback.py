@@ -584,7 +584,12 @@ class SaliencyCallback(L.Callback):
         except Exception as err:
             self._warn_once("scores", "scoring", err, "no scores this run")
             return
-        metrics = dict(report.metrics)
+        self._agree_and_switch_off(trainer, list(out), dict(report.errors), pl_module)
+        metrics = {  # all ranks agreed on what is off: they log the same keys
+            k: v
+            for k, v in report.metrics.items()
+            if _method_of(k, self.prefix) not in self._switched_off
+        }
         metrics.update({f"{self.alarm_prefix}/switched_off/{m}": 1.0 for m in self._switched_off})
         self._log_metrics(pl_module, metrics)
         self._keep_metrics(trainer, pl_module, set(metrics))

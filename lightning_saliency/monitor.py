@@ -104,11 +104,23 @@ class EpochScores:
 
 @dataclass(frozen=True)
 class EpochReport:
-    """What :meth:`ScoreMonitor.observe` found: scalars to log and alarm changes to announce."""
+    """What :meth:`ScoreMonitor.observe` found: scalars to log, alarm changes to announce, and
+    the methods whose scoring failed (left out of the rest)."""
 
     scores: EpochScores
     metrics: dict[str, float]
     events: list[AlarmEvent]
+    errors: dict[str, BaseException] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _MethodScoring:
+    metrics: dict[str, float]
+    means: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    tripped: list[rules.Alarm]
+    judged: dict[tuple[str, str], float]
+    reference: Tensor
 
 
 def _finite(values: dict[str, float]) -> dict[str, float]:
@@ -182,43 +194,64 @@ class ScoreMonitor:
         correct = None
         if labels is not None:
             correct = out.logits.argmax(1) == labels.to(out.logits.device)
+        errors: dict[str, BaseException] = {}
         for method, maps in out.items():
             if METHODS[method].kind != "map":
                 continue
-            small = downsample_for_drift(maps)
-            first = self._first.setdefault(method, small)
-            scores = map_scores(maps, masks, self._previous.get(method, small), first, tolerance)
-            scores.update(self._method_scores(method, out, maps.shape[0], maps.device))
-            chance = chance_levels(masks, maps.shape[0], maps.device)
-            logged, logged_per_class = self._group_means(scores, groups, None, fill=chance)
-            for name, value in logged.items():
-                metrics[f"{self.prefix}/{method}/{name}"] = value
-            for group, values in logged_per_class.items():
-                for name, value in values.items():
-                    metrics[f"{self.prefix}/{method}/{name}/{group}"] = value
-            means, per_class = self._group_means(scores, groups, correct)
-            means_by_method[method], per_class_by_method[method] = (
-                self._group_means(scores, groups, None)
-                if correct is not None
-                else (means, per_class)
-            )
-            found = rules.check(method, means, per_class, self.thresholds)
-            names = {a.score for a in found}
-            for score in self.thresholds:
-                if score in names or score in means or score in logged:
-                    metrics[f"{self.prefix}/{method}/alarm/{score}"] = float(score in names)
-                if score in means or any(score in v for v in per_class.values()):
-                    judged[(method, score)] = means.get(score, float("nan"))
-            tripped.extend(found)
+            try:
+                scored = self._score(method, maps, out, groups, correct, masks, tolerance)
+            except Exception as err:  # one method's scores never take down the others
+                errors[method] = err
+                continue
+            metrics.update(scored.metrics)
+            means_by_method[method] = scored.means
+            per_class_by_method[method] = scored.per_class
+            judged.update(scored.judged)
+            tripped.extend(scored.tripped)
+            self._first.setdefault(method, scored.reference)
             if update_references or method not in self._previous:
-                self._previous[method] = small
+                self._previous[method] = scored.reference
         metrics[f"{self.prefix}/alarms"] = float(len(tripped))
         events = self._update_alarms(epoch, tripped, judged)
         record = EpochScores(
             epoch, means_by_method, per_class_by_method, sorted(a.key for a in tripped)
         )
         self.history.append(record)
-        return EpochReport(record, metrics, events)
+        return EpochReport(record, metrics, events, errors)
+
+    def _score(
+        self,
+        method: str,
+        maps: Tensor,
+        out: Explanations,
+        groups: Tensor,
+        correct: Tensor | None,
+        masks: Tensor | None,
+        tolerance: int,
+    ) -> _MethodScoring:
+        """One method's scores, logged values and alarms; changes no state."""
+        small = downsample_for_drift(maps)
+        first = self._first.get(method, small)
+        scores = map_scores(maps, masks, self._previous.get(method, small), first, tolerance)
+        scores.update(self._method_scores(method, out, maps.shape[0], maps.device))
+        chance = chance_levels(masks, maps.shape[0], maps.device)
+        logged, logged_per_class = self._group_means(scores, groups, None, fill=chance)
+        metrics = {f"{self.prefix}/{method}/{name}": v for name, v in logged.items()}
+        for group, values in logged_per_class.items():
+            for name, value in values.items():
+                metrics[f"{self.prefix}/{method}/{name}/{group}"] = value
+        means, per_class = self._group_means(scores, groups, correct)
+        recorded = self._group_means(scores, groups, None) if correct is not None else None
+        found = rules.check(method, means, per_class, self.thresholds)
+        names = {a.score for a in found}
+        judged: dict[tuple[str, str], float] = {}
+        for score in self.thresholds:
+            if score in names or score in means or score in logged:
+                metrics[f"{self.prefix}/{method}/alarm/{score}"] = float(score in names)
+            if score in means or any(score in v for v in per_class.values()):
+                judged[(method, score)] = means.get(score, float("nan"))
+        record_means, record_per_class = recorded or (means, per_class)
+        return _MethodScoring(metrics, record_means, record_per_class, found, judged, small)
 
     def _method_scores(
         self, method: str, out: Explanations, n: int, device: torch.device

@@ -223,6 +223,24 @@ def test_one_failing_layer_leaves_the_other_methods_on(tmp_path, monkeypatch, ca
     )
 
 
+def test_a_method_whose_scoring_fails_is_the_only_one_switched_off(tmp_path, monkeypatch):
+    from lightning_saliency.monitor import ScoreMonitor
+
+    real = ScoreMonitor._method_scores
+
+    def broken_for_ig(self, method, *args):
+        if method == "integrated_gradients":
+            raise ValueError("a score that cannot be computed")
+        return real(self, method, *args)
+
+    monkeypatch.setattr(ScoreMonitor, "_method_scores", broken_for_ig)
+    callback = SaliencyCallback(**FAST)
+    tr, _ = fit(tmp_path, [callback], max_epochs=2)
+    assert set(callback.switched_off) == {"integrated_gradients"}
+    assert [sorted(h.means) for h in callback.history] == [["gradcam"], ["gradcam"]]
+    assert not any(k.startswith("saliency/integrated_gradients/") for k in tr.callback_metrics)
+
+
 def test_nan_outputs_mid_run_warn_once_and_draw_nothing(tmp_path, caplog):
     callback = SaliencyCallback(**FAST)
     with caplog.at_level(logging.WARNING, logger="lightning_saliency"):
