@@ -485,6 +485,7 @@ class SaliencyCallback(L.Callback):
             self.mean if self.denormalize is not False else None,
             self.std if self.denormalize is not False else None,
             self.seed,
+            samples.masks,
         )
         if self._layer_name:
             console.info(f"SaliencyCallback: explaining layer '{self._layer_name}'.")

@@ -5,8 +5,8 @@ the callback runs this from ``on_fit_start`` / ``on_validation_start``, on every
 only be known from the model and the data is checked here, and each failure is a
 :class:`~lightning_saliency.errors.SaliencyConfigError` that names the argument to fix:
 ``mean``/``std`` against the input channels, ``labels`` and ``target`` against the classes,
-finite outputs, the target layer, and each method with its options. A run that passes it does
-not meet those mistakes after epoch 0.
+finite outputs, the target layer, each method with its options, and the scores of its maps.
+A run that passes it does not meet those mistakes after epoch 0.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.explain import explain, explanation_context, model_dtype
 from lightning_saliency.layers import LayerSpec
 from lightning_saliency.methods import METHODS, MethodOptions, as_logits
+from lightning_saliency.monitor import ScoreMonitor
 
 
 def check_outputs(model: nn.Module, images: Tensor) -> Tensor:
@@ -54,6 +55,7 @@ def dry_run(
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
     seed: int = 0,
+    masks: Tensor | None = None,
 ) -> str | None:
     """Check the model and the data against the configuration; returns the target layer's name
     (``None`` when no method needs one).
@@ -65,6 +67,7 @@ def dry_run(
         target: the callback's ``target``.
         methods, target_layer, method_options, seed: as the callback runs them.
         mean, std: the normalisation to undo for display (``None``: not known).
+        masks: the samples' object masks, if any (their scores are computed too).
 
     Raises:
         SaliencyConfigError: naming the argument to fix.
@@ -106,6 +109,15 @@ def dry_run(
                 f"{method} returned maps of shape {tuple(maps.shape)} for images of shape "
                 f"{tuple(few.shape)}; a map method must return (N, H, W) at input resolution."
             )
+    report = ScoreMonitor().observe(
+        0, out, None if labels is None else labels[:2], None if masks is None else masks[:2]
+    )
+    for method, error in report.errors.items():
+        raise SaliencyConfigError(
+            f"SaliencyCallback's dry run on two samples before training: the scores of "
+            f"{method} cannot be computed ({type(error).__name__}: {error}); check masks= (or "
+            f"the batches' masks), or drop {method!r} from methods."
+        )
     return out.layer_name
 
 

@@ -223,22 +223,31 @@ def test_one_failing_layer_leaves_the_other_methods_on(tmp_path, monkeypatch, ca
     )
 
 
-def test_a_method_whose_scoring_fails_is_the_only_one_switched_off(tmp_path, monkeypatch):
-    from lightning_saliency.monitor import ScoreMonitor
+def test_a_method_whose_scoring_fails_is_the_only_one_switched_off(tmp_path):
+    """A method that starts reporting a score of the wrong length after epoch 0 fails its own
+    scoring; the other methods are scored and logged."""
+    from dataclasses import replace
 
-    real = ScoreMonitor._method_scores
+    from lightning_saliency.methods import METHODS, MethodScore, register, unregister
 
-    def broken_for_ig(self, method, *args):
-        if method == "integrated_gradients":
-            raise ValueError("a score that cannot be computed")
-        return real(self, method, *args)
+    gradcam, calls = METHODS["gradcam"], {"n": 0}
 
-    monkeypatch.setattr(ScoreMonitor, "_method_scores", broken_for_ig)
-    callback = SaliencyCallback(**FAST)
-    tr, _ = fit(tmp_path, [callback], max_epochs=2)
-    assert set(callback.switched_off) == {"integrated_gradients"}
-    assert [sorted(h.means) for h in callback.history] == [["gradcam"], ["gradcam"]]
-    assert not any(k.startswith("saliency/integrated_gradients/") for k in tr.callback_metrics)
+    def compute(session, options):
+        calls["n"] += 1  # the dry run and epoch 0 report one value per image
+        n = session.images.shape[0] - (calls["n"] > 2)
+        session.extras["lopsided"] = torch.ones(n)
+        return gradcam.compute(session, options)
+
+    register(
+        replace(gradcam, name="lopsided", compute=compute, scores=(MethodScore("lopsided", "x"),))
+    )
+    try:
+        callback = SaliencyCallback(methods=("gradcam", "lopsided"), num_samples=4)
+        tr, _ = fit(tmp_path, [callback], max_epochs=2)
+    finally:
+        unregister("lopsided")
+    assert set(callback.switched_off) == {"lopsided"}
+    assert [sorted(h.means) for h in callback.history] == [["gradcam", "lopsided"], ["gradcam"]]
 
 
 def test_nan_outputs_mid_run_warn_once_and_draw_nothing(tmp_path, caplog):
