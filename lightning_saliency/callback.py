@@ -522,14 +522,13 @@ class SaliencyCallback(L.Callback):
         return method not in self._switched_off and (index is None or index % every == 0)
 
     def _label(self, trainer: L.Trainer) -> tuple[str, float]:
-        """The timeline's column label and position: ``ep 3``, or ``ep 3.50`` for a validation
-        in the middle of an epoch (``val_check_interval < 1``)."""
+        """The timeline's column label and position: ``ep 3`` for the validation at the end of
+        epoch 3, ``ep 3 50%`` for one halfway through it (``val_check_interval < 1``)."""
         epoch = trainer.current_epoch
         batches = trainer.num_training_batches
         done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
         if trainer.state.fn == "fit" and isinstance(batches, int) and 0 < done < batches:
-            position = epoch + done / batches
-            return f"ep {position:.2f}", position
+            return f"ep {epoch} {done / batches:.0%}", epoch - 1 + done / batches
         return f"ep {epoch}", float(epoch)
 
     def _keep_metrics(
