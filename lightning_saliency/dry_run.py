@@ -22,14 +22,18 @@ from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.explain import explain, explanation_context, model_dtype
 from lightning_saliency.layers import LayerSpec
 from lightning_saliency.methods import METHODS, MethodOptions, as_logits
+from lightning_saliency.methods.session import OutputTransform
 from lightning_saliency.monitor import ScoreMonitor
 
 
-def check_outputs(model: nn.Module, images: Tensor) -> Tensor:
+def check_outputs(
+    model: nn.Module, images: Tensor, output_transform: OutputTransform | None = None
+) -> Tensor:
     """The model's float32 class scores for ``images``; an error if they are not finite or not
     ``(N, classes)``."""
     with explanation_context(model), torch.no_grad():
-        logits = as_logits(model(images.detach().clone().to(model_dtype(model)))).float()
+        output = model(images.detach().clone().to(model_dtype(model)))
+        logits = as_logits(output, output_transform).float()
     if logits.dim() != 2 or logits.shape[0] != images.shape[0]:
         raise SaliencyConfigError(
             f"the model returns scores of shape {tuple(logits.shape)} for {images.shape[0]} "

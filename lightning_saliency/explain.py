@@ -12,8 +12,15 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.layers import LayerSpec, choose_layer
-from lightning_saliency.methods import DEFAULT_METHODS, METHODS, ExplainSession, canonical_name
+from lightning_saliency.layers import LayerSpec, Layout, Reshape, choose_layer
+from lightning_saliency.methods import (
+    DEFAULT_METHODS,
+    METHODS,
+    ExplainSession,
+    as_logits,
+    canonical_name,
+)
+from lightning_saliency.methods.session import OutputTransform
 from lightning_saliency.options import MethodOptionsArg, resolve_options
 
 
@@ -130,6 +137,9 @@ def explain(
     dff_components: int | None = None,
     seed: int = 0,
     warm_start: MutableMapping[str, dict[str, Any]] | None = None,
+    layout: Layout = "auto",
+    reshape: Reshape | None = None,
+    output_transform: OutputTransform | None = None,
     **deprecated_options: Any,
 ) -> Explanations:
     """Saliency maps of ``images`` under ``model``, on ``images.device``, at input resolution.
@@ -151,6 +161,13 @@ def explain(
         seed: the noise seed of methods that draw noise (the global RNG is never used).
         warm_start: a dict the methods keep state in from one call to the next (the callback
             passes one so that ``ig_steps="auto"`` starts near last epoch's count).
+        layout: how to read the target layer's output: ``"auto"`` (from its shape, where that
+            leaves no doubt), ``"nchw"``, ``"nhwc"`` (channels last, e.g. Swin) or
+            ``"tokens"`` (``(N, T, C)`` with any prefix tokens).
+        reshape: a function from the layer's output to ``(N, C, h, w)`` (as pytorch-grad-cam's
+            ``reshape_transform``), for layouts no rule reads.
+        output_transform: a function from the model's output to its ``(N, classes)`` class
+            scores, when the output is not a tensor, a ``logits`` key or attribute.
         **deprecated_options: the flat options of 0.1 (``nt_samples``, ``occlusion_window``,
             ``ig_baseline``, ...): they still work, with a ``FutureWarning`` naming the
             ``method_options`` spelling.
@@ -201,12 +218,25 @@ def explain(
         layer_error: Exception | None = None
         if any(METHODS[n].needs_layer for n in names):
             try:
-                layer_name, layer = choose_layer(model, x, target_layer)
+                layer_name, layer = choose_layer(
+                    model, x, target_layer, lambda out: as_logits(out, output_transform)
+                )
             except Exception as err:  # only the methods that need the layer fail
                 if on_error == "raise":
                     raise
                 layer_error = err
-        session = ExplainSession(model, x, requested, layer, names, seed, warm_start)
+        session = ExplainSession(
+            model,
+            x,
+            requested,
+            layer,
+            names,
+            seed,
+            warm_start,
+            layout=layout,
+            reshape=reshape,
+            output_transform=output_transform,
+        )
         for name in names:
             if layer_error is not None and METHODS[name].needs_layer:
                 errors[name] = layer_error

@@ -6,7 +6,7 @@ from models import MLP, SmallCNN
 from torch import nn
 
 from lightning_saliency import SaliencyConfigError, explain
-from lightning_saliency.layers import find_classifier_head, resolve_layer, to_spatial, token_grid
+from lightning_saliency.layers import find_classifier_head, read_layout, resolve_layer
 
 
 def test_layer_auto_detection_resnet18_and_plain_cnn():
@@ -20,7 +20,7 @@ def test_layer_auto_detection_resnet18_and_plain_cnn():
 
 
 def test_mlp_is_refused_with_a_clear_message():
-    with pytest.raises(SaliencyConfigError, match="no layer with a spatial output"):
+    with pytest.raises(SaliencyConfigError, match="no layer whose output reads as a map"):
         explain(MLP(), torch.randn(2, 3, 8, 8), methods=("gradcam",))
 
 
@@ -77,10 +77,12 @@ def test_dotted_paths_and_modules_resolve_to_the_same_layer():
 
 def test_tokens_are_reshaped_onto_their_grid_without_the_class_token():
     tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
-    grid = to_spatial(tokens)
+    grid = read_layout(tokens, 2, (16, 16)).to_spatial(tokens)
     assert grid.shape == (2, 3, 4, 4)
     assert torch.equal(grid[:, :, 0, 0], tokens[:, 1])  # token 0 is the class token
-    assert token_grid(196) == (0, 14) and token_grid(7) is None
+    assert read_layout(torch.zeros(2, 196, 8), 2, (224, 224)).prefix == 0
+    with pytest.raises(SaliencyConfigError, match="cannot be read"):
+        read_layout(torch.zeros(2, 3, 8), 2, (224, 224))
 
 
 def test_classifier_head_is_the_last_linear_taking_the_channels():

@@ -9,7 +9,6 @@ the callback it starts from half the count the previous epoch needed (its warm s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.methods.base import MethodOptions, MethodScore, SaliencyMethod, register
-from lightning_saliency.methods.session import ExplainSession, as_logits
+from lightning_saliency.methods.session import ExplainSession
 
 AUTO_STEPS = (8, 16, 32, 64, 128, 256)
 
@@ -90,21 +89,16 @@ def internal_batch_size(option: int | None, images: Tensor) -> int:
     return max(1, (16 * 224 * 224) // pixels)
 
 
-def logits_of(model: torch.nn.Module) -> Callable[[Tensor], Tensor]:
-    """The model as captum's ``forward_func``: class scores whatever the output container."""
-    return lambda x: as_logits(model(x))
-
-
 def integrated_gradients(session: ExplainSession, options: IntegratedGradientsOptions) -> Tensor:
     """Signed IG attribution summed over channels ``(N, H, W)``: its pixel sum is the total."""
     images, targets = session.images, session.targets
     baselines = make_baseline(images, options.baseline)
     n = images.shape[0]
     chunk = max(internal_batch_size(options.internal_batch_size, images), n)
-    ig = IntegratedGradients(logits_of(session.model))
+    ig = IntegratedGradients(session.class_scores)
     with torch.no_grad():
         logits = session.logits.detach()
-        base_logits = as_logits(session.model(baselines))
+        base_logits = session.class_scores(baselines)
 
     memory = session.warm_start("integrated_gradients")
     if options.steps == "auto":

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_saliency.methods.base import MethodOptions, SaliencyMethod, register
 from lightning_saliency.methods.cam import cam_method
-from lightning_saliency.methods.session import ExplainSession, as_logits
+from lightning_saliency.methods.session import ExplainSession
 
 BatchMaker = Callable[[int, int, int], Tensor]
 HookMaker = Callable[[int, int, int], Callable[..., Tensor]]
@@ -84,7 +84,7 @@ def _batched_scores(
                     else None
                 )
                 try:
-                    logits = as_logits(session.model(batch))
+                    logits = session.class_scores(batch)
                 finally:
                     if handle is not None:
                         handle.remove()
@@ -159,7 +159,7 @@ def occlusion(session: ExplainSession, options: OcclusionOptions) -> Tensor:
     window = options.window or default_window
     stride = options.stride or default_stride
     channels = images.shape[1]
-    method = Occlusion(lambda x: as_logits(session.model(x)))
+    method = Occlusion(session.class_scores)
     with torch.no_grad():
         attr: Tensor = method.attribute(
             images,

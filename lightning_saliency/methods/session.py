@@ -9,7 +9,7 @@ methods' declarations, never from their names.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -17,28 +17,61 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.layers import to_spatial
+from lightning_saliency.layers import LayerLayout, Reshape, prefix_tokens_of, read_layout
 from lightning_saliency.methods.base import METHODS
 
+OutputTransform = Callable[[Any], Tensor]
 
-def as_logits(output: Any) -> Tensor:
-    """Accept models returning a tensor, a tuple (first item) or a dict with ``logits``.
+
+def as_logits(output: Any, transform: OutputTransform | None = None) -> Tensor:
+    """The class scores in a model's output, by one rule: ``transform(output)`` when given;
+    else the output itself if it is a tensor, its ``logits`` key, or its ``logits`` attribute
+    (Hugging Face outputs, torchvision's named tuples). Anything else (a tuple of tensors, a
+    dict without ``logits``) is ambiguous: an error that names ``output_transform=``. A
+    single-logit binary classifier ``(N, 1)`` (or ``(N,)``) becomes two classes
+    ``[-z/2, z/2]``: their softmax is ``sigmoid(z)``, class 1 is a positive logit.
 
     Example:
         >>> as_logits({"logits": torch.zeros(2, 3)}).shape
         torch.Size([2, 3])
+        >>> as_logits(torch.tensor([[2.0], [-4.0]])).tolist()
+        [[-1.0, 1.0], [2.0, -2.0]]
+        >>> as_logits((torch.zeros(2, 16), torch.zeros(2, 3)), lambda out: out[1]).shape
+        torch.Size([2, 3])
     """
-    if isinstance(output, Mapping):
-        output = output.get("logits", next(iter(output.values())))
-    if isinstance(output, (tuple, list)):
-        output = output[0]
+    if transform is not None:
+        output = transform(output)
+    elif isinstance(output, Mapping):
+        if "logits" not in output:
+            raise SaliencyConfigError(
+                f"the model returns a dict without a 'logits' key (keys: {sorted(output)}); "
+                "pass output_transform= a function from the output to the (N, num_classes) "
+                "class scores, e.g. output_transform=lambda out: out['scores']."
+            )
+        output = output["logits"]
+    elif not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
+        output = output.logits
+    elif isinstance(output, (tuple, list)):
+        shapes = [tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__ for o in output]
+        raise SaliencyConfigError(
+            f"the model returns a {type(output).__name__} of {len(output)} items {shapes}; which "
+            "are the class scores is not certain. Pass output_transform= a function that picks "
+            "them, e.g. output_transform=lambda out: out[1]."
+        )
+    if isinstance(output, Tensor) and output.dim() == 1:
+        output = output[:, None]
     if not isinstance(output, Tensor) or output.dim() != 2:
         shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
         raise SaliencyConfigError(
-            f"the model must return class scores of shape (N, num_classes); it returned {shape}. "
-            "Saliency needs an image classifier."
+            f"the model's class scores must have shape (N, num_classes); got {shape}. Pass "
+            "output_transform= a function from the output to them, or target= a function "
+            "from the output to one (N,) score per image."
         )
-    return output
+    if output.shape[1] == 1:  # one logit: the two classes of a sigmoid
+        half = output / 2
+        output = torch.cat([-half, half], dim=1)
+    scores: Tensor = output
+    return scores
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -67,8 +100,15 @@ class ExplainSession:
         methods: tuple[str, ...],
         seed: int = 0,
         warm_start: MutableMapping[str, dict[str, Any]] | None = None,
+        layout: str = "auto",
+        reshape: Reshape | None = None,
+        output_transform: OutputTransform | None = None,
     ) -> None:
         self.model = model
+        self.layout = layout
+        self.reshape = reshape
+        self.output_transform = output_transform
+        self.reading: LayerLayout | None = None
         self.images = images
         self.layer = layer
         self.seed = seed
@@ -78,6 +118,32 @@ class ExplainSession:
         self._requested_targets = targets
         self._forward: dict[str, Any] | None = None
         self._cache: dict[str, Tensor] = {}
+
+    def class_scores(self, x: Tensor) -> Tensor:
+        """The model's ``(N, classes)`` scores for ``x``, by :func:`as_logits`'s rule."""
+        return as_logits(self.model(x), self.output_transform)
+
+    def spatial(self, output: Tensor) -> Tensor:
+        """A layer output (or its gradient) as ``(N, C, h, w)``: by ``reshape`` when given,
+        else by its layout, read once from the first output seen."""
+        if self.reshape is not None:
+            mapped = self.reshape(output)
+            if not isinstance(mapped, Tensor) or mapped.dim() != 4:
+                shape = tuple(mapped.shape) if isinstance(mapped, Tensor) else type(mapped)
+                raise SaliencyConfigError(
+                    f"reshape= must return (N, C, h, w); it returned {shape}."
+                )
+            return mapped
+        if self.reading is None:
+            self.reading = read_layout(
+                output,
+                self.images.shape[0],
+                self.size,
+                self.layout,
+                self.layer,
+                prefix_tokens_of(self.model),
+            )
+        return self.reading.to_spatial(output)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -99,6 +165,21 @@ class ExplainSession:
         captured: dict[str, Tensor] = {}
 
         def keep(_module: nn.Module, _inp: Any, out: Tensor) -> Tensor:
+            if "out" in captured:  # a recomputation (activation checkpointing): leave it be
+                return out
+            if not isinstance(out, Tensor):
+                raise SaliencyConfigError(
+                    f"the target layer returns a {type(out).__name__}, not a tensor; choose a "
+                    "layer that returns one."
+                )
+            if not torch.is_grad_enabled():
+                raise SaliencyConfigError(
+                    "the target layer runs with gradients off: the model's forward calls it "
+                    "under torch.no_grad() (a frozen backbone or linear probe: only layers after "
+                    "the no_grad block can be explained) or inside "
+                    "torch.utils.checkpoint(use_reentrant=True) (use use_reentrant=False). "
+                    "Choose target_layer= after it."
+                )
             # Parameters are frozen: without an input gradient the graph starts here.
             out = out if out.requires_grad else out.detach().requires_grad_()
             captured["out"] = out
@@ -117,7 +198,7 @@ class ExplainSession:
         finally:
             if handle is not None:
                 handle.remove()
-        logits = as_logits(logits)
+        logits = as_logits(logits, self.output_transform)
         self._forward = {"x": x, "logits": logits, "layer_out": captured.get("out"), "mode": mode}
         if self.layer is not None and "out" not in captured:
             raise SaliencyConfigError(
@@ -130,7 +211,7 @@ class ExplainSession:
     def logits(self) -> Tensor:
         if self._forward is None and self.layer is None:
             with torch.no_grad():
-                self._cache.setdefault("logits", as_logits(self.model(self.images)))
+                self._cache.setdefault("logits", self.class_scores(self.images))
             return self._cache["logits"]
         logits: Tensor = self.shared_forward()["logits"]
         return logits
@@ -164,7 +245,7 @@ class ExplainSession:
     # -- shared gradients ----------------------------------------------------------------
     def layer_activations(self) -> Tensor:
         """The target layer's output as ``(N, C, h, w)``, detached, float32."""
-        return to_spatial(self.shared_forward()["layer_out"]).detach().float()
+        return self.spatial(self.shared_forward()["layer_out"]).detach().float()
 
     def layer_gradients(self) -> Tensor:
         """d(target logit)/d(layer output) as ``(N, C, h, w)``: one plain backward, cached."""
@@ -174,9 +255,13 @@ class ExplainSession:
             (grad,) = torch.autograd.grad(
                 self.target_score(), fwd["layer_out"], retain_graph=keep_graph, allow_unused=True
             )
-            if grad is None:
-                grad = torch.zeros_like(fwd["layer_out"])
-            self._cache["layer_grad"] = to_spatial(grad).detach().float()
+            if grad is None:  # never a silently zero map
+                raise SaliencyConfigError(
+                    "the class scores do not depend on the target layer's output through "
+                    "autograd (is it detached, or run under torch.no_grad() or "
+                    "torch.utils.checkpoint(use_reentrant=True)?); choose another target_layer."
+                )
+            self._cache["layer_grad"] = self.spatial(grad).detach().float()
         return self._cache["layer_grad"]
 
     def guided_gradients(self) -> Tensor:

@@ -15,7 +15,7 @@ from captum.attr import IntegratedGradients, NoiseTunnel
 from torch import Tensor
 
 from lightning_saliency.methods.base import MethodOptions, SaliencyMethod, register
-from lightning_saliency.methods.integrated_gradients import internal_batch_size, logits_of
+from lightning_saliency.methods.integrated_gradients import internal_batch_size
 from lightning_saliency.methods.session import ExplainSession
 
 
@@ -54,7 +54,7 @@ def smoothgrad(session: ExplainSession, options: SmoothGradOptions) -> Tensor:
     spread = float(images.max() - images.min()) or 1.0
     stdev = options.noise * spread
     chunk = max(internal_batch_size(options.internal_batch_size, images), images.shape[0])
-    tunnel = NoiseTunnel(IntegratedGradients(logits_of(session.model)))
+    tunnel = NoiseTunnel(IntegratedGradients(session.class_scores))
     seed = session.seed if options.seed is None else options.seed
     devices = [images.device] if images.is_cuda else []
     with torch.random.fork_rng(devices=devices):
