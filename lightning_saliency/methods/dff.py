@@ -3,7 +3,8 @@
 Why our own: pytorch-grad-cam's ``DeepFeatureFactorization`` copies the activations to the CPU
 and runs scikit-learn's NMF there. Here the multiplicative-update NMF runs on the device from a
 deterministic NNDSVDa start, and concepts are ordered by their total mass so that concept 0 is
-the dominant one from call to call.
+the dominant one from call to call. The activations are scaled to a unit peak first, so the
+concepts are the same for activations x 1e-6 and x 1e6 (the updates' epsilon is then relative).
 """
 
 from __future__ import annotations
@@ -107,7 +108,12 @@ def dff(session: ExplainSession, options: DFFOptions) -> Tensor:
     n, c, hh, ww = acts.shape
     v = acts.permute(1, 0, 2, 3).reshape(c, -1)
     offset = v.min(dim=1, keepdim=True).values
-    w, h = nmf(v - offset, k)
+    shifted = v - offset
+    # Scale-invariant: the factorisation sees activations of unit peak, whatever their scale
+    # (MobileNets and EfficientNets give 1e-13..1e-8; a fixed epsilon would swamp them).
+    scale = shifted.max().clamp(min=torch.finfo(v.dtype).tiny)
+    w, h = nmf(shifted / scale, k)
+    w = w * scale
     order = (h.sum(dim=1) * w.norm(dim=0)).argsort(descending=True)
     w, h = w[:, order], h[order]
     concepts = (w + offset).T  # (K, C): each concept as a feature vector, as pytorch-grad-cam
