@@ -128,7 +128,26 @@ def dry_run(
 def _explain_failure(method: str, error: BaseException, layer: Any, found: str | None) -> str:
     spec = METHODS[method]
     what = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-    if spec.needs_layer:
+    if "Checkpointing is not compatible" in str(error):
+        fix = (
+            f"{method} needs torch.autograd.grad, which torch.utils.checkpoint("
+            "use_reentrant=True) does not support; checkpoint with use_reentrant=False, or "
+            f"drop {method!r} from methods."
+        )
+    elif "different number of tensors was saved" in str(error):
+        fix = (
+            f"{method} reroutes the model's ReLUs for its backward, and "
+            "torch.utils.checkpoint recomputes the forward without that routing; drop "
+            f"{method!r} from methods or explain without activation checkpointing."
+        )
+    elif "does not require grad" in str(error) or "no input gradient" in str(error):
+        fix = (
+            f"{method} needs the gradient of the class score with respect to the input, and "
+            "the model's forward runs part of it under torch.no_grad() (a frozen backbone or "
+            f"linear probe); drop {method!r} from methods (layer methods after the no_grad "
+            "block still work)."
+        )
+    elif spec.needs_layer:
         chosen = layer if isinstance(layer, str) else found
         where = f"target_layer={chosen!r}" if chosen else "the auto-detected target layer"
         fix = (

@@ -186,6 +186,10 @@ def explain(
         >>> maps["gradcam"].shape, maps["integrated_gradients"].dtype
         (torch.Size([2, 16, 16]), torch.float32)
     """
+    if type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    ):  # torch.compile: hooks belong on the eager module, explained eagerly
+        model = model._orig_mod
     names = normalize_methods(methods)
     common = {
         "ig_steps": ig_steps,

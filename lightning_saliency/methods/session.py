@@ -8,6 +8,7 @@ methods' declarations, never from their names.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
@@ -165,21 +166,16 @@ class ExplainSession:
         captured: dict[str, Tensor] = {}
 
         def keep(_module: nn.Module, _inp: Any, out: Tensor) -> Tensor:
-            if "out" in captured:  # a recomputation (activation checkpointing): leave it be
+            if "out" in captured or "no_grad" in captured:  # a recomputation (checkpointing)
                 return out
             if not isinstance(out, Tensor):
                 raise SaliencyConfigError(
                     f"the target layer returns a {type(out).__name__}, not a tensor; choose a "
                     "layer that returns one."
                 )
-            if not torch.is_grad_enabled():
-                raise SaliencyConfigError(
-                    "the target layer runs with gradients off: the model's forward calls it "
-                    "under torch.no_grad() (a frozen backbone or linear probe: only layers after "
-                    "the no_grad block can be explained) or inside "
-                    "torch.utils.checkpoint(use_reentrant=True) (use use_reentrant=False). "
-                    "Choose target_layer= after it."
-                )
+            if not torch.is_grad_enabled():  # said by the methods that need the layer
+                captured["no_grad"] = out
+                return out
             # Parameters are frozen: without an input gradient the graph starts here.
             out = out if out.requires_grad else out.detach().requires_grad_()
             captured["out"] = out
@@ -200,12 +196,35 @@ class ExplainSession:
                 handle.remove()
         logits = as_logits(logits, self.output_transform)
         self._forward = {"x": x, "logits": logits, "layer_out": captured.get("out"), "mode": mode}
-        if self.layer is not None and "out" not in captured:
+        self._forward["no_grad"] = "no_grad" in captured
+        return self._forward
+
+    def _layer_output(self) -> Tensor:
+        """The target layer's output from the shared forward, or the error that says why a
+        layer method cannot use it."""
+        fwd = self.shared_forward()
+        if fwd["no_grad"]:
+            raise SaliencyConfigError(
+                "the target layer runs with gradients off: the model's forward calls it under "
+                "torch.no_grad() (a frozen backbone or linear probe: only layers after the "
+                "no_grad block can be explained) or inside "
+                "torch.utils.checkpoint(use_reentrant=True) (use use_reentrant=False). Choose a "
+                "target_layer= after it."
+            )
+        if fwd["layer_out"] is None:
             raise SaliencyConfigError(
                 "the target layer was not called during the model's forward; pick a layer that "
                 "the forward uses (target_layer=...)."
             )
-        return self._forward
+        out: Tensor = fwd["layer_out"]
+        return out
+
+    @staticmethod
+    def _routing(fwd: dict[str, Any]) -> Any:
+        """The forward's ReLU routing, active again for a backward: activation checkpointing
+        recomputes the forward there, and must save the same tensors as the first time."""
+        mode = fwd["mode"]
+        return mode if mode is not None else contextlib.nullcontext()
 
     @property
     def logits(self) -> Tensor:
@@ -245,16 +264,18 @@ class ExplainSession:
     # -- shared gradients ----------------------------------------------------------------
     def layer_activations(self) -> Tensor:
         """The target layer's output as ``(N, C, h, w)``, detached, float32."""
-        return self.spatial(self.shared_forward()["layer_out"]).detach().float()
+        return self.spatial(self._layer_output()).detach().float()
 
     def layer_gradients(self) -> Tensor:
         """d(target logit)/d(layer output) as ``(N, C, h, w)``: one plain backward, cached."""
         if "layer_grad" not in self._cache:
             fwd = self.shared_forward()
+            layer_out = self._layer_output()
             keep_graph = self._guided and "guided" not in self._cache
-            (grad,) = torch.autograd.grad(
-                self.target_score(), fwd["layer_out"], retain_graph=keep_graph, allow_unused=True
-            )
+            with self._routing(fwd):
+                (grad,) = torch.autograd.grad(
+                    self.target_score(), layer_out, retain_graph=keep_graph, allow_unused=True
+                )
             if grad is None:  # never a silently zero map
                 raise SaliencyConfigError(
                     "the class scores do not depend on the target layer's output through "
@@ -281,8 +302,13 @@ class ExplainSession:
                     stacklevel=4,
                 )
             mode.switch.guided = True
-            (grad,) = torch.autograd.grad(self.target_score(), fwd["x"], allow_unused=True)
-            self._cache["guided"] = (
-                torch.zeros_like(fwd["x"]) if grad is None else grad.detach().float()
-            )
+            with self._routing(fwd):
+                (grad,) = torch.autograd.grad(self.target_score(), fwd["x"], allow_unused=True)
+            if grad is None:  # never a silently zero map
+                raise SaliencyConfigError(
+                    "no input gradient: the class scores do not depend on the input through "
+                    "autograd (the forward runs part of the model under torch.no_grad(), a "
+                    "frozen backbone or linear probe?)."
+                )
+            self._cache["guided"] = grad.detach().float()
         return self._cache["guided"]
