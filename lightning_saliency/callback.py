@@ -22,8 +22,10 @@ from lightning_saliency.dry_run import dry_run
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.explain import Explanations, explain, normalize_methods
 from lightning_saliency.figures import EpochFigures, Timeline, first_map_method
+from lightning_saliency.layers import LAYOUTS, Layout, Reshape
 from lightning_saliency.loggers import Publisher, metrics_step
 from lightning_saliency.methods import DEFAULT_METHODS, METHODS, MethodOptions
+from lightning_saliency.methods.session import OutputTransform
 from lightning_saliency.monitor import AlarmEvent, EpochScores, ScoreMonitor
 from lightning_saliency.options import resolve_options
 from lightning_saliency.samples import (
@@ -78,6 +80,11 @@ class SaliencyCallback(L.Callback):
             under ``saliency/<name>/`` and saves its state under its own ``state_key``. Two
             callbacks without distinct names share the ``state_key``, which the Trainer
             refuses; give each a ``name=``.
+        layout: how to read the target layer's output: ``"auto"``, ``"nchw"``, ``"nhwc"``
+            (channels last, e.g. Swin) or ``"tokens"`` (ViTs, any prefix tokens).
+        reshape: a function from the layer's output to ``(N, C, h, w)`` for other layouts.
+        output_transform: a function from the model's output to ``(N, classes)`` scores, when
+            it is not a tensor or has no ``logits`` key or attribute.
 
     Cadence: every validation run of a ``fit`` counts (several per epoch with
     ``val_check_interval < 1``, one every k epochs with ``check_val_every_n_epoch=k``); runs
@@ -132,6 +139,9 @@ class SaliencyCallback(L.Callback):
         timeline_method: str | None = None,
         seed: int = 0,
         name: str | None = None,
+        layout: Layout = "auto",
+        reshape: Reshape | None = None,
+        output_transform: OutputTransform | None = None,
     ) -> None:
         super().__init__()
         self.methods = normalize_methods(methods)
@@ -197,6 +207,12 @@ class SaliencyCallback(L.Callback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SaliencyConfigError(f"seed must be an int, got {seed!r}.")
         self.seed = seed
+        self.layout = arguments.one_of("layout", layout, LAYOUTS)
+        for key, function in (("reshape", reshape), ("output_transform", output_transform)):
+            if function is not None and not callable(function):
+                raise SaliencyConfigError(f"{key} must be a function or None, got {function!r}.")
+        self.reshape = reshape
+        self.output_transform = output_transform
         self.name = arguments.callback_name(name)
         self.prefix = "saliency" if self.name is None else f"saliency/{self.name}"
         self.alarm_prefix = self.prefix.replace("saliency", "saliency_alarms", 1)
@@ -486,6 +502,9 @@ class SaliencyCallback(L.Callback):
             self.std if self.denormalize is not False else None,
             self.seed,
             samples.masks,
+            layout=self.layout,
+            reshape=self.reshape,
+            output_transform=self.output_transform,
         )
         if self._layer_name:
             console.info(f"SaliencyCallback: explaining layer '{self._layer_name}'.")
@@ -619,6 +638,9 @@ class SaliencyCallback(L.Callback):
                 method_options={m: self.method_options[m] for m in methods},
                 seed=self.seed,
                 warm_start=self._warm_start,
+                layout=self.layout,
+                reshape=self.reshape,
+                output_transform=self.output_transform,
             )
 
         try:

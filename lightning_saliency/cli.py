@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--arch",
         metavar="NAME",
-        help="a torchvision architecture by name, e.g. resnet18 (random weights unless --weights)",
+        help="a torchvision (or, when installed, timm) architecture by name, e.g. resnet18 "
+        "(random weights unless --weights)",
     )
     model.add_argument("--weights", metavar="PATH", help="state_dict file for --arch")
     model.add_argument(
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="dotted module path; default: the last spatial feature map",
+    )
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "nchw", "nhwc", "tokens"],
+        help="how to read the target layer's output (nhwc: channels last, e.g. Swin; tokens: "
+        "ViTs with any prefix tokens)",
     )
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
     p.add_argument("--size", default="224", help="images are resized to SIZE x SIZE")
@@ -196,6 +204,15 @@ def _few(items: Sequence[str], shown: int = 4) -> str:
     return text + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
+def _timm() -> Any:
+    """timm, when it is installed (``--arch`` then takes its names too)."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model from ``--model`` (+ ``--checkpoint``) or ``--arch`` (+ ``--weights``)."""
     if bool(args.model) == bool(args.arch):
@@ -209,13 +226,19 @@ def load_model(args: argparse.Namespace) -> nn.Module:
             last = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
             num_classes = last[-1].shape[0] if last else 1000
         known = torchvision.models.list_models()
-        if args.arch not in known:
-            close = difflib.get_close_matches(args.arch, known, n=3)
+        timm = _timm()
+        if args.arch in known:
+            model = torchvision.models.get_model(
+                args.arch, weights=None, num_classes=num_classes or 1000
+            )
+        elif timm is not None and args.arch in timm.list_models():
+            model = timm.create_model(args.arch, pretrained=False, num_classes=num_classes or 1000)
+        else:
+            names = known + (timm.list_models() if timm is not None else [])
+            close = difflib.get_close_matches(args.arch, names, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise CliError(f"unknown torchvision architecture {args.arch!r}{hint}")
-        model = torchvision.models.get_model(
-            args.arch, weights=None, num_classes=num_classes or 1000
-        )
+            where = "torchvision or timm" if timm is not None else "torchvision"
+            raise CliError(f"unknown {where} architecture {args.arch!r}{hint}")
         if state is not None:
             _load_into(model, state)
         built: nn.Module = model
@@ -477,7 +500,15 @@ def explain_command(args: argparse.Namespace) -> str:
         + (" (slow methods: this takes a while)" if slow else "")
     )
     try:
-        maps = explain(model, images, target, methods, args.target_layer, method_options=options)
+        maps = explain(
+            model,
+            images,
+            target,
+            methods,
+            args.target_layer,
+            method_options=options,
+            layout=args.layout,
+        )
     except SaliencyConfigError as err:
         raise CliError(str(err).splitlines()[0]) from err
     _say(f"[3/3] writing {out_path}")

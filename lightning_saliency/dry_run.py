@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_saliency import arguments
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.explain import explain, explanation_context, model_dtype
-from lightning_saliency.layers import LayerSpec
+from lightning_saliency.layers import LayerSpec, Layout, Reshape
 from lightning_saliency.methods import METHODS, MethodOptions, as_logits
 from lightning_saliency.methods.session import OutputTransform
 from lightning_saliency.monitor import ScoreMonitor
@@ -60,6 +60,9 @@ def dry_run(
     std: Sequence[float] | None,
     seed: int = 0,
     masks: Tensor | None = None,
+    layout: Layout = "auto",
+    reshape: Reshape | None = None,
+    output_transform: OutputTransform | None = None,
 ) -> str | None:
     """Check the model and the data against the configuration; returns the target layer's name
     (``None`` when no method needs one).
@@ -72,12 +75,13 @@ def dry_run(
         methods, target_layer, method_options, seed: as the callback runs them.
         mean, std: the normalisation to undo for display (``None``: not known).
         masks: the samples' object masks, if any (their scores are computed too).
+        layout, reshape, output_transform: as :func:`~lightning_saliency.explain`.
 
     Raises:
         SaliencyConfigError: naming the argument to fix.
     """
     arguments.normalisation(mean, std, channels=images.shape[1])
-    logits = check_outputs(model, images)
+    logits = check_outputs(model, images, output_transform)
     classes = logits.shape[1]
     if isinstance(target, int) and target >= classes:
         raise SaliencyConfigError(f"target={target} but the model has {classes} classes.")
@@ -102,6 +106,9 @@ def dry_run(
         method_options=dict(method_options),
         seed=seed,
         warm_start={},
+        layout=layout,
+        reshape=reshape,
+        output_transform=output_transform,
     )
     for method, error in out.errors.items():
         raise SaliencyConfigError(_explain_failure(method, error, target_layer, out.layer_name))

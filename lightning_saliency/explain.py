@@ -118,6 +118,21 @@ def explanation_context(model: nn.Module) -> Iterator[None]:
                 param.requires_grad_(flag)
 
 
+def eager_module(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (hooks belong on it, and it is explained eagerly),
+    or ``model`` itself.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> eager_module(torch.compile(net, backend="eager")) is net
+        True
+    """
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype of the model's parameters (float32 if it has none)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -186,10 +201,7 @@ def explain(
         >>> maps["gradcam"].shape, maps["integrated_gradients"].dtype
         (torch.Size([2, 16, 16]), torch.float32)
     """
-    if type(model).__name__ == "OptimizedModule" and isinstance(
-        getattr(model, "_orig_mod", None), nn.Module
-    ):  # torch.compile: hooks belong on the eager module, explained eagerly
-        model = model._orig_mod
+    model = eager_module(model)
     names = normalize_methods(methods)
     common = {
         "ig_steps": ig_steps,

@@ -150,7 +150,7 @@ def test_plain_module_factory_with_state_dict(tmp_path, photos):
             ["--arch", "resnet18", "--image", "PHOTO", "--methods", "gradcam,lime"],
             "unknown saliency method 'lime'",
         ),
-        (["--arch", "resnet99", "--image", "PHOTO"], "unknown torchvision architecture"),
+        (["--arch", "resnet99", "--image", "PHOTO"], "unknown torchvision or timm architecture"),
         (["--model", "nowhere.models:Net", "--image", "PHOTO"], "cannot import"),
         (["--arch", "resnet18", "--weights", "none.pth", "--image", "PHOTO"], "no such file"),
         (
