@@ -25,7 +25,7 @@ from lightning_saliency.figures import EpochFigures, Timeline, first_map_method
 from lightning_saliency.layers import LAYOUTS, Layout, Reshape
 from lightning_saliency.loggers import Publisher, metrics_step
 from lightning_saliency.methods import DEFAULT_METHODS, METHODS, MethodOptions
-from lightning_saliency.methods.session import OutputTransform
+from lightning_saliency.methods.session import OutputTransform, TargetFunction
 from lightning_saliency.monitor import AlarmEvent, EpochScores, ScoreMonitor
 from lightning_saliency.options import resolve_options
 from lightning_saliency.samples import (
@@ -56,7 +56,8 @@ class SaliencyCallback(L.Callback):
         method_every_n_epochs: a slower cadence for expensive methods, e.g.
             ``{"integrated_gradients": 5}``.
         target_layer: dotted module path (``"backbone.layer4"``); ``None`` auto-detects.
-        target: ``"label"`` (falls back to ``"pred"`` without labels), ``"pred"`` or a class.
+        target: ``"label"`` (falls back to ``"pred"`` without labels), ``"pred"``, a class, or a
+            function ``(outputs) -> (N,)`` score (see :func:`~lightning_saliency.explain`).
         samples: explicit images ``N×C×H×W`` instead of sampling the val set.
         labels: labels of explicit ``samples``.
         masks: object masks ``N×H×W`` of explicit ``samples`` (enable localisation scores).
@@ -118,7 +119,7 @@ class SaliencyCallback(L.Callback):
         every_n_epochs: int = 1,
         method_every_n_epochs: dict[str, int] | None = None,
         target_layer: str | nn.Module | None = None,
-        target: Literal["label", "pred"] | int = "label",
+        target: Literal["label", "pred"] | int | TargetFunction = "label",
         samples: Tensor | None = None,
         labels: Tensor | Sequence[int] | None = None,
         masks: Tensor | None = None,
@@ -150,11 +151,14 @@ class SaliencyCallback(L.Callback):
         self.method_every_n_epochs = arguments.method_cadences(
             method_every_n_epochs, self.methods, lambda m: normalize_methods([m])[0]
         )
-        if target not in ("label", "pred") and not (
-            isinstance(target, int) and not isinstance(target, bool) and target >= 0
+        if (
+            target not in ("label", "pred")
+            and not callable(target)
+            and not (isinstance(target, int) and not isinstance(target, bool) and target >= 0)
         ):
             raise SaliencyConfigError(
-                f"target must be 'label', 'pred' or a class index >= 0, got {target!r}."
+                f"target must be 'label', 'pred', a class index >= 0 or a function from the "
+                f"model's output to one score per image, got {target!r}."
             )
         if target_layer is not None and not isinstance(target_layer, (str, nn.Module)):
             raise SaliencyConfigError(
@@ -738,7 +742,9 @@ class SaliencyCallback(L.Callback):
         except Exception as err:
             self._warn_once("loggers", "writing to the loggers", err, "training goes on")
 
-    def _targets(self, samples: FixedSamples) -> Tensor | int | None:
+    def _targets(self, samples: FixedSamples) -> Tensor | int | TargetFunction | None:
+        if callable(self.target):
+            return self.target
         if self.target == "label" and samples.labels is not None:
             return samples.labels
         return self.target if isinstance(self.target, int) else None

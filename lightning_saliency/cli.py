@@ -94,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_METHODS),
         help="comma-separated; one of: " + ", ".join(available_methods()),
     )
-    p.add_argument("--target", default="pred", help="class index to explain, or 'pred'")
+    p.add_argument(
+        "--target",
+        default="pred",
+        help="class index to explain, 'pred', or MODULE:FUNCTION, a function from the model's "
+        "output to one score per image (segmentation regions, regression)",
+    )
     p.add_argument(
         "--target-layer",
         default=None,
@@ -204,6 +209,19 @@ def _few(items: Sequence[str], shown: int = 4) -> str:
     return text + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
+def _import(path: str, option: str) -> Any:
+    """``MODULE:NAME`` imported (the working directory first on the path)."""
+    module_name, _, attr = path.partition(":")
+    if not attr or not module_name:
+        raise CliError(f"{option} must look like MODULE:NAME, got {path!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise CliError(f"cannot import {path}: {err}") from err
+
+
 def _timm() -> Any:
     """timm, when it is installed (``--arch`` then takes its names too)."""
     try:
@@ -243,14 +261,7 @@ def load_model(args: argparse.Namespace) -> nn.Module:
             _load_into(model, state)
         built: nn.Module = model
         return built
-    module_name, _, attr = args.model.partition(":")
-    if not attr:
-        raise CliError(f"--model must look like MODULE:NAME, got {args.model!r}")
-    sys.path.insert(0, os.getcwd())
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise CliError(f"cannot import {args.model}: {err}") from err
+    factory = _import(args.model, "--model")
     import lightning as L
 
     if args.checkpoint and isinstance(factory, type) and issubclass(factory, L.LightningModule):
@@ -487,12 +498,16 @@ def explain_command(args: argparse.Namespace) -> str:
     mean, std = normalisation(args.mean, args.std, channels)
     images = load_images(paths, size, mean, std, channels).to(device)
     target: Any = None
-    if args.target != "pred":
+    if ":" in args.target:
+        target = _import(args.target, "--target")
+        if not callable(target):
+            raise CliError(f"--target {args.target} is not a function")
+    elif args.target != "pred":
         try:
             target = int(args.target)
         except ValueError as err:
             raise CliError(
-                f"--target must be a class index or 'pred', got {args.target!r}"
+                f"--target must be a class index, 'pred' or MODULE:FUNCTION, got {args.target!r}"
             ) from err
     slow = any(METHODS[m].cost == "expensive" for m in methods)
     _say(

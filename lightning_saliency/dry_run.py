@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from lightning_saliency import arguments
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.explain import explain, explanation_context, model_dtype
+from lightning_saliency.explain import Explanations, explain, explanation_context, model_dtype
 from lightning_saliency.layers import LayerSpec, Layout, Reshape
 from lightning_saliency.methods import METHODS, MethodOptions, as_logits
-from lightning_saliency.methods.session import OutputTransform
+from lightning_saliency.methods.session import OutputTransform, TargetFunction
 from lightning_saliency.monitor import ScoreMonitor
 
 
@@ -52,7 +52,7 @@ def dry_run(
     model: nn.Module,
     images: Tensor,
     labels: Tensor | None,
-    target: str | int,
+    target: str | int | TargetFunction,
     methods: Sequence[str],
     target_layer: LayerSpec,
     method_options: Mapping[str, MethodOptions],
@@ -81,21 +81,24 @@ def dry_run(
         SaliencyConfigError: naming the argument to fix.
     """
     arguments.normalisation(mean, std, channels=images.shape[1])
-    logits = check_outputs(model, images, output_transform)
-    classes = logits.shape[1]
-    if isinstance(target, int) and target >= classes:
-        raise SaliencyConfigError(f"target={target} but the model has {classes} classes.")
-    if labels is not None and labels.numel() and int(labels.max()) >= classes:
-        raise SaliencyConfigError(
-            f"labels hold class {int(labels.max())} but the model has {classes} classes "
-            f"(0..{classes - 1}); check labels= (or the batches' labels)."
-        )
     few = images[:2]
-    targets: Tensor | int | None = None
-    if target == "label" and labels is not None:
-        targets = labels[:2]
-    elif isinstance(target, int):
+    targets: Tensor | int | TargetFunction | None = None
+    if callable(target):
         targets = target
+    else:
+        logits = check_outputs(model, images, output_transform)
+        classes = logits.shape[1]
+        if isinstance(target, int) and target >= classes:
+            raise SaliencyConfigError(f"target={target} but the model has {classes} classes.")
+        if labels is not None and labels.numel() and int(labels.max()) >= classes:
+            raise SaliencyConfigError(
+                f"labels hold class {int(labels.max())} but the model has {classes} classes "
+                f"(0..{classes - 1}); check labels= (or the batches' labels)."
+            )
+        if target == "label" and labels is not None:
+            targets = labels[:2]
+        elif isinstance(target, int):
+            targets = target
     out = explain(
         model,
         few,
@@ -110,6 +113,17 @@ def dry_run(
         reshape=reshape,
         output_transform=output_transform,
     )
+    return _judge(out, few, target_layer, labels, masks)
+
+
+def _judge(
+    out: Explanations,
+    few: Tensor,
+    target_layer: LayerSpec,
+    labels: Tensor | None,
+    masks: Tensor | None,
+) -> str | None:
+    """The dry run's verdict on two samples' explanations: each failure is an error."""
     for method, error in out.errors.items():
         raise SaliencyConfigError(_explain_failure(method, error, target_layer, out.layer_name))
     for method, maps in out.items():

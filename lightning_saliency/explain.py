@@ -20,7 +20,7 @@ from lightning_saliency.methods import (
     as_logits,
     canonical_name,
 )
-from lightning_saliency.methods.session import OutputTransform
+from lightning_saliency.methods.session import OutputTransform, TargetFunction
 from lightning_saliency.options import MethodOptionsArg, resolve_options
 
 
@@ -141,7 +141,7 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 def explain(
     model: nn.Module,
     images: Tensor,
-    targets: Tensor | Sequence[int] | int | None = None,
+    targets: Tensor | Sequence[int] | int | TargetFunction | None = None,
     methods: str | Sequence[str] = DEFAULT_METHODS,
     target_layer: LayerSpec = None,
     on_error: Literal["raise", "collect"] = "raise",
@@ -162,7 +162,12 @@ def explain(
     Args:
         model: an image classifier returning ``(N, num_classes)`` scores.
         images: ``(N, C, H, W)`` model inputs (normalised as the model expects).
-        targets: class per image (tensor, list or int); ``None`` explains the prediction.
+        targets: what each map explains: a class per image (tensor, list or int); a multi-hot
+            ``(N, classes)`` tensor (multi-label: the sum of each image's labels' scores); a
+            function ``(outputs) -> (N,)`` score, given the model's raw output (a region of a
+            segmentation map, a regression value; it is called on batches of perturbed or
+            interpolated copies too, so it must score each row of the output alone); ``None``
+            explains the prediction.
         methods: names from :func:`lightning_saliency.available_methods` (``ig`` is an alias).
         target_layer: dotted path or module for layer methods; ``None`` auto-detects.
         on_error: ``"collect"`` puts a failing method's exception in ``.errors`` (configuration
@@ -220,23 +225,29 @@ def explain(
             f"images must be a float tensor (N, C, H, W); got {shape}. Saliency maps need "
             "image inputs."
         )
-    requested = None
-    if targets is not None:
+    requested: Tensor | TargetFunction | None = None
+    if callable(targets) and not isinstance(targets, Tensor):
+        requested = targets
+    elif targets is not None:
         requested = targets if isinstance(targets, Tensor) else torch.as_tensor(targets)
     maps: dict[str, Tensor] = {}
     errors: dict[str, BaseException] = {}
+
+    def scores_for_detection(output: Any) -> Tensor:
+        if callable(requested) and not isinstance(requested, Tensor):
+            return requested(output)[:, None]
+        return as_logits(output, output_transform)
+
     with explanation_context(model):
         # Clones made here are normal tensors even if the inputs are inference tensors.
         x = images.detach().clone().to(model_dtype(model))
-        if requested is not None:
+        if isinstance(requested, Tensor):
             requested = requested.detach().clone()
         layer_name, layer = None, None
         layer_error: Exception | None = None
         if any(METHODS[n].needs_layer for n in names):
             try:
-                layer_name, layer = choose_layer(
-                    model, x, target_layer, lambda out: as_logits(out, output_transform)
-                )
+                layer_name, layer = choose_layer(model, x, target_layer, scores_for_detection)
             except Exception as err:  # only the methods that need the layer fail
                 if on_error == "raise":
                     raise

@@ -64,11 +64,10 @@ def make_baseline(images: Tensor, baseline: float | Tensor | None) -> Tensor:
     raise SaliencyConfigError(f"baseline must be None, a number or a tensor, got {baseline!r}.")
 
 
-def completeness_error(
-    attributions: Tensor, logits: Tensor, baseline_logits: Tensor, targets: Tensor
-) -> Tensor:
-    """Per-image relative completeness error of IG attributions ``(N, C, H, W)``."""
-    gap = (logits - baseline_logits).gather(1, targets[:, None]).squeeze(1)
+def completeness_error(attributions: Tensor, scores: Tensor, baseline_scores: Tensor) -> Tensor:
+    """Per-image relative completeness error of IG attributions ``(N, C, H, W)`` for the
+    explained scores ``(N,)`` at the images and at the baselines."""
+    gap = scores - baseline_scores
     total = attributions.flatten(1).sum(dim=1)
     return (total - gap).abs() / gap.abs().clamp(min=1e-6)
 
@@ -91,14 +90,15 @@ def internal_batch_size(option: int | None, images: Tensor) -> int:
 
 def integrated_gradients(session: ExplainSession, options: IntegratedGradientsOptions) -> Tensor:
     """Signed IG attribution summed over channels ``(N, H, W)``: its pixel sum is the total."""
-    images, targets = session.images, session.targets
+    images = session.images
     baselines = make_baseline(images, options.baseline)
     n = images.shape[0]
     chunk = max(internal_batch_size(options.internal_batch_size, images), n)
-    ig = IntegratedGradients(session.class_scores)
+    forward, target, extra = session.captum_forward()
+    ig = IntegratedGradients(forward)
     with torch.no_grad():
-        logits = session.logits.detach()
-        base_logits = session.class_scores(baselines)
+        scores = session.target_scores(images).float()
+        base_scores = session.target_scores(baselines).float()
 
     memory = session.warm_start("integrated_gradients")
     if options.steps == "auto":
@@ -111,12 +111,13 @@ def integrated_gradients(session: ExplainSession, options: IntegratedGradientsOp
         attr: Tensor = ig.attribute(
             images.detach(),
             baselines=baselines,
-            target=targets,
+            target=target,
+            additional_forward_args=extra or None,
             n_steps=steps,
             method=options.method,
             internal_batch_size=chunk,
         ).float()
-        error = completeness_error(attr, logits.float(), base_logits.float(), targets)
+        error = completeness_error(attr, scores, base_scores)
         if options.steps != "auto" or float(error.max()) <= options.tolerance:
             break
     memory["steps"] = steps

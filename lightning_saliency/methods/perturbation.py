@@ -74,7 +74,6 @@ def _batched_scores(
     layer = session.layer
     with torch.no_grad():
         for i in range(n):
-            target = int(session.targets[i])
             for start in range(0, count, batch_size):
                 stop = min(count, start + batch_size)
                 batch = make_batch(i, start, stop)
@@ -84,11 +83,10 @@ def _batched_scores(
                     else None
                 )
                 try:
-                    logits = session.class_scores(batch)
+                    scores[i, start:stop] = session.image_scores(batch, i).float()
                 finally:
                     if handle is not None:
                         handle.remove()
-                scores[i, start:stop] = logits[:, target].float()
     return scores
 
 
@@ -114,7 +112,8 @@ def ablationcam_weights(session: ExplainSession, options: PerturbationOptions) -
     zeroed weights that channel. Gradient-free."""
     acts = session.layer_activations()
     c = acts.shape[1]
-    original = session.logits.detach().gather(1, session.targets[:, None]).float()
+    with torch.no_grad():
+        original = session.target_scores(session.images).float()[:, None]
     images = session.images
 
     def make_batch(i: int, start: int, stop: int) -> Tensor:
@@ -159,13 +158,15 @@ def occlusion(session: ExplainSession, options: OcclusionOptions) -> Tensor:
     window = options.window or default_window
     stride = options.stride or default_stride
     channels = images.shape[1]
-    method = Occlusion(session.class_scores)
+    forward, target, extra = session.captum_forward()
+    method = Occlusion(forward)
     with torch.no_grad():
         attr: Tensor = method.attribute(
             images,
             sliding_window_shapes=(channels, window, window),
             strides=(channels, stride, stride),
-            target=session.targets,
+            target=target,
+            additional_forward_args=extra or None,
             baselines=0.0,
             perturbations_per_eval=max(1, options.batch_size // images.shape[0]),
         )

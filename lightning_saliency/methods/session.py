@@ -22,6 +22,7 @@ from lightning_saliency.layers import LayerLayout, Reshape, prefix_tokens_of, re
 from lightning_saliency.methods.base import METHODS
 
 OutputTransform = Callable[[Any], Tensor]
+TargetFunction = Callable[[Any], Tensor]
 
 
 def as_logits(output: Any, transform: OutputTransform | None = None) -> Tensor:
@@ -96,7 +97,7 @@ class ExplainSession:
         self,
         model: nn.Module,
         images: Tensor,
-        targets: Tensor | None,
+        targets: Tensor | TargetFunction | None,
         layer: nn.Module | None,
         methods: tuple[str, ...],
         seed: int = 0,
@@ -116,13 +117,73 @@ class ExplainSession:
         self.extras: dict[str, Any] = {}
         self._guided = any(METHODS[m].needs_guided_backward for m in methods)
         self._warm_start = {} if warm_start is None else warm_start
+        self._score_fn: TargetFunction | None = None
+        self._weights: Tensor | None = None
+        if callable(targets) and not isinstance(targets, Tensor):
+            self._score_fn, targets = targets, None
+        elif isinstance(targets, Tensor) and targets.dim() == 2:  # multi-hot: several labels
+            self._weights, targets = targets.detach().float(), None
         self._requested_targets = targets
         self._forward: dict[str, Any] | None = None
         self._cache: dict[str, Tensor] = {}
 
     def class_scores(self, x: Tensor) -> Tensor:
         """The model's ``(N, classes)`` scores for ``x``, by :func:`as_logits`'s rule."""
-        return as_logits(self.model(x), self.output_transform)
+        return self._scores_of_output(self.model(x))
+
+    def _scores_of_output(self, output: Any) -> Tensor:
+        """Class scores of a model output; with a target function and no readable class
+        scores (a segmentation map, a regression value), its score as one logit."""
+        try:
+            return as_logits(output, self.output_transform)
+        except SaliencyConfigError:
+            if self._score_fn is None:
+                raise
+            return as_logits(self._target_of_output(output)[:, None])
+
+    def _target_of_output(self, output: Any) -> Tensor:
+        """The score each image's map explains, ``(N,)``, from a model output."""
+        if self._score_fn is not None:
+            score = self._score_fn(output)
+            if not isinstance(score, Tensor) or score.dim() != 1:
+                shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+                raise SaliencyConfigError(
+                    f"target= a function must return one score per image, (N,); it returned "
+                    f"{shape}."
+                )
+            return score
+        logits = as_logits(output, self.output_transform)
+        if self._weights is not None:
+            return (logits * self._weights.to(logits.device, logits.dtype)).sum(1)
+        return logits.gather(1, self.targets[:, None]).squeeze(1)
+
+    def target_scores(self, x: Tensor) -> Tensor:
+        """The explained score of each image of ``x`` (``(N,)``, the same N as the images)."""
+        return self._target_of_output(self.model(x))
+
+    def image_scores(self, x: Tensor, index: int) -> Tensor:
+        """The explained score of image ``index`` for a batch ``x`` of its perturbed copies."""
+        output = self.model(x)
+        if self._score_fn is not None:
+            return self._target_of_output(output)
+        logits = as_logits(output, self.output_transform)
+        if self._weights is not None:
+            return (logits * self._weights[index].to(logits.device, logits.dtype)).sum(1)
+        return logits[:, int(self.targets[index])]
+
+    def captum_forward(self) -> tuple[Callable[..., Tensor], Tensor | int, tuple[Tensor, ...]]:
+        """``(forward_func, target, additional_forward_args)`` for a captum attribution of the
+        explained score (captum repeats the extra arguments with the inputs it expands)."""
+        if self._score_fn is not None:
+            score_fn = self._score_fn
+            return (lambda x: score_fn(self.model(x))[:, None]), 0, ()
+        if self._weights is not None:
+
+            def weighted(x: Tensor, weights: Tensor) -> Tensor:
+                return (self.class_scores(x) * weights).sum(1, keepdim=True)
+
+            return weighted, 0, (self._weights.to(self.images.device),)
+        return self.class_scores, self.targets, ()
 
     def spatial(self, output: Tensor) -> Tensor:
         """A layer output (or its gradient) as ``(N, C, h, w)``: by ``reshape`` when given,
@@ -194,8 +255,10 @@ class ExplainSession:
         finally:
             if handle is not None:
                 handle.remove()
-        logits = as_logits(logits, self.output_transform)
+        output = logits
+        logits = self._scores_of_output(output)
         self._forward = {"x": x, "logits": logits, "layer_out": captured.get("out"), "mode": mode}
+        self._forward["output"] = output
         self._forward["no_grad"] = "no_grad" in captured
         return self._forward
 
@@ -239,7 +302,10 @@ class ExplainSession:
     def targets(self) -> Tensor:
         if "targets" not in self._cache:
             logits = self.logits
-            if self._requested_targets is None:
+            if self._weights is not None:  # the highest-scoring of the given labels
+                weights = self._weights.to(logits.device)
+                targets = logits.detach().masked_fill(weights <= 0, float("-inf")).argmax(1)
+            elif self._requested_targets is None:
                 targets = logits.detach().argmax(dim=1)
             else:
                 targets = self._requested_targets.to(logits.device).long().reshape(-1)
@@ -257,8 +323,15 @@ class ExplainSession:
         return self._cache["targets"]
 
     def target_score(self) -> Tensor:
-        """Sum over the batch of each image's target logit (images are independent in eval)."""
-        logits: Tensor = self.shared_forward()["logits"]
+        """Sum over the batch of each image's explained score (images are independent in
+        eval): its target class's logit, the sum of its labels' logits (multi-hot targets), or
+        a target function's score."""
+        fwd = self.shared_forward()
+        if self._score_fn is not None:
+            return self._target_of_output(fwd["output"]).sum()
+        logits: Tensor = fwd["logits"]
+        if self._weights is not None:
+            return (logits * self._weights.to(logits.device, logits.dtype)).sum()
         return logits.gather(1, self.targets[:, None]).sum()
 
     # -- shared gradients ----------------------------------------------------------------

@@ -54,7 +54,8 @@ def smoothgrad(session: ExplainSession, options: SmoothGradOptions) -> Tensor:
     spread = float(images.max() - images.min()) or 1.0
     stdev = options.noise * spread
     chunk = max(internal_batch_size(options.internal_batch_size, images), images.shape[0])
-    tunnel = NoiseTunnel(IntegratedGradients(session.class_scores))
+    forward, target, extra = session.captum_forward()
+    tunnel = NoiseTunnel(IntegratedGradients(forward))
     seed = session.seed if options.seed is None else options.seed
     devices = [images.device] if images.is_cuda else []
     with torch.random.fork_rng(devices=devices):
@@ -67,7 +68,8 @@ def smoothgrad(session: ExplainSession, options: SmoothGradOptions) -> Tensor:
             nt_samples=options.samples,
             nt_samples_batch_size=max(1, chunk // (images.shape[0] * options.ig_steps)),
             stdevs=stdev,
-            target=session.targets,
+            target=target,
+            additional_forward_args=extra or None,
             n_steps=options.ig_steps,
             internal_batch_size=chunk,
         )
