@@ -137,7 +137,8 @@ def build(arch: Arch) -> nn.Module:
         if isinstance(module, nn.Linear) and module.out_features == 10:
             nn.init.normal_(module.weight, std=0.5)
         norm_weight = getattr(module, "weight", None)  # and zero-initialised norms (LeViT) ones
-        if isinstance(module, nn.modules.batchnorm._NormBase) and not bool(norm_weight.any()):
+        batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        if isinstance(module, batch_norms) and not bool(norm_weight.any()):
             nn.init.ones_(norm_weight)
     return model.eval()
 
