@@ -40,12 +40,16 @@ class Arch:
     kaiming: bool = False  # timm's 0.02-std init makes this family's random tokens collapse
 
 
-ZOO = [
+V64, I64 = {"image_size": 64}, {"img_size": 64}
+INCEPTION = {"aux_logits": False, "init_weights": True}
+# fmt: off
+ZOO = [  # library, architecture, auto layer, reference layer, its layout, [size, kwargs]
     Arch("torchvision", "resnet18", "layer4", "layer4", "nchw"),
     Arch("torchvision", "resnext50_32x4d", "layer4", "layer4", "nchw"),
     Arch("torchvision", "wide_resnet50_2", "layer4", "layer4", "nchw"),
     Arch("torchvision", "vgg11", "features", "features.20", "nchw"),
-    Arch("torchvision", "densenet121", "features", "features.denseblock4", "nchw"),  # noqa: E501 (norm5 is ReLUd in place after)
+    # densenet: norm5's output is ReLUd in place afterwards, which pytorch-grad-cam aliases
+    Arch("torchvision", "densenet121", "features", "features.denseblock4", "nchw"),
     Arch("torchvision", "mobilenet_v2", "features", "features.18", "nchw"),
     Arch("torchvision", "mobilenet_v3_small", "features", "features.12", "nchw"),
     Arch("torchvision", "efficientnet_b0", "features", "features.8", "nchw"),
@@ -54,74 +58,30 @@ ZOO = [
     Arch("torchvision", "mnasnet0_5", "layers", "layers.16", "nchw"),
     Arch("torchvision", "shufflenet_v2_x0_5", "conv5", "conv5", "nchw", size=128),
     Arch("torchvision", "squeezenet1_1", "features", "features.12", "nchw"),
-    Arch(
-        "torchvision",
-        "googlenet",
-        "inception5b",
-        "inception5b",
-        "nchw",
-        kwargs={"aux_logits": False, "init_weights": True},
-    ),  # fmt: skip  # noqa: E501
-    Arch(
-        "torchvision",
-        "inception_v3",
-        "Mixed_7c",
-        "Mixed_7c",
-        "nchw",
-        size=160,
-        kwargs={"aux_logits": False, "init_weights": True},
-    ),  # fmt: skip  # noqa: E501
+    Arch("torchvision", "googlenet", "inception5b", "inception5b", "nchw", kwargs=INCEPTION),
+    Arch("torchvision", "inception_v3", "Mixed_7c", "Mixed_7c", "nchw", 160, INCEPTION),
     Arch("torchvision", "convnext_tiny", "features", "features.7", "nchw"),
     Arch("torchvision", "maxvit_t", "blocks.3", "blocks.3", "nchw", size=224),
     Arch("torchvision", "swin_t", "permute", "features.7.1.norm1", "nhwc"),
     Arch("torchvision", "swin_v2_t", "permute", "features.7.1.norm1", "nhwc"),
-    Arch(
-        "torchvision",
-        "vit_b_16",
-        "encoder.layers.encoder_layer_11.ln_1",
-        "encoder.layers.encoder_layer_11.ln_1",
-        "tokens",
-        kwargs={"image_size": 64},
-    ),  # fmt: skip  # noqa: E501
+    Arch("torchvision", "vit_b_16", "encoder.layers.encoder_layer_11.ln_1",
+         "encoder.layers.encoder_layer_11.ln_1", "tokens", kwargs=V64),
     Arch("timm", "resnet18", "layer4", "layer4", "nchw"),
     Arch("timm", "convnext_atto", "norm_pre", "stages.3", "nchw"),
     Arch("timm", "efficientnet_b0", "bn2", "bn2", "nchw"),
     Arch("timm", "regnetx_002", "final_conv", "s4", "nchw"),
-    Arch(
-        "timm",
-        "vit_tiny_patch16_224",
-        "blocks.11.norm1",
-        "blocks.11.norm1",
-        "tokens",
-        kwargs={"img_size": 64},
-    ),  # fmt: skip  # noqa: E501
-    Arch(
-        "timm",
-        "deit_tiny_distilled_patch16_224",
-        "blocks.11.norm1",
-        "blocks.11.norm1",
-        "tokens",
-        kwargs={"img_size": 64},
-    ),  # fmt: skip  # noqa: E501
-    Arch(
-        "timm",
-        "vit_little_patch16_reg4_gap_256",
-        "norm",
-        "blocks.11.norm1",
-        "tokens",
-        kwargs={"img_size": 64},
-    ),  # fmt: skip  # noqa: E501
-    Arch(
-        "timm",
-        "swin_tiny_patch4_window7_224",
-        "norm",
-        "layers.3.blocks.1.norm1",
-        "nhwc",
-        kwargs={"img_size": 64, "window_size": 2},
-    ),  # fmt: skip  # noqa: E501
+    Arch("timm", "vit_tiny_patch16_224", "blocks.11.norm1", "blocks.11.norm1", "tokens",
+         kwargs=I64),
+    Arch("timm", "deit_tiny_distilled_patch16_224", "blocks.11.norm1", "blocks.11.norm1",
+         "tokens", kwargs=I64),
+    Arch("timm", "vit_little_patch16_reg4_gap_256", "norm", "blocks.11.norm1", "tokens",
+         kwargs=I64),
+    Arch("timm", "swin_tiny_patch4_window7_224", "norm", "layers.3.blocks.1.norm1", "nhwc",
+         kwargs={**I64, "window_size": 2}),
     Arch("timm", "mobilevit_xxs", "final_conv", "final_conv", "nchw"),
-    Arch("timm", "levit_128s", "stages", "stages.2", "tokens", size=224, kaiming=True),  # fmt: skip  # noqa: E501
+    Arch("timm", "levit_128s", "stages", "stages.2", "tokens", size=224, kaiming=True),
 ]
+# fmt: on
 
 
 def build(arch: Arch) -> nn.Module:
