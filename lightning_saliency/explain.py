@@ -36,7 +36,8 @@ class Explanations(Mapping[str, Tensor]):
         targets: ``(N,)`` the class each map explains.
         layer_name: the target layer used by layer methods (``None`` if none was needed).
         extras: what methods report besides maps, e.g. ``dff_concept_scores``
-            ``(K, num_classes)``, ``ig_steps``, ``ig_completeness_error`` ``(N,)``; each method
+            ``(K, num_classes)``, ``ig_steps``, ``ig_completeness_error`` ``(N,)``, and with a
+            target function ``target_scores`` ``(N,)`` (its value per image); each method
             lists its keys in ``METHODS[name].extras``.
         errors: method -> exception, only with ``on_error="collect"``.
     """
@@ -275,6 +276,9 @@ def explain(
                 if on_error == "raise":
                     raise
                 errors[name] = err
+        if callable(requested) and not isinstance(requested, Tensor):
+            with torch.no_grad():  # what each map explains, for captions and the record
+                session.extras["target_scores"] = session.target_scores(x).detach().float()
         return Explanations(
             maps=maps,
             logits=session.logits.detach().float(),

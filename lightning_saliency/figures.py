@@ -54,6 +54,25 @@ def captions(
     return texts
 
 
+def explanation_captions(
+    out: Explanations, labels: Tensor | None = None, names: Sequence[str] | None = None
+) -> list[str]:
+    """Captions of ``out``: :func:`captions`, or ``score 2.31`` per image when the maps explain
+    a target function's score (a segmentation region, a regression value).
+
+    Example:
+        >>> import torch
+        >>> out = Explanations({}, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
+        ...                    extras={"target_scores": torch.tensor([2.314])})
+        >>> explanation_captions(out)
+        ['score 2.31']
+    """
+    scores = out.extras.get("target_scores")
+    if isinstance(scores, Tensor):
+        return [f"score {float(v):.3g}" for v in scores.tolist()]
+    return captions(out.logits, out.targets, labels, names)
+
+
 def concept_legend(
     concept_scores: Tensor | None, k: int, names: Sequence[str] | None = None
 ) -> list[str]:
@@ -128,7 +147,7 @@ class EpochFigures:
     ) -> None:
         size = tile_shape((images.shape[-2], images.shape[-1]), tile_size)
         self.picture = render.resize(render.to_picture(images, mean, std), size)
-        self.captions = captions(out.logits, out.targets, labels, names)
+        self.captions = explanation_captions(out, labels, names)
         self.tiles: dict[str, Tensor] = {}
         self.errors: dict[str, BaseException] = {}
         for method, maps in out.items():
@@ -171,7 +190,7 @@ def comparison_figure(
     """The command line's figure: a row per image (input, then each method), ``uint8``."""
     picture = render.to_picture(images, mean, std)
     tiles = {m: method_tiles(m, maps, picture, alpha) for m, maps in out.items()}
-    texts = captions(out.logits, out.targets, None, names)
+    texts = explanation_captions(out, None, names)
     return render.to_uint8(render.overview(picture, tiles, texts))
 
 
