@@ -45,7 +45,7 @@ class EpochTable(L.Callback):
             "epoch": trainer.current_epoch,
             "acc": m.get("val_acc/dataloader_idx_0", m.get("val_acc", float("nan"))),
             "acc_broken": m.get("val_acc/dataloader_idx_1", float("nan")),
-            "alarms": m.get("saliency/alarms", 0.0),
+            "alarms": m.get("saliency_alarms/count", 0.0),
         }
         prefix = f"saliency/{self.method}/"
         for key, value in m.items():  # every score of the method, without per-class ones

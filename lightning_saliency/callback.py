@@ -81,6 +81,8 @@ class SaliencyCallback(L.Callback):
             under ``saliency/<name>/`` and saves its state under its own ``state_key``. Two
             callbacks without distinct names share the ``state_key``, which the Trainer
             refuses; give each a ``name=``.
+        per_class: log per-class means under ``saliency_per_class/`` (alarms judge them
+            either way).
         layout: how to read the target layer's output: ``"auto"``, ``"nchw"``, ``"nhwc"``
             (channels last, e.g. Swin) or ``"tokens"`` (ViTs, any prefix tokens).
         reshape: a function from the layer's output to ``(N, C, h, w)`` for other layouts.
@@ -140,6 +142,7 @@ class SaliencyCallback(L.Callback):
         timeline_method: str | None = None,
         seed: int = 0,
         name: str | None = None,
+        per_class: bool = True,
         layout: Layout = "auto",
         reshape: Reshape | None = None,
         output_transform: OutputTransform | None = None,
@@ -219,9 +222,10 @@ class SaliencyCallback(L.Callback):
         self.output_transform = output_transform
         self.name = arguments.callback_name(name)
         self.prefix = "saliency" if self.name is None else f"saliency/{self.name}"
-        self.alarm_prefix = self.prefix.replace("saliency", "saliency_alarms", 1)
         self._thresholds = thresholds
-        self.monitor = ScoreMonitor(thresholds, self.class_names, prefix=self.prefix)
+        self.per_class = arguments.one_of("per_class", per_class, (True, False))
+        self.monitor = ScoreMonitor(thresholds, self.class_names, self.prefix, self.per_class)
+        self.alarm_prefix = self.monitor.alarm_prefix
         self.timeline = Timeline()
         self.timeline_path: str | None = None
         self._samples: FixedSamples | None = None
@@ -231,6 +235,7 @@ class SaliencyCallback(L.Callback):
         self._validations = 0  # validation runs of this fit seen so far (the cadence's count)
         self._last_metrics: dict[str, float] = {}  # kept in the metrics between logged runs
         self._warned: set[str] = set()
+        self._news: list[str] = []  # this run's lines for the alarm text
         self._guard: StaleCheckGuard | None = None
         self._publisher: Publisher | None = None
         self._enabled = True
@@ -357,7 +362,7 @@ class SaliencyCallback(L.Callback):
         self._layer_name = None
         self.mean, self.std = self._given_normalisation
         self.class_names = self._given_class_names
-        self.monitor = ScoreMonitor(self._thresholds, self.class_names, prefix=self.prefix)
+        self.monitor = ScoreMonitor(self._thresholds, self.class_names, self.prefix, self.per_class)
         self.timeline = Timeline()
         self.timeline_path = None
         self._switched_off = {}
@@ -577,28 +582,41 @@ class SaliencyCallback(L.Callback):
     ) -> None:
         """Everything of one logged run sits inside the failure policy: a failing method is
         switched off (on every rank alike) and the others go on; a failing step of the
-        bookkeeping warns once and the run goes on."""
+        bookkeeping warns once and the run goes on. Whatever happened, the run's alarm text
+        (events, methods switched off, the alarms raised now) is written."""
+        self._news = []
+        events: list[AlarmEvent] = []
+        ran = False
+        try:
+            ran, events = self._logged_run(trainer, pl_module, index)
+        finally:
+            if ran or self._news:
+                self._write_alarm_text(trainer, events)
+
+    def _logged_run(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, index: int | None
+    ) -> tuple[bool, list[AlarmEvent]]:
         if self._samples is None:
-            return
+            return False, []
         epoch = trainer.current_epoch
         active = [m for m in self.methods if self._due(m, index)]
         if not active:
             self._keep_metrics(trainer, pl_module, set())
-            return
+            return False, []
         fitting = trainer.state.fn == "fit"
         try:
             samples = self._samples.to(pl_module.device)
         except Exception as err:
             self._warn_once("transfer", "moving the samples", err, "this run is skipped")
-            return
+            return False, []
         out, errors = self._explain(pl_module, samples, active)
         self._agree_and_switch_off(trainer, active, errors, pl_module)
         if out is None or not len(out):
             self._keep_metrics(trainer, pl_module, set())
-            return
+            return True, []
         if not bool(torch.isfinite(out.logits).all()):
             self._nonfinite(trainer, pl_module, epoch)
-            return
+            return True, []
         tolerance = pointing_tolerance(samples.images.shape[-1])
         try:
             report = self.monitor.observe(
@@ -606,12 +624,10 @@ class SaliencyCallback(L.Callback):
             )
         except Exception as err:
             self._warn_once("scores", "scoring", err, "no scores this run")
-            return
+            return True, []
         self._agree_and_switch_off(trainer, list(out), dict(report.errors), pl_module)
         metrics = {  # all ranks agreed on what is off: they log the same keys
-            k: v
-            for k, v in report.metrics.items()
-            if _method_of(k, self.prefix) not in self._switched_off
+            k: v for k, v in report.metrics.items() if self._method_of(k) not in self._switched_off
         }
         metrics.update({f"{self.alarm_prefix}/switched_off/{m}": 1.0 for m in self._switched_off})
         self._log_metrics(pl_module, metrics)
@@ -623,7 +639,32 @@ class SaliencyCallback(L.Callback):
             else:
                 console.warn(event.message())
         if trainer.is_global_zero and self._publisher is not None:
-            self._publish(trainer, samples, out, epoch, [e.message() for e in report.events])
+            self._publish(trainer, samples, out, epoch)
+        return True, report.events
+
+    def _method_of(self, tag: str) -> str | None:
+        """The method a logged tag belongs to (under any of the callback's prefixes)."""
+        for prefix in (self.prefix, self.alarm_prefix, self.monitor.per_class_prefix):
+            method = _method_of(tag, prefix)
+            if method is not None:
+                return method
+        return None
+
+    def _write_alarm_text(self, trainer: L.Trainer, events: Sequence[AlarmEvent]) -> None:
+        """The run's alarm text (TensorBoard text, W&B and MLflow text, ``alarms.txt``)."""
+        if not (trainer.is_global_zero and self._publisher is not None):
+            return
+        lines = [f"- {e.message()}" for e in events] + [f"- {n}" for n in self._news]
+        raised = ", ".join(f"{m} {s}" for m, s in self.monitor.raised) or "none"
+        lines.append(f"- raised now: {raised}")
+        if self._switched_off:
+            lines.append(f"- switched off: {', '.join(self._switched_off)}")
+        step = metrics_step(trainer)
+        text = f"**epoch {trainer.current_epoch}**  \n" + "  \n".join(lines)
+        try:
+            self._publisher.text(f"{self.alarm_prefix}/alarms", text, step)
+        except Exception as err:
+            self._warn_once("loggers", "writing to the loggers", err, "training goes on")
 
     def _explain(
         self, pl_module: L.LightningModule, samples: FixedSamples, active: Sequence[str]
@@ -705,7 +746,6 @@ class SaliencyCallback(L.Callback):
         samples: FixedSamples,
         out: Explanations,
         epoch: int,
-        messages: list[str],
     ) -> None:
         """Pictures and text to the loggers (rank zero): a method whose pictures fail is
         switched off; a logger that fails warns once."""
@@ -737,8 +777,7 @@ class SaliencyCallback(L.Callback):
         try:
             self._publisher.images(pictures, step)
             self._publisher.text(f"{self.prefix}/captions", "  \n".join(figures.captions), step)
-            if messages:
-                self._publisher.text(f"{self.alarm_prefix}/messages", "  \n".join(messages), step)
+            self._thresholds_and_layout(list(out), step)
         except Exception as err:
             self._warn_once("loggers", "writing to the loggers", err, "training goes on")
 
@@ -765,13 +804,27 @@ class SaliencyCallback(L.Callback):
         self._announce(trainer, message)
 
     def _announce(self, trainer: L.Trainer, message: str) -> None:
-        """Text in TensorBoard's alarm section (rank zero), for people who only look there."""
-        if not (trainer.is_global_zero and self._publisher is not None):
-            return
-        try:
-            self._publisher.text(f"{self.alarm_prefix}/messages", message, metrics_step(trainer))
-        except Exception as err:
-            self._warn_once("loggers", "writing to the loggers", err, "training goes on")
+        """A line for this run's alarm text, for people who only look at TensorBoard."""
+        self._news.append(message.removeprefix("SaliencyCallback: "))
+
+    def _thresholds_and_layout(self, methods: Sequence[str], step: int) -> None:
+        """Each alarm's threshold beside its score, grouped in a custom-scalars layout."""
+        assert self._publisher is not None
+        charts: dict[str, list[str]] = {}
+        values: dict[str, float] = {}
+        for method in methods:
+            if METHODS[method].kind != "map":
+                continue
+            for score, threshold in self.monitor.thresholds.items():
+                tag = f"{self.prefix}/{method}/{score}"
+                if tag not in self._last_metrics:
+                    continue
+                line = f"{self.alarm_prefix}/{method}/{score}/threshold"
+                values[line] = threshold
+                charts[f"{method} {score}"] = [tag, line]
+        if values:
+            self._publisher.scalars(values, step)
+            self._publisher.layout({self.prefix: charts})
 
     def _warn_once(self, key: str, step: str, err: BaseException, consequence: str) -> None:
         """A failing step of the bookkeeping: said once per kind, then quiet."""

@@ -25,7 +25,13 @@ class ImageSink:
         raise NotImplementedError
 
     def text(self, tag: str, text: str, step: int) -> None:  # noqa: B027 (optional)
-        """Most loggers have no text panel; captions are burnt into the pictures anyway."""
+        """Loggers without a text API get nothing; captions are burnt into the pictures."""
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:  # noqa: B027
+        """Scalars written beside Lightning's metrics (thresholds): TensorBoard only."""
+
+    def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:  # noqa: B027
+        """A custom-scalars layout (TensorBoard only): category -> chart -> tags."""
 
     def save_png(self, picture: Tensor, path: str) -> str:
         from PIL import Image
@@ -42,10 +48,31 @@ class TensorBoardSink(ImageSink):
     def text(self, tag: str, text: str, step: int) -> None:
         self.logger.experiment.add_text(tag, text, global_step=step)
 
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.logger.experiment.add_scalar(tag, value, global_step=step)
+
+    def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
+        """Merged with what other callbacks wrote to the same event file: TensorBoard's
+        custom-scalars plugin reads the latest layout of each run."""
+        writer = self.logger.experiment
+        merged = _LAYOUTS.setdefault(id(writer), {})
+        for category, entries in charts.items():
+            merged.setdefault(category, {}).update(entries)
+        writer.add_custom_scalars(
+            {c: {t: ["Multiline", tags] for t, tags in e.items()} for c, e in merged.items()}
+        )
+
+
+_LAYOUTS: dict[int, dict[str, dict[str, list[str]]]] = {}
+
 
 class WandbSink(ImageSink):
     def image(self, tag: str, picture: Tensor, step: int) -> None:
         self.logger.log_image(key=tag, images=[picture.permute(1, 2, 0).numpy()], step=step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.logger.log_text(key=tag, columns=["step", "text"], data=[[step, text]], step=step)
 
 
 class MLFlowSink(ImageSink):
@@ -56,6 +83,10 @@ class MLFlowSink(ImageSink):
             client.log_image(run_id, array, key=tag.replace("/", "_"), step=step)
         except TypeError:  # mlflow < 2.12 has no key/step: one artifact per step
             client.log_image(run_id, array, f"{tag}/step_{step:06d}.png")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        client, run_id = self.logger.experiment, self.logger.run_id
+        client.log_text(run_id, text, f"{tag}/step_{step:06d}.txt")
 
 
 class FileSink(ImageSink):
@@ -70,6 +101,15 @@ class FileSink(ImageSink):
 
     def image(self, tag: str, picture: Tensor, step: int) -> None:
         self.save_png(picture, os.path.join(self.root(), tag, f"step_{step:06d}.png"))
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Appended to ``<log_dir>/<tag after its first segment>.txt``: the alarms of
+        ``saliency_alarms/alarms`` go to ``alarms.txt``."""
+        name = "_".join(tag.split("/")[1:]) or tag
+        path = os.path.join(self.root(), f"{name}.txt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"step {step}:\n{text}\n\n")
 
 
 def sink_for(logger: Logger) -> ImageSink | None:
@@ -126,6 +166,14 @@ class Publisher:
     def text(self, tag: str, text: str, step: int) -> None:
         for sink in self.sinks:
             sink.text(tag, text, step)
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.scalars(values, step)
+
+    def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
+        for sink in self.sinks:
+            sink.layout(charts)
 
     def save_png(self, picture: Tensor, name: str) -> str | None:
         """Save ``picture`` as ``name`` in the first logger's local directory, if any."""

@@ -42,6 +42,7 @@ PER_CLASS_SCORES = (
     "dead_maps",
 )
 AlarmState = Literal["raised", "cleared", "back"]
+CLEAR_AFTER = 2  # logged epochs in a row on the safe side before an alarm is cleared
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class _MethodScoring:
     tripped: list[rules.Alarm]
     judged: dict[tuple[str, str], float]
     reference: Tensor
+    flagged: set[tuple[str, str]]
 
 
 def _finite(values: dict[str, float]) -> dict[str, float]:
@@ -134,7 +136,13 @@ class ScoreMonitor:
     Args:
         thresholds: alarm thresholds over :func:`lightning_saliency.alarms.default_thresholds`.
         class_names: names for per-class scores (default: the class index).
-        prefix: the tag prefix of :attr:`EpochReport.metrics`.
+        prefix: the tag prefix of the means (``saliency``, or ``saliency/<name>``); alarm
+            flags and the count go under ``saliency_alarms``, per-class means under
+            ``saliency_per_class`` (with the same infix).
+        per_class: whether to report per-class means (they are always judged for alarms).
+
+    Alarms have hysteresis: raised when a score crosses its threshold, cleared only after
+    :data:`CLEAR_AFTER` logged epochs in a row back on the safe side.
 
     Alarms judge the samples the model classifies correctly when labels are known: right for
     the wrong reason is a shortcut; the maps of a class the model does not know yet mean
@@ -146,10 +154,15 @@ class ScoreMonitor:
         thresholds: Mapping[str, float] | None = None,
         class_names: Sequence[str] | None = None,
         prefix: str = "saliency",
+        per_class: bool = True,
     ) -> None:
         self.thresholds = rules.merge_thresholds(thresholds)
         self.class_names = list(class_names) if class_names else None
         self.prefix = prefix
+        self.alarm_prefix = prefix.replace("saliency", "saliency_alarms", 1)
+        self.per_class_prefix = prefix.replace("saliency", "saliency_per_class", 1)
+        self.per_class = per_class
+        self._safe: dict[tuple[str, str], int] = {}  # active alarm -> safe epochs in a row
         self.alarms: list[AlarmEvent] = []
         self.history: list[EpochScores] = []
         self._first: dict[str, Tensor] = {}
@@ -190,6 +203,7 @@ class ScoreMonitor:
         per_class_by_method: dict[str, dict[str, dict[str, float]]] = {}
         tripped: list[rules.Alarm] = []
         judged: dict[tuple[str, str], float] = {}  # alarm -> the value it was judged on
+        flagged: set[tuple[str, str]] = set()  # alarms whose 0/1 state is logged
         groups = out.targets if labels is None else labels.to(out.targets.device)
         correct = None
         if labels is not None:
@@ -207,12 +221,17 @@ class ScoreMonitor:
             means_by_method[method] = scored.means
             per_class_by_method[method] = scored.per_class
             judged.update(scored.judged)
+            flagged |= scored.flagged
             tripped.extend(scored.tripped)
             self._first.setdefault(method, scored.reference)
             if update_references or method not in self._previous:
                 self._previous[method] = scored.reference
-        metrics[f"{self.prefix}/alarms"] = float(len(tripped))
         events = self._update_alarms(epoch, tripped, judged)
+        for method, score in sorted(flagged):  # the alarm's state after hysteresis: 1 if raised
+            metrics[f"{self.alarm_prefix}/{method}/{score}"] = float(
+                (method, score) in self._active
+            )
+        metrics[f"{self.alarm_prefix}/count"] = float(len(self._active))
         record = EpochScores(
             epoch, means_by_method, per_class_by_method, sorted(a.key for a in tripped)
         )
@@ -237,21 +256,26 @@ class ScoreMonitor:
         chance = chance_levels(masks, maps.shape[0], maps.device)
         logged, logged_per_class = self._group_means(scores, groups, None, fill=chance)
         metrics = {f"{self.prefix}/{method}/{name}": v for name, v in logged.items()}
-        for group, values in logged_per_class.items():
+        for group, values in logged_per_class.items() if self.per_class else ():
             for name, value in values.items():
-                metrics[f"{self.prefix}/{method}/{name}/{group}"] = value
+                metrics[f"{self.per_class_prefix}/{method}/{name}/{group}"] = value
         means, per_class = self._group_means(scores, groups, correct)
         recorded = self._group_means(scores, groups, None) if correct is not None else None
         found = rules.check(method, means, per_class, self.thresholds)
         names = {a.score for a in found}
         judged: dict[tuple[str, str], float] = {}
+        flagged = {
+            (method, score)
+            for score in self.thresholds
+            if score in names or score in means or score in logged
+        }
         for score in self.thresholds:
-            if score in names or score in means or score in logged:
-                metrics[f"{self.prefix}/{method}/alarm/{score}"] = float(score in names)
             if score in means or any(score in v for v in per_class.values()):
                 judged[(method, score)] = means.get(score, float("nan"))
         record_means, record_per_class = recorded or (means, per_class)
-        return _MethodScoring(metrics, record_means, record_per_class, found, judged, small)
+        return _MethodScoring(
+            metrics, record_means, record_per_class, found, judged, small, flagged
+        )
 
     def _method_scores(
         self, method: str, out: Explanations, n: int, device: torch.device
@@ -280,11 +304,17 @@ class ScoreMonitor:
             self._active[key] = alarm.threshold
             self._ever.add(key)
             events.append(event)
-        for key in [k for k in self._active if k not in now and k in judged]:
-            threshold = self._active.pop(key)
-            events.append(
-                AlarmEvent(epoch, key[0], key[1], judged[key], threshold, None, "cleared")
-            )
+        for key in list(self._active):
+            if key in now:
+                self._safe.pop(key, None)  # tripped again: the safe streak starts over
+            elif key in judged:
+                self._safe[key] = self._safe.get(key, 0) + 1
+                if self._safe[key] >= CLEAR_AFTER:
+                    threshold = self._active.pop(key)
+                    del self._safe[key]
+                    events.append(
+                        AlarmEvent(epoch, key[0], key[1], judged[key], threshold, None, "cleared")
+                    )
         self.alarms.extend(events)
         return events
 
@@ -323,6 +353,11 @@ class ScoreMonitor:
 
     # -- state ----------------------------------------------------------------------------------
     @property
+    def raised(self) -> list[tuple[str, str]]:
+        """The ``(method, score)`` alarms raised now (not yet cleared)."""
+        return sorted(self._active)
+
+    @property
     def references(self) -> dict[str, Tensor]:
         """Each method's map at the first logged epoch (drift_first compares against it)."""
         return dict(self._first)
@@ -335,6 +370,7 @@ class ScoreMonitor:
             "alarms": [asdict(e) for e in self.alarms],
             "history": [asdict(h) for h in self.history],
             "active": [[m, s, t] for (m, s), t in self._active.items()],
+            "safe": [[m, s, n] for (m, s), n in self._safe.items()],
             "ever": [list(k) for k in sorted(self._ever)],
         }
 
@@ -351,6 +387,7 @@ class ScoreMonitor:
         ]
         self._ever = {(str(m), str(s)) for m, s in state.get("ever", [])}
         self._active = {(str(m), str(s)): float(t) for m, s, t in state.get("active", [])}
+        self._safe = {(str(m), str(s)): int(n) for m, s, n in state.get("safe", [])}
         for method, score in state.get("alarmed", []):  # 0.1.0: the alarms raised, never cleared
             self._ever.add((method, score))
             self._active[(method, score)] = self.thresholds.get(score, float("nan"))

@@ -47,7 +47,9 @@ class CountingCallback(SaliencyCallback):
             "explained": sorted(self.history[-1].means),
             "history": [h.means for h in self.history],
             "alarm_events": [(e.epoch, e.method, e.score, e.state) for e in self.alarms],
-            "alarms": float(trainer.callback_metrics.get("saliency/alarms", torch.tensor(-1.0))),
+            "alarms": float(
+                trainer.callback_metrics.get("saliency_alarms/count", torch.tensor(-1.0))
+            ),
             "indices": self.fixed_samples.indices,
             "images_sum": float(self.fixed_samples.images.double().sum()),
         }

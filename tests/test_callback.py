@@ -92,11 +92,11 @@ def test_tensorboard_receives_grids_overview_and_scalars(logged_run):
     ):
         assert f"saliency/gradcam/{name}" in scalar_tags, name
     assert "saliency/integrated_gradients/ig_completeness_error" in scalar_tags
-    assert any(t.startswith("saliency/gradcam/object_enrichment/") for t in scalar_tags)
+    assert any(t.startswith("saliency_per_class/gradcam/object_enrichment/") for t in scalar_tags)
     drift = events.Scalars("saliency/gradcam/drift_first")
     assert len(drift) == 3  # from the first logged epoch on, where it compares with itself
     assert drift[0].value == pytest.approx(1.0, abs=1e-4)
-    assert "saliency/alarms" in tr.callback_metrics
+    assert "saliency_alarms/count" in tr.callback_metrics
 
 
 def test_event_file_bytes_per_epoch_stay_small(logged_run):

@@ -219,7 +219,7 @@ def test_one_failing_layer_leaves_the_other_methods_on(tmp_path, monkeypatch, ca
     assert len(events.Images("saliency/gradcam")) == 1
     assert "saliency_alarms/switched_off/gradcam" in events.Tags()["scalars"]
     assert any(
-        "gradcam failed" in str(t) for t in events.Tensors("saliency_alarms/messages/text_summary")
+        "gradcam failed" in str(t) for t in events.Tensors("saliency_alarms/alarms/text_summary")
     )
 
 
