@@ -157,3 +157,47 @@ def test_thresholds_and_rules():
     per_class = {"cat": {"corner_enrichment": 9.0, "object_enrichment": 0.2}}
     found = check("gradcam", {"corner_enrichment": 1.0}, per_class, default_thresholds())
     assert [(a.score, a.class_name) for a in found] == [("object_enrichment", "cat")]
+
+
+# -- the alarm text, where people look: TensorBoard, and CSV's alarms.txt -----------------------
+def test_alarm_text_of_every_logged_epoch_reaches_tensorboard_and_csv(tmp_path):
+    """A scripted method's maps: corner, corner-free twice, corner again. The text of each
+    logged epoch says raised, (nothing), cleared, back again, as the console does."""
+    from dataclasses import replace
+
+    import lightning as L
+    from helpers import read_events, tiny_datamodule, tiny_model, trainer
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from lightning_saliency import SaliencyCallback
+    from lightning_saliency.methods import METHODS, register, unregister
+
+    # the dry run, then epochs 0..3
+    script = iter([corner_maps(), corner_maps(), moving_maps(), moving_maps(), corner_maps()])
+
+    def scripted(session, options):
+        return next(script)[: session.images.shape[0]].to(session.images.device)
+
+    register(replace(METHODS["gradcam"], name="scripted", compute=scripted))
+    try:
+        callback = SaliencyCallback(methods=("scripted",), num_samples=4, samples=torch.rand(
+            4, 3, 24, 24), target="pred")  # fmt: skip
+        loggers = [TensorBoardLogger(str(tmp_path), name="tb"), CSVLogger(str(tmp_path), "csv")]
+        L.seed_everything(0)
+        trainer(None, [callback], logger=loggers, max_epochs=4, limit_train_batches=1).fit(
+            tiny_model(width=4), tiny_datamodule(size=16, n_train=8, n_val=8)
+        )
+    finally:
+        unregister("scripted")
+    events = read_events(str(tmp_path / "tb"))
+    texts = [t.tensor_proto.string_val[0].decode() for t in events.Tensors(
+        "saliency_alarms/alarms/text_summary")]  # fmt: skip
+    assert len(texts) == 4
+    assert "saliency alarm at epoch 0: scripted corner_enrichment" in texts[0]
+    assert "raised now: scripted consensus, scripted corner_enrichment" in texts[1]
+    assert "cleared at epoch 2: scripted corner_enrichment" in texts[2]
+    assert "back again" in texts[3]
+    flags = [e.value for e in events.Scalars("saliency_alarms/scripted/corner_enrichment")]
+    assert flags == [1.0, 1.0, 0.0, 1.0]
+    csv_text = (tmp_path / "csv" / "version_0" / "alarms.txt").read_text()
+    assert csv_text.count("step ") == 4 and "back again" in csv_text

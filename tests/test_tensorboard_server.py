@@ -78,6 +78,19 @@ def test_tensorboard_server_serves_saliency_images(tmp_path):
         png = _get(f"{base}/individualImage?{entries[-1]['query']}")
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         assert len(png) > 1000
+        # The alarm text of every logged epoch, and the custom-scalars layout with thresholds.
+        root = f"http://127.0.0.1:{port}/data/plugin"
+        query = urllib.parse.urlencode({"run": run, "tag": "saliency_alarms/alarms/text_summary"})
+        texts = []
+        while time.time() < deadline and len(texts) < 12:
+            texts = json.loads(_get(f"{root}/text/text?{query}"))
+            time.sleep(0.5)
+        assert len(texts) == 12 and all("raised now" in t["text"] for t in texts)
+        layout = json.loads(_get(f"{root}/custom_scalars/layout"))
+        charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"]}
+        tags = charts["gradcam corner_enrichment"]["multiline"]["tag"]
+        assert tags == ["saliency/gradcam/corner_enrichment",
+                        "saliency_alarms/gradcam/corner_enrichment/threshold"]  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=30)
