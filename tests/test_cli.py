@@ -332,7 +332,7 @@ def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path):
     """A 0..65535 ramp reads as 0..1, not 98 % white."""
     import numpy as np
 
-    from lightning_saliency.cli import load_images
+    from lightning_saliency.explain_command import load_images
 
     ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (64, 1))
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
@@ -353,3 +353,29 @@ def test_models_with_1_or_4_input_channels(factory, channels, inputs, photos, mo
                  "--out", str(out)])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert Image.open(out).mode == "RGB"
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_lightning():
+    """Structural, not timed: the parser is stdlib only; the command imports the rest."""
+    code = (
+        "import sys\n"
+        "from lightning_saliency.cli import main\n"
+        "for argv in (['explain', '--help'], ['explain', '--layout', 'sideways']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+def test_the_help_names_every_registered_method():
+    from lightning_saliency import DEFAULT_METHODS, available_methods
+    from lightning_saliency.cli import DEFAULT_METHODS as CLI_DEFAULTS
+    from lightning_saliency.cli import METHOD_NAMES
+
+    assert set(METHOD_NAMES) == set(available_methods())
+    assert CLI_DEFAULTS == DEFAULT_METHODS

@@ -77,6 +77,8 @@ def test_no_method_is_named_outside_methods():
     for path in PACKAGE.rglob("*.py"):
         if "methods" in path.relative_to(PACKAGE).parts:
             continue
+        if path.name == "cli.py":  # --help lists them without importing torch; test_cli checks
+            continue  # that list against the registry
         found = method_names_in(path.read_text(), names)
         if found:
             offenders[str(path.relative_to(ROOT))] = sorted(set(found))
