@@ -54,20 +54,36 @@ class EpochTable(L.Callback):
         for score in TABLE_SCORES:
             row.setdefault(score, float("nan"))
         self.rows.append(row)
-        if not trainer.is_global_zero:
-            return
-        if len(self.rows) == 1:
-            print(
-                f"\n{'epoch':>5} {'acc':>6} {'acc_broken':>10} "
-                + " ".join(f"{s:>17}" for s in TABLE_SCORES)
-                + f" {'alarms':>6}"
-            )
+
+    def print(self) -> None:
+        """The whole table, after training: the alarm lines streamed during the run (on the
+        ``lightning_saliency`` logger) never land inside it."""
         print(
-            f"{row['epoch']:>5} {row['acc']:>6.2f} {row['acc_broken']:>10.2f} "
-            + " ".join(f"{row[s]:>17.2f}" for s in TABLE_SCORES)
-            + f" {int(row['alarms']):>6}",
-            flush=True,
+            f"\n{'epoch':>5} {'acc':>6} {'acc_broken':>10} "
+            + " ".join(f"{s:>17}" for s in TABLE_SCORES)
+            + f" {'alarms':>6}"
         )
+        for row in self.rows:
+            print(
+                f"{row['epoch']:>5} {row['acc']:>6.2f} {row['acc_broken']:>10.2f} "
+                + " ".join(f"{row[s]:>17.2f}" for s in TABLE_SCORES)
+                + f" {int(row['alarms']):>6}"
+            )
+
+
+def quiet_third_parties() -> None:
+    """The demo's output is its own: no Lightning cloud tip, no torch deprecation notice."""
+    import logging
+    import warnings
+
+    class NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in record.getMessage()
+
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(NoTips())
+    warnings.filterwarnings("ignore", message=r".*treespec.*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 
 class Cifar10DataModule(L.LightningDataModule):
@@ -169,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         methods=args.methods.split(","), num_samples=args.num_samples, seed=args.seed
     )
     table = EpochTable()
-    logger = TensorBoardLogger(args.logdir, name=name)
+    quiet_third_parties()
+    logger = TensorBoardLogger(args.logdir, name=name, default_hp_metric=False)
     trainer = L.Trainer(
         max_epochs=args.epochs,
         logger=logger,
@@ -183,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, dm)
     seconds = time.perf_counter() - start
+    if trainer.is_global_zero:
+        table.print()
     alarms = sorted({f"{e.method}/{e.score}" for e in saliency.alarms if e.state != "cleared"})
     print(f"\nTrained {args.epochs} epochs in {seconds:.0f} s.")
     print("Alarms raised: " + (", ".join(alarms) if alarms else "none"))
