@@ -111,11 +111,21 @@ def tile_shape(image_size: tuple[int, int], tile_size: int) -> tuple[int, int]:
 
 
 def method_tiles(method: str, maps: Tensor, picture: Tensor, alpha: float = 0.5) -> Tensor:
-    """The tiles of one method's maps over ``picture``, drawn as the method declares them."""
+    """The tiles of one method's maps over ``picture``, drawn as the method declares them, on
+    one colour scale shared by the tiles."""
     spec = METHODS[method]
     return render.method_tiles(
         maps, picture, concepts=spec.kind == "concepts", signed=spec.sign == "signed", alpha=alpha
     )
+
+
+def colour_key(method: str, maps: Tensor) -> tuple[float, bool] | None:
+    """``(top, signed)`` of a map method's colour bar; ``None`` for concept methods."""
+    spec = METHODS[method]
+    if spec.kind != "map":
+        return None
+    signed = spec.sign == "signed"
+    return float(render.display_scale(maps, signed)), signed
 
 
 class EpochFigures:
@@ -170,7 +180,8 @@ class EpochFigures:
                 scores = self._out.extras.get(spec.concept_scores or "")
                 legend = concept_legend(scores, k, self._names)
                 swatches = render.concept_palette(k, tiles.device)
-            grid = render.method_grid(tiles, self.captions, ncol, legend, swatches)
+            key = colour_key(method, self._out[method])
+            grid = render.method_grid(tiles, self.captions, ncol, legend, swatches, key)
             pictures[method] = render.to_uint8(grid)
         return pictures
 

@@ -45,22 +45,51 @@ def apply_colormap(values: Tensor, name: str) -> Tensor:
     return lut[index].permute(0, 3, 1, 2)
 
 
-def scale_maps(maps: Tensor, signed: bool = False, quantile: float = 0.995) -> Tensor:
-    """Per-image scaling to ``[0, 1]`` for display. Unsigned maps: ``0 → 0``, a high quantile →
-    1 (a few hot pixels cannot wash the rest out). Signed maps: ``0 → 0.5``. Constant maps
-    become zeros (or 0.5), never NaN.
+SEQUENTIAL = "inferno"  # non-negative maps (the CAMs): dark = low, bright yellow = high
+DIVERGING = "RdBu_r"  # signed maps: blue = negative, white = 0, red = positive
+
+
+def display_scale(maps: Tensor, signed: bool = False, quantile: float = 0.995) -> Tensor:
+    """The value shown at full colour: a high quantile of the maps' (absolute) values, one for
+    the whole stack so that its tiles compare (a few hot pixels cannot wash the rest out).
+
+    Example:
+        >>> float(display_scale(torch.tensor([[[0.0, 2.0]], [[1.0, 4.0]]]), quantile=1.0))
+        4.0
+    """
+    flat = maps.flatten().float()
+    ref = flat.abs() if signed else flat.clamp(min=0)
+    if ref.numel() > 1 << 24:  # torch.quantile's input limit: a strided sample of it
+        ref = ref[:: ref.numel() // (1 << 23) + 1]
+    top = torch.quantile(ref, quantile) if ref.numel() > 1 else ref.amax()
+    return torch.maximum(top, ref.amax() * 1e-3).clamp(min=1e-12)
+
+
+def scale_maps(
+    maps: Tensor, signed: bool = False, quantile: float = 0.995, top: Tensor | None = None
+) -> Tensor:
+    """Scaling to ``[0, 1]`` for display on one scale for the whole stack (``top``, default
+    :func:`display_scale`). Unsigned maps: ``0 -> 0``, ``top -> 1``. Signed maps: ``0 -> 0.5``,
+    ``-top -> 0``, ``+top -> 1``. Constant maps become zeros (or 0.5), never NaN.
 
     Example:
         >>> scale_maps(torch.zeros(1, 2, 2)).sum().item()
         0.0
+        >>> scale_maps(torch.tensor([[[-2.0, 0.0, 2.0]]]), signed=True, quantile=1.0).tolist()
+        [[[0.0, 0.5, 1.0]]]
     """
-    flat = maps.flatten(1).float()
-    ref = flat.abs() if signed else flat.clamp(min=0)
-    top = torch.quantile(ref, quantile, dim=1, keepdim=True) if flat.shape[1] > 1 else ref
-    top = torch.maximum(top, ref.amax(dim=1, keepdim=True) * 1e-3).clamp(min=1e-12)
-    scaled = flat / top
+    top = display_scale(maps, signed, quantile) if top is None else top
+    scaled = maps.float() / top
     scaled = (scaled.clamp(-1, 1) + 1) / 2 if signed else scaled.clamp(0, 1)
-    return torch.nan_to_num(scaled, nan=0.0).reshape(maps.shape)
+    return torch.nan_to_num(scaled, nan=0.0)
+
+
+def desaturate(picture: Tensor) -> Tensor:
+    """A greyscale copy of ``(N, 3, H, W)`` pictures, slightly lightened, so coloured maps
+    read on any photograph."""
+    grey = picture * torch.tensor([0.299, 0.587, 0.114], device=picture.device)[:, None, None]
+    luminance = grey.sum(dim=1, keepdim=True)
+    return (0.15 + 0.7 * luminance).expand_as(picture)
 
 
 def to_picture(images: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
@@ -97,15 +126,50 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def overlay(
-    picture: Tensor, maps: Tensor, signed: bool = False, cmap: str | None = None, alpha: float = 0.5
+    picture: Tensor,
+    maps: Tensor,
+    signed: bool = False,
+    cmap: str | None = None,
+    alpha: float = 0.5,
+    top: Tensor | None = None,
+    grey: bool = True,
 ) -> Tensor:
-    """Blend coloured maps over pictures; the map's strength sets the opacity, so cold regions
-    show the image itself."""
-    values = scale_maps(maps, signed=signed)
-    heat = apply_colormap(values, cmap or ("RdBu_r" if signed else "jet"))
+    """Blend coloured maps over pictures (a greyscale copy when ``grey``); the map's strength
+    sets the opacity, so cold regions show the image itself. ``top`` is the value at full
+    colour (default: :func:`display_scale` of ``maps``)."""
+    values = scale_maps(maps, signed=signed, top=top)
+    heat = apply_colormap(values, cmap or (DIVERGING if signed else SEQUENTIAL))
     strength = (values - 0.5).abs() * 2 if signed else values
-    weight = (alpha + 0.2) * strength[:, None].pow(0.6)
-    return picture * (1 - weight) + heat * weight
+    weight = (alpha + 0.3) * strength[:, None].pow(0.5)
+    base = desaturate(picture) if grey else picture
+    return base * (1 - weight) + heat * weight
+
+
+def colour_bar(
+    width: int, top: float, signed: bool, device: torch.device, cmap: str | None = None
+) -> Tensor:
+    """A ``(3, 26, width)`` key for a grid: the colour scale over ``[0, top]`` (or
+    ``[-top, top]`` for signed maps) and its end values, so a reader knows what the colours
+    mean.
+
+    Example:
+        >>> colour_bar(120, 0.5, True, torch.device("cpu")).shape
+        torch.Size([3, 26, 120])
+    """
+    bar = torch.zeros(3, 26, width, device=device)
+    inner = max(2, width - 4)
+    ramp = torch.linspace(0, 1, inner, device=device)[None].expand(10, inner)
+    bar[:, 1:11, 2 : 2 + inner] = apply_colormap(
+        ramp[None], cmap or (DIVERGING if signed else SEQUENTIAL)
+    )[0]
+    labels = (f"-{top:.2g}", "0", f"+{top:.2g}") if signed else ("0", "", f"{top:.2g}")
+    for text, where in zip(labels, (0.0, 0.5, 1.0)):
+        if not text:
+            continue
+        mask = text_mask(text, device)
+        left = int(where * (width - mask.shape[1] - 2)) + 1
+        bar[:, 13 : 13 + mask.shape[0], left : left + mask.shape[1]] = mask
+    return bar
 
 
 def concept_overlay(picture: Tensor, concepts: Tensor, alpha: float = 0.6) -> Tensor:
@@ -206,18 +270,25 @@ def to_uint8(picture: Tensor) -> Tensor:
 
 # -- composed pictures ------------------------------------------------------------------------
 def method_tiles(
-    maps: Tensor, picture: Tensor, concepts: bool, signed: bool, alpha: float = 0.5
+    maps: Tensor,
+    picture: Tensor,
+    concepts: bool,
+    signed: bool,
+    alpha: float = 0.5,
+    top: Tensor | None = None,
 ) -> Tensor:
     """Tiles for one method: concept colouring for ``(N, K, H, W)`` concept maps, else an
-    overlay (a diverging scale around zero when the method's maps are ``signed``)."""
+    overlay on one scale for all tiles (``top``; a diverging scale around zero when the
+    method's maps are ``signed``)."""
     size = (picture.shape[-2], picture.shape[-1])
     if concepts:
         if maps.dim() != 4:
             raise ValueError(f"concept maps must be (N, K, H, W), got {tuple(maps.shape)}")
-        return concept_overlay(picture, resize(maps, size), alpha=alpha + 0.1)
+        return concept_overlay(desaturate(picture), resize(maps, size), alpha=alpha + 0.1)
     if maps.dim() != 3:
         raise ValueError(f"maps must be (N, H, W), got {tuple(maps.shape)}")
-    return overlay(picture, resize(maps[:, None], size)[:, 0], signed=signed, alpha=alpha)
+    top = display_scale(maps, signed) if top is None else top
+    return overlay(picture, resize(maps[:, None], size)[:, 0], signed, alpha=alpha, top=top)
 
 
 def method_grid(
@@ -226,9 +297,14 @@ def method_grid(
     ncol: int,
     legend: Sequence[str] | None = None,
     swatches: Tensor | None = None,
+    bar: tuple[float, bool] | None = None,
 ) -> Tensor:
-    """A captioned grid of one method's tiles, with an optional legend below."""
+    """A captioned grid of one method's tiles, with its colour bar (``(top, signed)``) or a
+    legend below."""
     picture = grid(caption(tiles, captions), ncol)
+    if bar is not None:
+        key = colour_bar(picture.shape[-1], bar[0], bar[1], picture.device)
+        picture = torch.cat([picture, key], dim=1)
     if legend:
         rows = label_row(legend, picture.shape[-1], picture.device, swatches)
         picture = torch.cat([picture, rows], dim=1)

@@ -31,8 +31,37 @@ def test_cold_regions_show_the_image_itself():
     maps = torch.zeros(1, 8, 8)
     maps[0, :2, :2] = 1.0
     tiles = render.overlay(picture, maps)
-    assert torch.allclose(tiles[:, :, 4:, 4:], picture[:, :, 4:, 4:])
-    assert not torch.allclose(tiles[:, :, :2, :2], picture[:, :, :2, :2])
+    grey = render.desaturate(picture)  # maps are drawn over a greyscale copy of the photo
+    assert torch.allclose(tiles[:, :, 4:, 4:], grey[:, :, 4:, 4:])
+    assert not torch.allclose(tiles[:, :, :2, :2], grey[:, :, :2, :2])
+    assert torch.allclose(render.overlay(picture, maps, grey=False)[:, :, 4:, 4:],
+                          picture[:, :, 4:, 4:])  # fmt: skip
+
+
+def test_one_colour_scale_per_grid_so_tiles_compare():
+    """Two maps, one half as strong: per-image scaling would draw both at full colour."""
+    picture = torch.full((2, 3, 8, 8), 0.5)
+    maps = torch.zeros(2, 8, 8)
+    maps[0, 2:6, 2:6], maps[1, 2:6, 2:6] = 1.0, 0.5
+    tiles = render.method_tiles(maps, picture, concepts=False, signed=False)
+    grey = render.desaturate(picture)
+    change = (tiles - grey).abs()[:, :, 2:6, 2:6].mean((1, 2, 3))
+    assert float(change[1]) < 0.85 * float(change[0])
+
+
+def test_every_map_grid_carries_its_colour_bar_and_signed_ones_centre_on_zero():
+    figures = EpochFigures(torch.rand(3, 3, 16, 16), _explanations())
+    grids = figures.grids()
+    for method, signed in (("gradcam", False), ("integrated_gradients", True)):
+        picture = grids[method].float() / 255
+        bar = picture[:, -25:-15, 2:-2]  # the strip's ramp, under the captioned tiles
+        lut = render.colormap_lut(render.DIVERGING if signed else render.SEQUENTIAL, bar.device)
+        assert torch.allclose(bar[:, 5, 0], lut[0], atol=0.02), method
+        assert torch.allclose(bar[:, 5, -1], lut[-1], atol=0.02), method
+        if signed:  # the middle of a zero-centred scale is (near) white
+            assert float(bar[:, 5, bar.shape[-1] // 2].min()) > 0.9
+    zero = render.method_tiles(torch.zeros(1, 8, 8), torch.full((1, 3, 8, 8), 0.5), False, True)
+    assert torch.allclose(zero, render.desaturate(torch.full((1, 3, 8, 8), 0.5)))
 
 
 def test_normalisation_is_undone_for_display():
