@@ -217,3 +217,34 @@ def test_every_method_is_selectable_in_the_callback():
     assert set(callback.methods) == set(available_methods())
     descriptions = available_methods()
     assert all(len(text) > 20 for text in descriptions.values())
+
+
+def test_dff_concepts_keep_their_place_from_one_call_to_the_next(monkeypatch):
+    """The second epoch's factorisation comes out with another concept dominant (its mass
+    order changed on purpose): matched to the first epoch's concepts, each keeps its index,
+    so its colour."""
+    import importlib
+
+    dff_module = importlib.import_module("lightning_saliency.methods.dff")
+    real, calls = dff_module.nmf, {"n": 0}
+
+    def reweighted(v, k, *args, **kwargs):
+        w, h = real(v, k, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the weakest concept becomes by far the strongest
+            weakest = int((h.sum(1) * w.norm(dim=0)).argmin())
+            h = h.clone()
+            h[weakest] *= 1000
+        return w, h
+
+    monkeypatch.setattr(dff_module, "nmf", reweighted)
+    model = seeded(SmallCNN()).eval()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    memory: dict = {}
+    first = explain(model, images, methods=("dff",), warm_start=memory)["dff"]
+    second = explain(model, images, methods=("dff",), warm_start=memory)["dff"]
+
+    def winners(maps):
+        return (maps / maps.flatten(2).amax(2)[..., None, None].clamp(min=1e-12)).argmax(1)
+
+    assert torch.equal(winners(first), winners(second))

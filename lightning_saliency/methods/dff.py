@@ -3,7 +3,9 @@
 Why our own: pytorch-grad-cam's ``DeepFeatureFactorization`` copies the activations to the CPU
 and runs scikit-learn's NMF there. Here the multiplicative-update NMF runs on the device from a
 deterministic NNDSVDa start, and concepts are ordered by their total mass so that concept 0 is
-the dominant one from call to call. The activations are scaled to a unit peak first, so the
+the dominant one. Given a warm start (the callback keeps one across epochs), each concept is
+matched to the most similar one of the previous call, so it keeps its place and colour. The
+activations are scaled to a unit peak first, so the
 concepts are the same for activations x 1e-6 and x 1e6 (the updates' epsilon is then relative).
 """
 
@@ -86,6 +88,30 @@ def nmf(v: Tensor, k: int, iterations: int = 100, tol: float = 1e-3) -> tuple[Te
     return w, h
 
 
+def match_concepts(previous: Tensor, current: Tensor) -> Tensor:
+    """The order of ``current`` ``(K, C)`` concepts that puts each next to the most similar
+    ``previous`` one (cosine similarity, most similar pairs first), so a concept keeps its
+    colour from one epoch to the next.
+
+    Example:
+        >>> old = torch.eye(3)
+        >>> match_concepts(old, old[[2, 0, 1]]).tolist()
+        [1, 2, 0]
+    """
+    a = torch.nn.functional.normalize(previous.float(), dim=1)
+    b = torch.nn.functional.normalize(current.float(), dim=1)
+    similarity = a @ b.T
+    k = similarity.shape[0]
+    order = [-1] * k
+    taken: set[int] = set()
+    for flat in similarity.flatten().argsort(descending=True).tolist():
+        row, col = divmod(flat, k)
+        if order[row] < 0 and col not in taken:
+            order[row] = col
+            taken.add(col)
+    return torch.tensor(order, device=current.device)
+
+
 @dataclass(frozen=True)
 class DFFOptions(MethodOptions):
     """Options of ``dff``.
@@ -115,7 +141,12 @@ def dff(session: ExplainSession, options: DFFOptions) -> Tensor:
     w, h = nmf(shifted / scale, k)
     w = w * scale
     order = (h.sum(dim=1) * w.norm(dim=0)).argsort(descending=True)
+    memory = session.warm_start("dff")
+    previous = memory.get("concepts")
+    if isinstance(previous, list) and len(previous) == k and len(previous[0]) == c:
+        order = order[match_concepts(torch.tensor(previous, device=w.device), w[:, order].T)]
     w, h = w[:, order], h[order]
+    memory["concepts"] = w.T.detach().float().cpu().tolist()  # plain numbers: checkpointable
     concepts = (w + offset).T  # (K, C): each concept as a feature vector, as pytorch-grad-cam
     head = find_classifier_head(session.model, c)
     if head is not None:
