@@ -32,6 +32,7 @@ from lightning_saliency.samples import (
     BatchKeys,
     FixedSamples,
     choose_samples,
+    class_name,
     find_class_names,
     find_normalize,
 )
@@ -769,6 +770,11 @@ class SaliencyCallback(L.Callback):
         if figures.tiles:
             pictures[f"{self.prefix}/overview"] = figures.overview()
         if self.timeline_method in figures.tiles:
+            labels = samples.labels.tolist() if samples.labels is not None else None
+            self.timeline.rows = [
+                f"#{i}" + ("" if labels is None else f"\n{class_name(self.class_names, labels[i])}")
+                for i in range(len(samples))
+            ]
             label, position = self._label(trainer)
             self.timeline.add(figures.tiles[self.timeline_method], epoch, label, position)
             if self.timeline.added % TIMELINE_EVERY == 1:  # the whole picture again at fit end
@@ -776,7 +782,7 @@ class SaliencyCallback(L.Callback):
         step = metrics_step(trainer)
         try:
             self._publisher.images(pictures, step)
-            self._publisher.text(f"{self.prefix}/captions", "  \n".join(figures.captions), step)
+            self._publisher.text(f"{self.prefix}/captions", "  \n".join(figures.texts), step)
             self._thresholds_and_layout(list(out), step)
         except Exception as err:
             self._warn_once("loggers", "writing to the loggers", err, "training goes on")

@@ -25,15 +25,19 @@ def captions(
     targets: Tensor | None = None,
     labels: Tensor | None = None,
     names: Sequence[str] | None = None,
+    width: int | None = None,
 ) -> list[str]:
     """One short caption per image: ``label>pred 93% ok|X`` when labels are known, else
-    ``pred 93%`` and, when the explained class is not the prediction, ``t=<target>``.
+    ``pred 93%`` and, when the explained class is not the prediction, ``t=<target>``. With
+    ``width`` (pixels), class names are abbreviated until the caption fits, never cut.
 
     Example:
         >>> import torch
         >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
         >>> captions(logits, labels=torch.tensor([0, 0]), names=["cat", "dog"])
         ['cat>cat 98% ok', 'cat>dog 98% X']
+        >>> captions(logits, labels=torch.tensor([0, 0]), names=["triangle", "dog"], width=100)
+        ['tria>tria 98% ok', 'tria>dog 98% X']
         >>> captions(logits, targets=torch.tensor([0, 0]), names=["cat", "dog"])
         ['cat 98%', 'dog 98% t=cat']
     """
@@ -43,19 +47,20 @@ def captions(
     if labels is not None:
         for label, p, c in zip(labels.tolist(), pred_l, conf_l):
             mark = "ok" if label == p else "X"
-            texts.append(
-                f"{class_name(names, label)[:7]}>{class_name(names, p)[:8]} {c:.0%} {mark}"
-            )
-        return texts
-    target_l = pred_l if targets is None else targets.tolist()
-    for t, p, c in zip(target_l, pred_l, conf_l):
-        text = f"{class_name(names, p)[:10]} {c:.0%}"
-        texts.append(text if t == p else f"{text} t={class_name(names, t)[:6]}")
-    return texts
+            texts.append(f"{class_name(names, label)}>{class_name(names, p)} {c:.0%} {mark}")
+    else:
+        target_l = pred_l if targets is None else targets.tolist()
+        for t, p, c in zip(target_l, pred_l, conf_l):
+            text = f"{class_name(names, p)} {c:.0%}"
+            texts.append(text if t == p else f"{text} t={class_name(names, t)}")
+    return texts if width is None else [render.fit(t, width) for t in texts]
 
 
 def explanation_captions(
-    out: Explanations, labels: Tensor | None = None, names: Sequence[str] | None = None
+    out: Explanations,
+    labels: Tensor | None = None,
+    names: Sequence[str] | None = None,
+    width: int | None = None,
 ) -> list[str]:
     """Captions of ``out``: :func:`captions`, or ``score 2.31`` per image when the maps explain
     a target function's score (a segmentation region, a regression value).
@@ -70,7 +75,7 @@ def explanation_captions(
     scores = out.extras.get("target_scores")
     if isinstance(scores, Tensor):
         return [f"score {float(v):.3g}" for v in scores.tolist()]
-    return captions(out.logits, out.targets, labels, names)
+    return captions(out.logits, out.targets, labels, names, width)
 
 
 def concept_legend(
@@ -157,7 +162,8 @@ class EpochFigures:
     ) -> None:
         size = tile_shape((images.shape[-2], images.shape[-1]), tile_size)
         self.picture = render.resize(render.to_picture(images, mean, std), size)
-        self.captions = explanation_captions(out, labels, names)
+        self.texts = explanation_captions(out, labels, names)  # in full, for text panels
+        self.captions = explanation_captions(out, labels, names, self.picture.shape[-1] - 3)
         self.tiles: dict[str, Tensor] = {}
         self.errors: dict[str, BaseException] = {}
         for method, maps in out.items():
@@ -201,7 +207,7 @@ def comparison_figure(
     """The command line's figure: a row per image (input, then each method), ``uint8``."""
     picture = render.to_picture(images, mean, std)
     tiles = {m: method_tiles(m, maps, picture, alpha) for m, maps in out.items()}
-    texts = explanation_captions(out, None, names)
+    texts = explanation_captions(out, None, names, picture.shape[-1] - 3)
     return render.to_uint8(render.overview(picture, tiles, texts))
 
 
@@ -231,6 +237,7 @@ class Timeline:
         self.labels: list[str] = []
         self.positions: list[float] = []
         self.added = 0
+        self.rows: list[str] | None = None  # a label per sample (row), e.g. "#0\ncat"
 
     def __len__(self) -> int:
         return len(self.columns)
@@ -253,8 +260,9 @@ class Timeline:
             self.positions = [self.positions[i] for i in keep]
 
     def picture(self) -> Tensor:
-        """The timeline as one ``uint8`` picture (on the host)."""
-        return render.to_uint8(render.timeline(self.columns, self.labels))
+        """The timeline as one ``uint8`` picture (on the host), epochs as a header row and,
+        when :attr:`rows` is set, each sample's label in a first column."""
+        return render.to_uint8(render.timeline(self.columns, self.labels, self.rows))
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 import torch
@@ -148,27 +149,26 @@ def overlay(
 def colour_bar(
     width: int, top: float, signed: bool, device: torch.device, cmap: str | None = None
 ) -> Tensor:
-    """A ``(3, 26, width)`` key for a grid: the colour scale over ``[0, top]`` (or
+    """A ``(3, 32, width)`` key for a grid: the colour scale over ``[0, top]`` (or
     ``[-top, top]`` for signed maps) and its end values, so a reader knows what the colours
     mean.
 
     Example:
         >>> colour_bar(120, 0.5, True, torch.device("cpu")).shape
-        torch.Size([3, 26, 120])
+        torch.Size([3, 32, 120])
     """
-    bar = torch.zeros(3, 26, width, device=device)
+    bar = torch.zeros(3, 12 + LINE, width, device=device)
     inner = max(2, width - 4)
     ramp = torch.linspace(0, 1, inner, device=device)[None].expand(10, inner)
-    bar[:, 1:11, 2 : 2 + inner] = apply_colormap(
-        ramp[None], cmap or (DIVERGING if signed else SEQUENTIAL)
-    )[0]
+    name = cmap or (DIVERGING if signed else SEQUENTIAL)
+    bar[:, 1:11, 2 : 2 + inner] = apply_colormap(ramp[None], name)[0]
     labels = (f"-{top:.2g}", "0", f"+{top:.2g}") if signed else ("0", "", f"{top:.2g}")
     for text, where in zip(labels, (0.0, 0.5, 1.0)):
         if not text:
             continue
-        mask = text_mask(text, device)
+        mask = text_mask(text, device)[:, : width - 2]
         left = int(where * (width - mask.shape[1] - 2)) + 1
-        bar[:, 13 : 13 + mask.shape[0], left : left + mask.shape[1]] = mask
+        bar[:, 12 : 12 + mask.shape[0], left : left + mask.shape[1]] = mask
     return bar
 
 
@@ -190,21 +190,40 @@ def concept_palette(k: int, device: torch.device) -> Tensor:
 
 
 # -- text -----------------------------------------------------------------------------------
+FONT_SIZE = 14  # at TensorBoard's ~350-px card width a 4-tile grid shrinks to ~0.75: glyphs
+LINE = 20  # stay >= 9 px tall. A caption strip (and a legend or header line) is LINE px high.
+
+
 @functools.lru_cache(maxsize=1)
 def _glyphs_cpu() -> list[Tensor]:
-    """One ``(12, advance)`` mask per printable ASCII character, drawn once with PIL's font."""
+    """One ``(18, advance)`` mask per printable ASCII character, drawn once with PIL's own
+    TrueType font at :data:`FONT_SIZE` (no font file needed)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    font = ImageFont.load_default()
+    font: Any = ImageFont.load_default(size=FONT_SIZE)  # FreeType since Pillow 10.1
+    ascent, descent = font.getmetrics()
+    height = ascent + descent
     glyphs = []
     for code in range(_FIRST_CHAR, _LAST_CHAR + 1):
         char = chr(code)
-        advance = max(2, round(font.getlength(char))) if hasattr(font, "getlength") else 6
-        img = Image.new("L", (advance, 12))
+        advance = max(2, round(font.getlength(char)))
+        img = Image.new("L", (advance, height))
         ImageDraw.Draw(img).text((0, 0), char, fill=255, font=font)
         data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        glyphs.append(data.reshape(12, advance).float() / 255)
+        glyphs.append(data.reshape(height, advance).float() / 255)
     return glyphs
+
+
+def text_width(text: str) -> int:
+    """The width in pixels :func:`text_mask` gives ``text``.
+
+    Example:
+        >>> text_width("ok") == text_mask("ok", torch.device("cpu")).shape[1]
+        True
+    """
+    glyphs = _glyphs_cpu()
+    codes = [ord(c) if _FIRST_CHAR <= ord(c) <= _LAST_CHAR else ord("?") for c in text] or [32]
+    return sum(glyphs[c - _FIRST_CHAR].shape[1] for c in codes)
 
 
 def clear_text_cache() -> None:
@@ -220,11 +239,11 @@ def _text_mask_cpu(text: str) -> Tensor:
 
 
 def text_mask(text: str, device: torch.device) -> Tensor:
-    """A ``(12, width)`` float mask of ``text`` (ASCII; others become '?'), on ``device``.
+    """A ``(18, width)`` float mask of ``text`` (ASCII; others become '?'), on ``device``.
 
     Example:
         >>> text_mask("ok", torch.device("cpu")).shape[0]
-        12
+        18
     """
     return _text_mask_cpu(text).to(device)
 
@@ -232,7 +251,7 @@ def text_mask(text: str, device: torch.device) -> Tensor:
 def caption(tiles: Tensor, texts: Sequence[str], color: Sequence[float] = (1, 1, 1)) -> Tensor:
     """Append a dark caption strip under each ``(N, 3, H, W)`` tile with its text."""
     n, _, _, w = tiles.shape
-    strip = torch.zeros(n, 3, 14, w, device=tiles.device, dtype=tiles.dtype)
+    strip = torch.zeros(n, 3, LINE, w, device=tiles.device, dtype=tiles.dtype)
     col = torch.tensor(color, device=tiles.device, dtype=tiles.dtype)[:, None, None]
     for i, text in enumerate(texts):
         mask = text_mask(text, tiles.device)[:, : w - 2]
@@ -240,17 +259,48 @@ def caption(tiles: Tensor, texts: Sequence[str], color: Sequence[float] = (1, 1,
     return torch.cat([tiles, strip], dim=2)
 
 
+def fit(text: str, width: int) -> str:
+    """``text`` shortened to ``width`` pixels by dropping the last characters of its longest
+    names (never numbers, percentages or the ``ok``/``X`` mark), so captions are abbreviated
+    deliberately, not cut.
+
+    Example:
+        >>> fit("triangle>triangle 100% ok", 10_000)
+        'triangle>triangle 100% ok'
+        >>> fit("triangle>triangle 100% ok", text_width("tri>tri 100% ok"))
+        'tri>tri 100% ok'
+    """
+    import re
+
+    parts = re.split(r"([>\s=]+)", text)  # names and marks, and what separates them
+
+    def shrinkable(i: int) -> bool:
+        part = parts[i]
+        return (
+            i % 2 == 0 and len(part) > 1 and not re.search(r"\d", part) and part not in ("ok", "X")
+        )
+
+    while text_width("".join(parts)) > width:
+        names = [i for i in range(len(parts)) if shrinkable(i)]
+        if not names:
+            break
+        longest = max(names, key=lambda i: (len(parts[i]), -i))
+        parts[longest] = parts[longest][:-1]
+    return "".join(parts)
+
+
 def label_row(
     texts: Sequence[str], width: int, device: torch.device, swatches: Tensor | None = None
 ) -> Tensor:
-    """Lines of text (a legend) as a ``(3, 14 * L, width)`` picture; optional colour swatches."""
+    """Lines of text (a legend) as a ``(3, LINE * L, width)`` picture; optional colour
+    swatches."""
     rows = []
     for i, text in enumerate(texts):
-        row = torch.zeros(3, 14, width, device=device)
+        row = torch.zeros(3, LINE, width, device=device)
         offset = 1
         if swatches is not None:
-            row[:, 2:12, 1:11] = swatches[i][:, None, None]
-            offset = 14
+            row[:, 3:17, 2:16] = swatches[i][:, None, None]
+            offset = 20
         mask = text_mask(text, device)[:, : max(0, width - offset - 1)]
         row[:, 1 : 1 + mask.shape[0], offset : offset + mask.shape[1]] = mask
         rows.append(row)
@@ -311,20 +361,60 @@ def method_grid(
     return picture
 
 
+def header_row(titles: Sequence[str], width: int, device: torch.device) -> Tensor:
+    """Column titles above ``len(titles)`` columns of ``width`` (grid padding 2), each on one
+    or two lines (split at ``_``), never cut."""
+    lines = [_two_lines(t, width - 4) for t in titles]
+    height = LINE * max(len(ls) for ls in lines)
+    cells = []
+    for title_lines in lines:
+        cell = torch.zeros(3, height, width, device=device)
+        for j, line in enumerate(title_lines):
+            mask = text_mask(fit(line, width - 4), device)[:, : width - 4]
+            cell[:, LINE * j + 1 : LINE * j + 1 + mask.shape[0], 2 : 2 + mask.shape[1]] = mask
+        cells.append(cell)
+    row: Tensor = make_grid(torch.stack(cells), nrow=len(cells), padding=2, pad_value=0.15)
+    return row[:, 2:, :]
+
+
+def _two_lines(title: str, width: int) -> list[str]:
+    if text_width(title) <= width or "_" not in title:
+        return [title]
+    head, _, tail = title.rpartition("_")
+    return [head + "_", tail]
+
+
 def overview(picture: Tensor, tiles: dict[str, Tensor], captions: Sequence[str]) -> Tensor:
-    """A row per sample: the input (captioned), then each method's tile (named)."""
+    """A row per sample: the input (captioned), then each method's tile; the method names once,
+    as column headers."""
     n = picture.shape[0]
     columns = [caption(picture, captions)]
-    for name, method_tile in tiles.items():
-        columns.append(caption(method_tile, [name[:18]] * n, color=(0.8, 0.9, 1.0)))
+    for method_tile in tiles.values():
+        columns.append(caption(method_tile, [""] * n))
     stacked = torch.stack(columns, dim=1).flatten(0, 1)
-    return grid(stacked, len(columns))
+    body = grid(stacked, len(columns))
+    header = header_row(["input", *tiles], picture.shape[-1] + 2, picture.device)
+    return torch.cat([header[:, :, : body.shape[-1]], body], dim=1)
 
 
-def timeline(columns: Sequence[Tensor], labels: Sequence[str]) -> Tensor:
-    """Samples as rows, logged epochs as columns, each tile captioned with its epoch."""
-    captioned = [
-        caption(col.float() / 255, [label] * col.shape[0]) for col, label in zip(columns, labels)
-    ]
-    stacked = torch.stack(captioned, dim=1).flatten(0, 1)
-    return grid(stacked, len(captioned))
+def timeline(
+    columns: Sequence[Tensor], labels: Sequence[str], rows: Sequence[str] | None = None
+) -> Tensor:
+    """Samples as rows, logged epochs as columns: the epochs once, as a header row, and each
+    row's label (sample and class) in a first column when ``rows`` are given."""
+    tiles = [col.float() / 255 for col in columns]
+    n, _, side, _ = tiles[0].shape
+    if rows is not None:
+        names = torch.zeros(n, 3, side, side, device=tiles[0].device)
+        for i, text in enumerate(rows):
+            for j, line in enumerate(text.split("\n")[: side // LINE]):
+                mask = text_mask(fit(line, side - 4), names.device)[:, : side - 4]
+                names[i, :, 2 + LINE * j : 2 + LINE * j + mask.shape[0], 2 : 2 + mask.shape[1]] = (
+                    mask
+                )
+        tiles = [names, *tiles]
+        labels = ["", *labels]
+    stacked = torch.stack(tiles, dim=1).flatten(0, 1)
+    body = grid(stacked, len(tiles))
+    header = header_row(list(labels), side + 2, stacked.device)
+    return torch.cat([header[:, :, : body.shape[-1]], body], dim=1)

@@ -54,7 +54,7 @@ def test_every_map_grid_carries_its_colour_bar_and_signed_ones_centre_on_zero():
     grids = figures.grids()
     for method, signed in (("gradcam", False), ("integrated_gradients", True)):
         picture = grids[method].float() / 255
-        bar = picture[:, -25:-15, 2:-2]  # the strip's ramp, under the captioned tiles
+        bar = picture[:, -31:-21, 2:-2]  # the strip's ramp, under the captioned tiles
         lut = render.colormap_lut(render.DIVERGING if signed else render.SEQUENTIAL, bar.device)
         assert torch.allclose(bar[:, 5, 0], lut[0], atol=0.02), method
         assert torch.allclose(bar[:, 5, -1], lut[-1], atol=0.02), method
@@ -142,3 +142,35 @@ def test_timeline_keeps_memory_flat_and_the_latest_epochs():
     restored = Timeline()
     restored.load_state_dict(timeline.state_dict())
     assert torch.equal(restored.picture(), timeline.picture())
+
+
+def test_captions_fit_their_tiles_and_stay_legible_at_card_width():
+    """Long class names are abbreviated to fit (never cut), and after scaling a 4-tile grid
+    to TensorBoard's ~350-px card the glyphs are still >= 9 px tall."""
+    names = ["triangle_with_a_long_name", "square"]
+    out = Explanations(
+        {"gradcam": torch.rand(4, 32, 32)},
+        logits=torch.tensor([[5.0, 0.0]] * 4),
+        targets=torch.zeros(4, dtype=torch.long),
+    )
+    figures = EpochFigures(torch.rand(4, 3, 32, 32), out, torch.tensor([1, 0, 1, 0]), names)
+    tile = figures.picture.shape[-1]
+    for text in figures.captions:
+        assert render.text_width(text) <= tile - 2, text
+        assert text.endswith(("ok", "X")) and "%" in text  # the end is never cut
+    grid = figures.grids()["gradcam"].float() / 255
+    rows = render.text_mask("Ag", torch.device("cpu")).amax(1) > 0.5
+    glyph = int(rows.nonzero().max() - rows.nonzero().min() + 1)
+    assert glyph * 350 / grid.shape[-1] >= 9
+
+
+def test_the_timeline_labels_its_rows_and_epochs_once():
+    timeline = Timeline(side=64)
+    for epoch in range(3):
+        timeline.add(torch.rand(2, 3, 16, 16), epoch)
+    timeline.rows = ["#0\ncat", "#1\ndog"]
+    picture = timeline.picture()
+    plain = Timeline(side=64)
+    plain.load_state_dict(timeline.state_dict())
+    assert picture.shape[-1] > plain.picture().shape[-1]  # a first column of row labels
+    assert picture.shape[-2] == plain.picture().shape[-2]  # one header row, no epN per tile
