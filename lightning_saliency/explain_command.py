@@ -251,9 +251,24 @@ def load_images(
                 pixels = _to_channels(img, channels)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise CliError(f"cannot read image {path}: {err}") from err
-        pixels = TF.resize(pixels[None], [size, size], antialias=True)[0]
-        batch.append(TF.normalize(pixels, list(mean), list(std)))
+        batch.append(_square(TF.normalize(pixels, list(mean), list(std)), size))
     return torch.stack(batch)
+
+
+def _square(pixels: Tensor, size: int) -> Tensor:
+    """A normalised image resized so its longer side is ``size``, its aspect kept, and padded
+    to ``size x size`` with zeros (the mean colour once normalised): photographs are not
+    squashed."""
+    from torchvision.transforms import functional as TF
+
+    h, w = pixels.shape[-2:]
+    scale = size / max(h, w)
+    new = (max(1, round(h * scale)), max(1, round(w * scale)))
+    resized = TF.resize(pixels[None], list(new), antialias=True)[0]
+    top, left = (size - new[0]) // 2, (size - new[1]) // 2
+    out = torch.zeros(pixels.shape[0], size, size, dtype=resized.dtype)
+    out[:, top : top + new[0], left : left + new[1]] = resized
+    return out
 
 
 def input_channels(model: nn.Module) -> int:
@@ -412,7 +427,8 @@ def explain_command(args: argparse.Namespace) -> str:
     except SaliencyConfigError as err:
         raise CliError(str(err).splitlines()[0]) from err
     _say(f"[3/3] writing {out_path}")
-    picture = comparison_figure(images, maps, names, mean, std, args.alpha).cpu()
+    rows = [os.path.basename(p) for p in paths]
+    picture = comparison_figure(images, maps, names, mean, std, args.alpha, rows).cpu()
     from PIL import Image
 
     directory = os.path.dirname(os.path.abspath(out_path))

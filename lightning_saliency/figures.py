@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_saliency import render
@@ -203,12 +204,26 @@ def comparison_figure(
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
     alpha: float = 0.5,
+    rows: Sequence[str] | None = None,
 ) -> Tensor:
-    """The command line's figure: a row per image (input, then each method), ``uint8``."""
+    """The command line's figure, ``uint8``: a row per image (its label from ``rows``, e.g. the
+    file name, above its caption; then each method's tile), the method names once as column
+    headers, and the legend of concept methods (DFF) below."""
     picture = render.to_picture(images, mean, std)
     tiles = {m: method_tiles(m, maps, picture, alpha) for m, maps in out.items()}
     texts = explanation_captions(out, None, names, picture.shape[-1] - 3)
-    return render.to_uint8(render.overview(picture, tiles, texts))
+    figure = render.overview(picture, tiles, texts, rows)
+    for method in out:
+        spec = METHODS[method]
+        if spec.kind == "concepts":
+            k = out[method].shape[1]
+            legend = concept_legend(out.extras.get(spec.concept_scores or ""), k, names)
+            swatches = render.concept_palette(k, figure.device)
+            lines = [f"{method} {line}" for line in legend]
+            figure = torch.cat(
+                [figure, render.label_row(lines, figure.shape[-1], figure.device, swatches)], 1
+            )
+    return render.to_uint8(figure)
 
 
 class Timeline:

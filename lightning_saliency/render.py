@@ -384,13 +384,23 @@ def _two_lines(title: str, width: int) -> list[str]:
     return [head + "_", tail]
 
 
-def overview(picture: Tensor, tiles: dict[str, Tensor], captions: Sequence[str]) -> Tensor:
-    """A row per sample: the input (captioned), then each method's tile; the method names once,
-    as column headers."""
+def overview(
+    picture: Tensor,
+    tiles: dict[str, Tensor],
+    captions: Sequence[str],
+    rows: Sequence[str] | None = None,
+) -> Tensor:
+    """A row per sample: the input (captioned, and labelled with ``rows`` above its caption
+    when given), then each method's tile; the method names once, as column headers."""
     n = picture.shape[0]
-    columns = [caption(picture, captions)]
-    for method_tile in tiles.values():
-        columns.append(caption(method_tile, [""] * n))
+    if rows is not None:  # the row label joins the caption strip: two lines under the input
+        width = picture.shape[-1] - 3
+        first = caption(picture, [fit(r, width) for r in rows])
+        columns = [torch.cat([first, caption(first[:, :, :0], captions)], dim=2)]
+        columns += [caption(caption(t, [""] * n), [""] * n) for t in tiles.values()]
+    else:
+        columns = [caption(picture, captions)]
+        columns += [caption(t, [""] * n) for t in tiles.values()]
     stacked = torch.stack(columns, dim=1).flatten(0, 1)
     body = grid(stacked, len(columns))
     header = header_row(["input", *tiles], picture.shape[-1] + 2, picture.device)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -334,12 +335,34 @@ def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path):
 
     from lightning_saliency.explain_command import load_images
 
-    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (64, 1))
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (256, 1))  # square: no pad
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
     x = load_images([str(tmp_path / "ramp16.png")], 64, [0.0] * 3, [1.0] * 3)
     assert x.shape == (1, 3, 64, 64)
     assert float((x >= 0.999).float().mean()) < 0.05
     assert float(x.mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_photos_keep_their_aspect_and_rows_their_file_names(tmp_path, photos):
+    """A wide photo is resized and padded (zeros: the mean colour), not squashed; the figure
+    labels each row with its file name and shows the DFF legend."""
+    from lightning_saliency.cli import main
+    from lightning_saliency.explain_command import load_images
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray((np.ones((20, 80, 3)) * 255).astype(np.uint8)).save(wide)
+    x = load_images([str(wide)], 40, [0.0] * 3, [1.0] * 3)
+    assert float(x[0, :, 20, :].mean()) == pytest.approx(1.0)  # the photo, in the middle
+    assert float(x[0, :, :10].abs().max()) == 0.0  # padding above and below
+    out = tmp_path / "figure.png"
+    code = main(["explain", "--arch", "resnet18", "--image", photos[0][0], "--image", str(wide),
+                 "--size", "48", "--methods", "gradcam,dff", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    with_rows = np.asarray(Image.open(out))
+    code = main(["explain", "--arch", "resnet18", "--image", photos[0][0], "--image", str(wide),
+                 "--size", "48", "--methods", "gradcam", "--out", str(out)])  # fmt: skip
+    legend = with_rows.shape[0] - np.asarray(Image.open(out)).shape[0]
+    assert legend == 4 * 20  # DFF's four concepts, a line each
 
 
 @pytest.mark.parametrize("factory, channels", [("grey", 1), ("rgba", 4)])
