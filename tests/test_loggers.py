@@ -102,3 +102,29 @@ def test_wandb_and_mlflow_receive_every_grid(tmp_path):
     ml_keys = [c[2] for c in mlflow.client.calls]
     assert ml_keys.count("saliency_gradcam") == 2
     assert all(c[0] == "run-1" and c[3] is not None for c in mlflow.client.calls)
+
+
+def test_two_named_callbacks_merge_their_custom_scalars_layouts(tmp_path):
+    """TensorBoard's custom-scalars plugin reads the latest layout of a run: it must hold the
+    charts of both callbacks."""
+    import lightning as L
+    from helpers import read_events, tiny_datamodule, tiny_model, trainer
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from lightning_saliency import SaliencyCallback
+
+    pair = [
+        SaliencyCallback(methods=("gradcam",), num_samples=4, name="deep"),
+        SaliencyCallback(methods=("gradcam",), num_samples=4, name="early",
+                         target_layer="features.2"),
+    ]  # fmt: skip
+    L.seed_everything(0)
+    trainer(str(tmp_path), pair, max_epochs=1, limit_train_batches=1).fit(
+        tiny_model(width=4), tiny_datamodule(size=16, n_train=8, n_val=8)
+    )
+    events = read_events(str(tmp_path))
+    layouts = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(layouts[-1].tensor_proto.string_val[0])
+    categories = {c.title: [chart.title for chart in c.chart] for c in layout.category}
+    assert {"saliency/deep", "saliency/early"} <= set(categories)
+    assert "gradcam corner_enrichment" in categories["saliency/early"]
