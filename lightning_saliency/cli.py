@@ -25,6 +25,16 @@ METHOD_NAMES = (
 DEFAULT_METHODS = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
 
 
+class _Help(argparse.HelpFormatter):
+    """A default shown only where it says something the help text does not."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-saliency",
@@ -34,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "explain",
         help="render a comparison figure of saliency methods for one or more images",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=_Help,
     )
     model = p.add_argument_group("model (one of --model or --arch)")
     model.add_argument(

@@ -229,6 +229,8 @@ def test_help_lists_every_option_and_method():
     ):
         assert option in proc.stdout
     assert "scorecam" in proc.stdout
+    assert "(default: None)" not in proc.stdout and "``" not in proc.stdout
+    assert "(default: 224)" in proc.stdout  # defaults the text does not state are shown
 
 
 def test_console_script_is_installed():
