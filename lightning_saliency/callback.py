@@ -84,6 +84,8 @@ class SaliencyCallback(L.Callback):
             refuses; give each a ``name=``.
         per_class: log per-class means under ``saliency_per_class/`` (alarms judge them
             either way).
+        grey_background: draw the maps over a greyscale copy of the images (``False``: over
+            the images in colour).
         layout: how to read the target layer's output: ``"auto"``, ``"nchw"``, ``"nhwc"``
             (channels last, e.g. Swin) or ``"tokens"`` (ViTs, any prefix tokens).
         reshape: a function from the layer's output to ``(N, C, h, w)`` for other layouts.
@@ -144,6 +146,7 @@ class SaliencyCallback(L.Callback):
         seed: int = 0,
         name: str | None = None,
         per_class: bool = True,
+        grey_background: bool = True,
         layout: Layout = "auto",
         reshape: Reshape | None = None,
         output_transform: OutputTransform | None = None,
@@ -225,6 +228,7 @@ class SaliencyCallback(L.Callback):
         self.prefix = "saliency" if self.name is None else f"saliency/{self.name}"
         self._thresholds = thresholds
         self.per_class = arguments.one_of("per_class", per_class, (True, False))
+        self.grey_background = arguments.one_of("grey_background", grey_background, (True, False))
         self.monitor = ScoreMonitor(thresholds, self.class_names, self.prefix, self.per_class)
         self.alarm_prefix = self.monitor.alarm_prefix
         self.timeline = Timeline()
@@ -760,6 +764,7 @@ class SaliencyCallback(L.Callback):
                 self.mean if self.denormalize is not False else None,
                 self.std if self.denormalize is not False else None,
                 self.tile_size,
+                grey=self.grey_background,
             )
         except Exception as err:
             self._warn_once("figures", "drawing", err, "no pictures this run")

@@ -80,25 +80,40 @@ def explanation_captions(
 
 
 def concept_legend(
-    concept_scores: Tensor | None, k: int, names: Sequence[str] | None = None
+    concept_scores: Tensor | None,
+    k: int,
+    names: Sequence[str] | None = None,
+    maps: Tensor | None = None,
 ) -> list[str]:
-    """One legend line per concept: its two most likely classes through the model's head.
+    """One legend line per concept: its share of the pictures' area (where it is the dominant
+    concept, from ``maps`` ``(N, K, H, W)``) and its two most likely classes through the
+    model's head.
 
     Example:
         >>> import torch
         >>> concept_legend(torch.tensor([[3.0, 0.0], [0.0, 3.0]]), 2, ["cat", "dog"])
         ['c0: cat 95%, dog 5%', 'c1: dog 95%, cat 5%']
+        >>> maps = torch.zeros(1, 2, 2, 2); maps[0, 0, 0] = 1.0; maps[0, 1, 1] = 1.0
+        >>> concept_legend(None, 2, maps=maps)
+        ['c0 (50% of area)', 'c1 (50% of area)']
     """
-    if concept_scores is None:
-        return [f"concept {c}" for c in range(k)]
+    shares = None
+    if maps is not None and maps.dim() == 4 and maps.shape[1] == k:
+        norm = maps / maps.flatten(2).amax(2).clamp(min=1e-12)[..., None, None]
+        winner = norm.argmax(dim=1).flatten()
+        shares = torch.bincount(winner, minlength=k).float() / max(1, winner.numel())
     texts = []
     for c in range(k):
+        head = f"c{c}" + (f" ({float(shares[c]):.0%} of area)" if shares is not None else "")
+        if concept_scores is None:
+            texts.append(head if shares is not None else f"concept {c}")
+            continue
         top = concept_scores[c].float().softmax(0).topk(min(2, concept_scores.shape[1]))
         parts = ", ".join(
             f"{class_name(names, int(i))[:8]} {float(p):.0%}"
             for p, i in zip(top.values.tolist(), top.indices.tolist())
         )
-        texts.append(f"c{c}: {parts}")
+        texts.append(f"{head}: {parts}")
     return texts
 
 
@@ -116,13 +131,14 @@ def tile_shape(image_size: tuple[int, int], tile_size: int) -> tuple[int, int]:
     return max(8, round(h * scale)), max(8, round(w * scale))
 
 
-def method_tiles(method: str, maps: Tensor, picture: Tensor, alpha: float = 0.5) -> Tensor:
-    """The tiles of one method's maps over ``picture``, drawn as the method declares them, on
-    one colour scale shared by the tiles."""
+def method_tiles(
+    method: str, maps: Tensor, picture: Tensor, alpha: float = 0.5, grey: bool = True
+) -> Tensor:
+    """The tiles of one method's maps over ``picture`` (a greyscale copy when ``grey``), drawn
+    as the method declares them, on one colour scale shared by the tiles."""
     spec = METHODS[method]
-    return render.method_tiles(
-        maps, picture, concepts=spec.kind == "concepts", signed=spec.sign == "signed", alpha=alpha
-    )
+    concepts, signed = spec.kind == "concepts", spec.sign == "signed"
+    return render.method_tiles(maps, picture, concepts, signed, alpha=alpha, grey=grey)
 
 
 def colour_key(method: str, maps: Tensor) -> tuple[float, bool] | None:
@@ -148,6 +164,7 @@ class EpochFigures:
         mean, std: the normalisation to undo for display (``None``: per-image min-max).
         tile_size: the side of each tile.
         alpha: the maps' opacity.
+        grey: draw the maps over a greyscale copy of the images (colours read on any photo).
     """
 
     def __init__(
@@ -160,6 +177,7 @@ class EpochFigures:
         std: Sequence[float] | None = None,
         tile_size: int = 112,
         alpha: float = 0.5,
+        grey: bool = True,
     ) -> None:
         size = tile_shape((images.shape[-2], images.shape[-1]), tile_size)
         self.picture = render.resize(render.to_picture(images, mean, std), size)
@@ -169,7 +187,7 @@ class EpochFigures:
         self.errors: dict[str, BaseException] = {}
         for method, maps in out.items():
             try:
-                self.tiles[method] = method_tiles(method, maps, self.picture, alpha)
+                self.tiles[method] = method_tiles(method, maps, self.picture, alpha, grey)
             except Exception as err:  # one method's picture never takes down the others
                 self.errors[method] = err
         self._out = out
@@ -185,7 +203,7 @@ class EpochFigures:
             if spec.kind == "concepts":
                 k = self._out[method].shape[1]
                 scores = self._out.extras.get(spec.concept_scores or "")
-                legend = concept_legend(scores, k, self._names)
+                legend = concept_legend(scores, k, self._names, self._out[method])
                 swatches = render.concept_palette(k, tiles.device)
             key = colour_key(method, self._out[method])
             grid = render.method_grid(tiles, self.captions, ncol, legend, swatches, key)
@@ -217,7 +235,8 @@ def comparison_figure(
         spec = METHODS[method]
         if spec.kind == "concepts":
             k = out[method].shape[1]
-            legend = concept_legend(out.extras.get(spec.concept_scores or ""), k, names)
+            scores = out.extras.get(spec.concept_scores or "")
+            legend = concept_legend(scores, k, names, out[method])
             swatches = render.concept_palette(k, figure.device)
             lines = [f"{method} {line}" for line in legend]
             figure = torch.cat(

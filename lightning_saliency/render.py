@@ -301,7 +301,7 @@ def label_row(
         if swatches is not None:
             row[:, 3:17, 2:16] = swatches[i][:, None, None]
             offset = 20
-        mask = text_mask(text, device)[:, : max(0, width - offset - 1)]
+        mask = text_mask(fit(text, width - offset - 2), device)[:, : max(0, width - offset - 1)]
         row[:, 1 : 1 + mask.shape[0], offset : offset + mask.shape[1]] = mask
         rows.append(row)
     return torch.cat(rows, dim=1)
@@ -326,19 +326,23 @@ def method_tiles(
     signed: bool,
     alpha: float = 0.5,
     top: Tensor | None = None,
+    grey: bool = True,
 ) -> Tensor:
     """Tiles for one method: concept colouring for ``(N, K, H, W)`` concept maps, else an
     overlay on one scale for all tiles (``top``; a diverging scale around zero when the
-    method's maps are ``signed``)."""
+    method's maps are ``signed``); over a greyscale copy of the picture when ``grey``."""
     size = (picture.shape[-2], picture.shape[-1])
     if concepts:
         if maps.dim() != 4:
             raise ValueError(f"concept maps must be (N, K, H, W), got {tuple(maps.shape)}")
-        return concept_overlay(desaturate(picture), resize(maps, size), alpha=alpha + 0.1)
+        base = desaturate(picture) if grey else picture
+        return concept_overlay(base, resize(maps, size), alpha=alpha + 0.1)
     if maps.dim() != 3:
         raise ValueError(f"maps must be (N, H, W), got {tuple(maps.shape)}")
     top = display_scale(maps, signed) if top is None else top
-    return overlay(picture, resize(maps[:, None], size)[:, 0], signed, alpha=alpha, top=top)
+    return overlay(
+        picture, resize(maps[:, None], size)[:, 0], signed, alpha=alpha, top=top, grey=grey
+    )
 
 
 def method_grid(

@@ -174,3 +174,22 @@ def test_the_timeline_labels_its_rows_and_epochs_once():
     plain.load_state_dict(timeline.state_dict())
     assert picture.shape[-1] > plain.picture().shape[-1]  # a first column of row labels
     assert picture.shape[-2] == plain.picture().shape[-2]  # one header row, no epN per tile
+
+
+def test_grey_background_can_be_turned_off_and_dff_legend_gives_area_shares():
+    images = torch.rand(3, 3, 16, 16)
+    grey = EpochFigures(images, _explanations())
+    colour = EpochFigures(images, _explanations(), grey=False)
+    picture = colour.picture
+    assert not torch.allclose(grey.tiles["gradcam"], colour.tiles["gradcam"])
+    cold = _explanations()["gradcam"] * 0  # a map of zeros shows the picture itself, in colour
+    tiles = render.method_tiles(cold, picture, concepts=False, signed=False, grey=False)
+    assert torch.allclose(tiles, picture)
+    legend = grey.grids()["dff"]
+    assert legend.shape[1] > grey.grids()["gradcam"].shape[1] - 32  # legend lines below
+    from lightning_saliency.figures import concept_legend
+
+    lines = concept_legend(None, 2, None, _explanations()["dff"])
+    assert all("% of area" in line for line in lines)
+    shares = [int(line.split("(")[1].split("%")[0]) for line in lines]
+    assert abs(sum(shares) - 100) <= 1
