@@ -737,9 +737,7 @@ class SaliencyCallback(L.Callback):
             f"SaliencyCallback: the model's outputs on the fixed samples are not finite at "
             f"epoch {epoch} (training diverged?); no maps or scores this run."
         )
-        if "nonfinite" not in self._warned:
-            self._warned.add("nonfinite")
-            console.warn(message)
+        self._say_once("nonfinite", message)
         metrics = {f"{self.alarm_prefix}/nonfinite_outputs": 1.0}
         self._log_metrics(pl_module, metrics)
         self._keep_metrics(trainer, pl_module, set())
@@ -839,9 +837,14 @@ class SaliencyCallback(L.Callback):
 
     def _warn_once(self, key: str, step: str, err: BaseException, consequence: str) -> None:
         """A failing step of the bookkeeping: said once per kind, then quiet."""
+        message = f"SaliencyCallback: {step} failed ({_describe(err)}); {consequence}."
+        self._say_once(key, message)
+
+    def _say_once(self, key: str, message: str) -> None:
+        """A warning said once per kind (``key``) in a fit, then quiet."""
         if key not in self._warned:
             self._warned.add(key)
-            console.warn(f"SaliencyCallback: {step} failed ({_describe(err)}); {consequence}.")
+            console.warn(message)
 
 
 STATE_VERSION = 2

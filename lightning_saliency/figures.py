@@ -141,6 +141,20 @@ def method_tiles(
     return render.method_tiles(maps, picture, concepts, signed, alpha=alpha, grey=grey)
 
 
+def concept_key(
+    method: str, out: Explanations, names: Sequence[str] | None
+) -> tuple[list[str], Tensor] | None:
+    """The legend lines and colour swatches of a concept method's maps; ``None`` for map
+    methods."""
+    spec = METHODS[method]
+    if spec.kind != "concepts":
+        return None
+    maps = out[method]
+    scores = out.extras.get(spec.concept_scores or "")
+    k = maps.shape[1]
+    return concept_legend(scores, k, names, maps), render.concept_palette(k, maps.device)
+
+
 def colour_key(method: str, maps: Tensor) -> tuple[float, bool] | None:
     """``(top, signed)`` of a map method's colour bar; ``None`` for concept methods."""
     spec = METHODS[method]
@@ -198,13 +212,7 @@ class EpochFigures:
         ncol = min(self.picture.shape[0], 4)
         pictures: dict[str, Tensor] = {}
         for method, tiles in self.tiles.items():
-            spec = METHODS[method]
-            legend, swatches = None, None
-            if spec.kind == "concepts":
-                k = self._out[method].shape[1]
-                scores = self._out.extras.get(spec.concept_scores or "")
-                legend = concept_legend(scores, k, self._names, self._out[method])
-                swatches = render.concept_palette(k, tiles.device)
+            legend, swatches = concept_key(method, self._out, self._names) or (None, None)
             key = colour_key(method, self._out[method])
             grid = render.method_grid(tiles, self.captions, ncol, legend, swatches, key)
             pictures[method] = render.to_uint8(grid)
@@ -232,15 +240,11 @@ def comparison_figure(
     texts = explanation_captions(out, None, names, picture.shape[-1] - 3)
     figure = render.overview(picture, tiles, texts, rows)
     for method in out:
-        spec = METHODS[method]
-        if spec.kind == "concepts":
-            k = out[method].shape[1]
-            scores = out.extras.get(spec.concept_scores or "")
-            legend = concept_legend(scores, k, names, out[method])
-            swatches = render.concept_palette(k, figure.device)
-            lines = [f"{method} {line}" for line in legend]
+        found = concept_key(method, out, names)
+        if found is not None:
+            lines = [f"{method} {line}" for line in found[0]]
             figure = torch.cat(
-                [figure, render.label_row(lines, figure.shape[-1], figure.device, swatches)], 1
+                [figure, render.label_row(lines, figure.shape[-1], figure.device, found[1])], 1
             )
     return render.to_uint8(figure)
 

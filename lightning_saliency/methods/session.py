@@ -141,8 +141,9 @@ class ExplainSession:
                 raise
             return as_logits(self._target_of_output(output)[:, None])
 
-    def _target_of_output(self, output: Any) -> Tensor:
-        """The score each image's map explains, ``(N,)``, from a model output."""
+    def _target_of_output(self, output: Any, image: int | None = None) -> Tensor:
+        """The score each image's map explains, ``(N,)``, from a model output; with ``image``,
+        every row of the output is a (perturbed) copy of that image."""
         if self._score_fn is not None:
             score = self._score_fn(output)
             if not isinstance(score, Tensor) or score.dim() != 1:
@@ -154,8 +155,10 @@ class ExplainSession:
             return score
         logits = as_logits(output, self.output_transform)
         if self._weights is not None:
-            return (logits * self._weights.to(logits.device, logits.dtype)).sum(1)
-        return logits.gather(1, self.targets[:, None]).squeeze(1)
+            weights = self._weights if image is None else self._weights[image : image + 1]
+            return (logits * weights.to(logits.device, logits.dtype)).sum(1)
+        targets = self.targets if image is None else self.targets[image].expand(len(logits))
+        return logits.gather(1, targets[:, None]).squeeze(1)
 
     def target_scores(self, x: Tensor) -> Tensor:
         """The explained score of each image of ``x`` (``(N,)``, the same N as the images)."""
@@ -163,13 +166,7 @@ class ExplainSession:
 
     def image_scores(self, x: Tensor, index: int) -> Tensor:
         """The explained score of image ``index`` for a batch ``x`` of its perturbed copies."""
-        output = self.model(x)
-        if self._score_fn is not None:
-            return self._target_of_output(output)
-        logits = as_logits(output, self.output_transform)
-        if self._weights is not None:
-            return (logits * self._weights[index].to(logits.device, logits.dtype)).sum(1)
-        return logits[:, int(self.targets[index])]
+        return self._target_of_output(self.model(x), index)
 
     def captum_forward(self) -> tuple[Callable[..., Tensor], Tensor | int, tuple[Tensor, ...]]:
         """``(forward_func, target, additional_forward_args)`` for a captum attribution of the
@@ -326,13 +323,7 @@ class ExplainSession:
         """Sum over the batch of each image's explained score (images are independent in
         eval): its target class's logit, the sum of its labels' logits (multi-hot targets), or
         a target function's score."""
-        fwd = self.shared_forward()
-        if self._score_fn is not None:
-            return self._target_of_output(fwd["output"]).sum()
-        logits: Tensor = fwd["logits"]
-        if self._weights is not None:
-            return (logits * self._weights.to(logits.device, logits.dtype)).sum()
-        return logits.gather(1, self.targets[:, None]).sum()
+        return self._target_of_output(self.shared_forward()["output"]).sum()
 
     # -- shared gradients ----------------------------------------------------------------
     def layer_activations(self) -> Tensor:
