@@ -34,24 +34,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def colour_bar_rows(screenshot: np.ndarray, tolerance: int = 40) -> list[int]:
-    """Rows of ``screenshot`` (H, W, 3) that hold the sequential colour bar: pixels close to
-    the scale at 10 %, 50 % and 90 %, in that order from left to right."""
+def colour_bar_rows(screenshot: np.ndarray, tolerance: int = 40, run: int = 120) -> list[int]:
+    """Rows of ``screenshot`` (H, W, 3) that hold the sequential colour bar: ``run`` or more
+    pixels in a row, each close to the scale, whose positions on the scale never go back and
+    span it from under 10 % to over 90 % (an overlay's blob has no such ramp)."""
     lut = render.colormap_lut(render.SEQUENTIAL, torch.device("cpu")).numpy() * 255
-    marks = [lut[int(f * 255)] for f in (0.1, 0.5, 0.9)]
-    found = []
     pixels = screenshot.astype(np.int32)
-    for y in range(pixels.shape[0]):
-        row = pixels[y]
-        columns = []
-        for mark in marks:
-            near = np.nonzero(np.abs(row - mark).max(axis=1) <= tolerance)[0]
-            columns.append(near)
-        ordered = all(len(c) for c in columns) and (
-            columns[0].min() < np.median(columns[1]) < columns[2].max()
-        )
-        if ordered:
-            found.append(y)
+    start = lut[int(0.1 * 255)]
+    candidates = np.nonzero((np.abs(pixels - start).max(axis=2) <= tolerance).any(axis=1))[0]
+    found = []
+    for y in candidates:
+        distance = np.abs(pixels[y][:, None, :] - lut[None].astype(np.int32)).max(axis=2)
+        index = distance.argmin(axis=1)
+        close = distance.min(axis=1) <= tolerance
+        length, low, high, previous = 0, 255, 0, -1
+        for x in range(pixels.shape[1]):
+            if close[x] and index[x] >= previous - 8:  # a ramp, allowing for rounding
+                length, previous = length + 1, max(previous, index[x])
+                low, high = min(low, index[x]), max(high, index[x])
+                if length >= run and low < 26 and high > 229:
+                    found.append(int(y))
+                    break
+            else:
+                length, low, high, previous = 0, 255, 0, -1
     return found
 
 
@@ -101,3 +106,7 @@ def test_the_colour_bar_finder_finds_a_bar_and_nothing_else():
     picture = (render.to_uint8(bar).permute(1, 2, 0).numpy()).astype(np.uint8)
     assert colour_bar_rows(picture)
     assert not colour_bar_rows(np.full((40, 300, 3), 200, dtype=np.uint8))
+    yy, xx = torch.meshgrid(torch.arange(160.0), torch.arange(300.0), indexing="ij")
+    blob = torch.exp(-((xx - 150) ** 2 + (yy - 80) ** 2) / 2000)[None]  # a Grad-CAM-like map
+    tile = render.overlay(torch.full((1, 3, 160, 300), 0.5), blob)[0]
+    assert not colour_bar_rows(render.to_uint8(tile).permute(1, 2, 0).numpy())
