@@ -78,7 +78,8 @@ def quiet_third_parties() -> None:
 
     class NoTips(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return "Tip:" not in record.getMessage()
+            text = record.getMessage()
+            return "Tip:" not in text and "estimate number of stepping batches" not in text
 
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(NoTips())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -204,3 +204,41 @@ def one_of(name: str, value: Any, allowed: Sequence[Any]) -> Any:
     if value not in allowed:
         raise SaliencyConfigError(f"{name} must be one of {list(allowed)}, got {value!r}.")
     return value
+
+
+def display_sign(
+    value: Any,
+    methods: Sequence[str],
+    signed: Sequence[str],
+    canonical: Callable[[str], str],
+) -> str | dict[str, str]:
+    """Which part of signed maps the pictures show (captum's ``sign`` choices): one for every
+    signed method, or a dict ``{method: sign}`` naming methods among ``methods`` whose maps are
+    ``signed``.
+
+    Example:
+        >>> display_sign({"m": "positive"}, ["m"], ["m"], str)
+        {'m': 'positive'}
+    """
+    from lightning_saliency.render import SIGNS
+
+    if isinstance(value, str):
+        return str(one_of("sign", value, SIGNS))
+    if not isinstance(value, Mapping):
+        raise SaliencyConfigError(
+            f"sign must be one of {list(SIGNS)} or a dict method -> sign, got {value!r}."
+        )
+    chosen: dict[str, str] = {}
+    for key, sign in value.items():
+        method = canonical(key)
+        if method not in methods:
+            raise SaliencyConfigError(
+                f"sign names {key!r}, which is not among methods={tuple(methods)}."
+            )
+        if method not in signed:
+            raise SaliencyConfigError(
+                f"sign[{key!r}]: {method}'s maps are never negative, so they have no sign to "
+                f"choose; name a signed method ({', '.join(signed)})."
+            )
+        chosen[method] = str(one_of(f"sign[{key!r}]", sign, SIGNS))
+    return chosen

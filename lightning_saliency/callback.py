@@ -39,8 +39,6 @@ from lightning_saliency.samples import (
 from lightning_saliency.scores import pointing_tolerance
 from lightning_saliency.watchers import StaleCheckGuard, watching
 
-TIMELINE_EVERY = 5  # the timeline picture is logged every 5th logged epoch, and at fit end
-
 
 class SaliencyCallback(L.Callback):
     """Log where the model looks on fixed validation images, every validation epoch.
@@ -86,6 +84,10 @@ class SaliencyCallback(L.Callback):
             either way).
         grey_background: draw the maps over a greyscale copy of the images (``False``: over
             the images in colour).
+        sign: which part of signed maps (IG, SmoothGrad, Guided Grad-CAM, occlusion) the
+            pictures show, as captum's ``visualize_image_attr``: ``"all"`` (blue -, red +,
+            around zero), ``"positive"``, ``"negative"`` or ``"absolute_value"``; or a dict
+            ``{method: sign}``. Scores do not depend on it.
         layout: how to read the target layer's output: ``"auto"``, ``"nchw"``, ``"nhwc"``
             (channels last, e.g. Swin) or ``"tokens"`` (ViTs, any prefix tokens).
         reshape: a function from the layer's output to ``(N, C, h, w)`` for other layouts.
@@ -147,6 +149,7 @@ class SaliencyCallback(L.Callback):
         name: str | None = None,
         per_class: bool = True,
         grey_background: bool = True,
+        sign: str | dict[str, str] = "all",
         layout: Layout = "auto",
         reshape: Reshape | None = None,
         output_transform: OutputTransform | None = None,
@@ -229,6 +232,12 @@ class SaliencyCallback(L.Callback):
         self._thresholds = thresholds
         self.per_class = arguments.one_of("per_class", per_class, (True, False))
         self.grey_background = arguments.one_of("grey_background", grey_background, (True, False))
+        self.sign = arguments.display_sign(
+            sign,
+            self.methods,
+            [m for m, spec in METHODS.items() if spec.sign == "signed"],
+            lambda m: normalize_methods([m])[0],
+        )
         self.monitor = ScoreMonitor(thresholds, self.class_names, self.prefix, self.per_class)
         self.alarm_prefix = self.monitor.alarm_prefix
         self.timeline = Timeline()
@@ -445,8 +454,9 @@ class SaliencyCallback(L.Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Log the whole timeline once more and save it as ``saliency_timeline.png`` beside the
-        logs (independent of TensorBoard's ``--samples_per_plugin``)."""
+        """Save the timeline as ``saliency_timeline.png`` beside the logs (independent of
+        TensorBoard's ``--samples_per_plugin``). TensorBoard already has it: each logged run
+        logs the timeline so far at that run's step, like the other pictures."""
         self._drop_guard(trainer)
         if not (self._enabled and trainer.is_global_zero and len(self.timeline)):
             return
@@ -454,7 +464,6 @@ class SaliencyCallback(L.Callback):
             return
         try:
             picture = self.timeline.picture()
-            self._publisher.images({f"{self.prefix}/timeline": picture}, metrics_step(trainer))
             suffix = "" if self.name is None else f"_{self.name}"
             filename = f"saliency_timeline{suffix}.png"
             self.timeline_path = self._publisher.save_png(picture, filename)
@@ -763,6 +772,7 @@ class SaliencyCallback(L.Callback):
                 self.std if self.denormalize is not False else None,
                 self.tile_size,
                 grey=self.grey_background,
+                sign=self.sign,
             )
         except Exception as err:
             self._warn_once("figures", "drawing", err, "no pictures this run")
@@ -780,8 +790,7 @@ class SaliencyCallback(L.Callback):
             ]
             label, position = self._label(trainer)
             self.timeline.add(figures.tiles[self.timeline_method], epoch, label, position)
-            if self.timeline.added % TIMELINE_EVERY == 1:  # the whole picture again at fit end
-                pictures[f"{self.prefix}/timeline"] = self.timeline.picture()
+            pictures[f"{self.prefix}/timeline"] = self.timeline.picture()  # at most 32 columns
         step = metrics_step(trainer)
         try:
             self._publisher.images(pictures, step)

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         "ImageNet's for 3-channel models, none (1) otherwise",
     )
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the maps (0..1)")
+    p.add_argument(
+        "--sign",
+        choices=("all", "positive", "negative", "absolute_value"),
+        default="all",
+        help="which part of signed maps (IG, SmoothGrad, Guided Grad-CAM) to show: all (blue "
+        "-, red +, around zero), positive, negative or absolute_value",
+    )
     p.add_argument("--rows", type=int, default=None, help="show at most N images (rows)")
     p.add_argument("--ig-steps", default="32", help="IG steps, or 'auto'")
     p.add_argument(

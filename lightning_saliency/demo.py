@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -69,5 +70,18 @@ class ShapesClassifier(L.LightningModule):
             add_dataloader_idx=True,
         )
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
+    def configure_optimizers(self) -> Any:
+        """Adam with a cosine decay of the learning rate over the run, per step.
+
+        At a constant 2e-3 the clean control's validation accuracy swung by up to 0.3 from one
+        epoch to the next (0.30, 0.84, 0.66, 0.93, 0.92, 0.66, 0.79, 0.96 over 8 epochs): late
+        steps as large as early ones keep moving the weights and BatchNorm's running
+        statistics, which validation uses. A lower constant rate (1e-3) swung as much; the
+        cosine decay gives 0.30, 0.86, 0.87, 0.95, 0.98, 0.98, 0.98, 0.98.
+        """
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps) or steps < 1:  # no step budget known: a constant rate
+            return optimizer
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

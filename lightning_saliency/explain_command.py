@@ -428,7 +428,8 @@ def explain_command(args: argparse.Namespace) -> str:
         raise CliError(str(err).splitlines()[0]) from err
     _say(f"[3/3] writing {out_path}")
     rows = [os.path.basename(p) for p in paths]
-    picture = comparison_figure(images, maps, names, mean, std, args.alpha, rows).cpu()
+    sign = getattr(args, "sign", "all")
+    picture = comparison_figure(images, maps, names, mean, std, args.alpha, rows, sign).cpu()
     from PIL import Image
 
     directory = os.path.dirname(os.path.abspath(out_path))

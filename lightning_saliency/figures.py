@@ -131,14 +131,42 @@ def tile_shape(image_size: tuple[int, int], tile_size: int) -> tuple[int, int]:
     return max(8, round(h * scale)), max(8, round(w * scale))
 
 
+Signs = str | Mapping[str, str]
+
+
+def display_of(method: str, sign: Signs = "all") -> render.Display:
+    """How ``method``'s maps are drawn: non-negative maps (the CAMs) on a sequential scale;
+    signed maps as ``sign`` says (one of :data:`render.SIGNS`, or a dict method -> sign; a
+    method it does not name is drawn ``"all"``, zero-centred).
+
+    Example:
+        >>> display_of("gradcam", "absolute_value").sign, display_of("integrated_gradients").sign
+        ('non_negative', 'all')
+        >>> display_of("integrated_gradients", {"integrated_gradients": "positive"}).cmap
+        'Reds'
+    """
+    if METHODS[method].sign != "signed":
+        return render.Display("non_negative")
+    chosen = sign if isinstance(sign, str) else sign.get(method, "all")
+    return render.Display(chosen)
+
+
 def method_tiles(
-    method: str, maps: Tensor, picture: Tensor, alpha: float = 0.5, grey: bool = True
+    method: str,
+    maps: Tensor,
+    picture: Tensor,
+    alpha: float = 0.5,
+    grey: bool = True,
+    sign: Signs = "all",
 ) -> Tensor:
     """The tiles of one method's maps over ``picture`` (a greyscale copy when ``grey``), drawn
-    as the method declares them, on one colour scale shared by the tiles."""
-    spec = METHODS[method]
-    concepts, signed = spec.kind == "concepts", spec.sign == "signed"
-    return render.method_tiles(maps, picture, concepts, signed, alpha=alpha, grey=grey)
+    as the method declares them (and ``sign`` chooses for signed maps), on one colour scale
+    shared by the tiles."""
+    display = display_of(method, sign)
+    concepts = METHODS[method].kind == "concepts"
+    return render.method_tiles(
+        maps, picture, concepts, display.signed, alpha=alpha, grey=grey, display=display
+    )
 
 
 def concept_key(
@@ -155,13 +183,24 @@ def concept_key(
     return concept_legend(scores, k, names, maps), render.concept_palette(k, maps.device)
 
 
-def colour_key(method: str, maps: Tensor) -> tuple[float, bool] | None:
+def colour_key(method: str, maps: Tensor, sign: Signs = "all") -> tuple[float, bool] | None:
     """``(top, signed)`` of a map method's colour bar; ``None`` for concept methods."""
-    spec = METHODS[method]
-    if spec.kind != "map":
+    if METHODS[method].kind != "map":
         return None
-    signed = spec.sign == "signed"
-    return float(render.display_scale(maps, signed)), signed
+    display = display_of(method, sign)
+    return float(render.display_scale(display.part(maps), display.signed)), display.signed
+
+
+def colour_keys(
+    out: Explanations, drawn: Mapping[str, Tensor], sign: Signs = "all"
+) -> dict[str, tuple[float, render.Display]]:
+    """Each drawn map method's colour bar: ``(top, display)``."""
+    keys = {}
+    for method in drawn:
+        found = colour_key(method, out[method], sign)
+        if found is not None:
+            keys[method] = (found[0], display_of(method, sign))
+    return keys
 
 
 class EpochFigures:
@@ -179,6 +218,7 @@ class EpochFigures:
         tile_size: the side of each tile.
         alpha: the maps' opacity.
         grey: draw the maps over a greyscale copy of the images (colours read on any photo).
+        sign: which part of signed maps to show (see :func:`display_of`).
     """
 
     def __init__(
@@ -192,7 +232,9 @@ class EpochFigures:
         tile_size: int = 112,
         alpha: float = 0.5,
         grey: bool = True,
+        sign: Signs = "all",
     ) -> None:
+        self.sign = sign
         size = tile_shape((images.shape[-2], images.shape[-1]), tile_size)
         self.picture = render.resize(render.to_picture(images, mean, std), size)
         self.texts = explanation_captions(out, labels, names)  # in full, for text panels
@@ -201,7 +243,7 @@ class EpochFigures:
         self.errors: dict[str, BaseException] = {}
         for method, maps in out.items():
             try:
-                self.tiles[method] = method_tiles(method, maps, self.picture, alpha, grey)
+                self.tiles[method] = method_tiles(method, maps, self.picture, alpha, grey, sign)
             except Exception as err:  # one method's picture never takes down the others
                 self.errors[method] = err
         self._out = out
@@ -213,14 +255,18 @@ class EpochFigures:
         pictures: dict[str, Tensor] = {}
         for method, tiles in self.tiles.items():
             legend, swatches = concept_key(method, self._out, self._names) or (None, None)
-            key = colour_key(method, self._out[method])
-            grid = render.method_grid(tiles, self.captions, ncol, legend, swatches, key)
+            key = colour_key(method, self._out[method], self.sign)
+            display = display_of(method, self.sign)
+            grid = render.method_grid(tiles, self.captions, ncol, legend, swatches, key, display)
             pictures[method] = render.to_uint8(grid)
         return pictures
 
     def overview(self) -> Tensor:
-        """A row per sample: the input, then each method's tile, as ``uint8``."""
-        return render.to_uint8(render.overview(self.picture, self.tiles, self.captions))
+        """A row per sample: the input, then each method's tile, as ``uint8``; each map
+        method's colour bar under its column."""
+        keys = colour_keys(self._out, self.tiles, self.sign)
+        picture = render.overview(self.picture, self.tiles, self.captions, keys=keys)
+        return render.to_uint8(picture)
 
 
 def comparison_figure(
@@ -231,14 +277,16 @@ def comparison_figure(
     std: Sequence[float] | None,
     alpha: float = 0.5,
     rows: Sequence[str] | None = None,
+    sign: Signs = "all",
 ) -> Tensor:
     """The command line's figure, ``uint8``: a row per image (its label from ``rows``, e.g. the
     file name, above its caption; then each method's tile), the method names once as column
     headers, and the legend of concept methods (DFF) below."""
     picture = render.to_picture(images, mean, std)
-    tiles = {m: method_tiles(m, maps, picture, alpha) for m, maps in out.items()}
+    tiles = {m: method_tiles(m, maps, picture, alpha, sign=sign) for m, maps in out.items()}
     texts = explanation_captions(out, None, names, picture.shape[-1] - 3)
-    figure = render.overview(picture, tiles, texts, rows)
+    keys = colour_keys(out, tiles, sign)
+    figure = render.overview(picture, tiles, texts, rows, keys)
     for method in out:
         found = concept_key(method, out, names)
         if found is not None:

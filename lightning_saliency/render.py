@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.utils import make_grid
 
-CONCEPT_COLORS = "tab10"
 _FIRST_CHAR, _LAST_CHAR = 32, 126
 
 
@@ -48,6 +48,56 @@ def apply_colormap(values: Tensor, name: str) -> Tensor:
 
 SEQUENTIAL = "inferno"  # non-negative maps (the CAMs): dark = low, bright yellow = high
 DIVERGING = "RdBu_r"  # signed maps: blue = negative, white = 0, red = positive
+SIGNS = ("all", "positive", "negative", "absolute_value")  # captum's visualize_image_attr signs
+
+
+@dataclass(frozen=True)
+class Display:
+    """How one method's maps are drawn. ``sign`` is ``"non_negative"`` for maps that cannot be
+    negative (the CAMs: sequential colours), or one of captum's choices for signed maps:
+    ``"all"`` on a diverging scale around zero (blue -, red +), ``"positive"`` (reds) or
+    ``"negative"`` (blues) for one part only, ``"absolute_value"`` for the magnitude.
+
+    Example:
+        >>> view = Display("negative")
+        >>> view.part(torch.tensor([[[-2.0, 1.0]]])).tolist(), view.signed, view.cmap
+        ([[[2.0, 0.0]]], False, 'Blues')
+    """
+
+    sign: str = "non_negative"
+
+    @property
+    def signed(self) -> bool:
+        """Whether the colours are zero-centred (``-top .. +top``)."""
+        return self.sign == "all"
+
+    @property
+    def cmap(self) -> str:
+        return {
+            "all": DIVERGING,
+            "positive": "Reds",
+            "negative": "Blues",
+        }.get(self.sign, SEQUENTIAL)
+
+    def part(self, maps: Tensor) -> Tensor:
+        """The values shown: the negative part as magnitudes, or the absolute value, or as is."""
+        if self.sign == "positive":
+            return maps.clamp(min=0)
+        if self.sign == "negative":
+            return (-maps).clamp(min=0)
+        if self.sign == "absolute_value":
+            return maps.abs()
+        return maps
+
+    def labels(self, top: float) -> tuple[str, str, str]:
+        """The colour bar's labels at its left end, middle and right end."""
+        if self.signed:
+            return f"-{top:.2g}", "0", f"+{top:.2g}"
+        if self.sign == "negative":
+            return "0", "", f"-{top:.2g}"
+        if self.sign == "absolute_value":
+            return "0", "", f"|{top:.2g}|"
+        return "0", "", f"{top:.2g}"
 
 
 def display_scale(maps: Tensor, signed: bool = False, quantile: float = 0.995) -> Tensor:
@@ -147,22 +197,24 @@ def overlay(
 
 
 def colour_bar(
-    width: int, top: float, signed: bool, device: torch.device, cmap: str | None = None
+    width: int, top: float, signed: bool, device: torch.device, display: Display | None = None
 ) -> Tensor:
     """A ``(3, 32, width)`` key for a grid: the colour scale over ``[0, top]`` (or
-    ``[-top, top]`` for signed maps) and its end values, so a reader knows what the colours
-    mean.
+    ``[-top, top]`` for signed maps; ``display`` for another sign choice) and its end values,
+    so a reader knows what the colours mean.
 
     Example:
         >>> colour_bar(120, 0.5, True, torch.device("cpu")).shape
         torch.Size([3, 32, 120])
     """
+    display = display or Display("all" if signed else "non_negative")
     bar = torch.zeros(3, 12 + LINE, width, device=device)
     inner = max(2, width - 4)
     ramp = torch.linspace(0, 1, inner, device=device)[None].expand(10, inner)
-    name = cmap or (DIVERGING if signed else SEQUENTIAL)
-    bar[:, 1:11, 2 : 2 + inner] = apply_colormap(ramp[None], name)[0]
-    labels = (f"-{top:.2g}", "0", f"+{top:.2g}") if signed else ("0", "", f"{top:.2g}")
+    bar[:, 1:11, 2 : 2 + inner] = apply_colormap(ramp[None], display.cmap)[0]
+    labels = list(display.labels(top))
+    if sum(text_width(t) for t in labels) + 16 > width:  # a narrow bar: its ends only
+        labels[1] = ""
     for text, where in zip(labels, (0.0, 0.5, 1.0)):
         if not text:
             continue
@@ -173,20 +225,57 @@ def colour_bar(
 
 
 def concept_overlay(picture: Tensor, concepts: Tensor, alpha: float = 0.6) -> Tensor:
-    """DFF ``(N, K, H, W)`` → each pixel coloured by its dominant concept, opacity by strength."""
+    """DFF ``(N, K, H, W)`` → each pixel coloured by its dominant concept, opacity by strength,
+    and each concept's region (where it is at least :data:`REGION` of its peak) outlined in its
+    colour at full opacity, so neighbouring concepts and the image stay apart."""
     palette = concept_palette(concepts.shape[1], concepts.device)
     norm = concepts / concepts.flatten(2).amax(dim=2).clamp(min=1e-12)[..., None, None]
     strength, winner = norm.max(dim=1)
     colours = palette[winner].permute(0, 3, 1, 2)
     weight = alpha * strength.clamp(0, 1)[:, None]
+    region = torch.where(strength >= REGION, winner, torch.full_like(winner, -1))
+    edge = _region_edges(region) & (region >= 0)
+    weight = torch.where(edge[:, None], torch.ones_like(weight), weight)
     return picture * (1 - weight) + colours * weight
 
 
+REGION = 0.35  # a concept's region: where it is the strongest and >= 35 % of its peak
+
+
+def _region_edges(labels: Tensor) -> Tensor:
+    """``(N, H, W)`` booleans: pixels whose 4-neighbourhood holds another label."""
+    padded = F.pad(labels[:, None].float(), (1, 1, 1, 1), mode="replicate")[:, 0]
+    centre = padded[:, 1:-1, 1:-1]
+    edge = torch.zeros_like(labels, dtype=torch.bool)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        neighbour = padded[:, dy : dy + labels.shape[1], dx : dx + labels.shape[2]]
+        edge |= neighbour != centre
+    return edge
+
+
+# Okabe & Ito's colour-blind-safe palette, without pure red, green, blue or yellow: those are
+# the colours of the demo's corner patches, and common in photos' signage and watermarks.
+CONCEPT_COLORS = (
+    (0.90, 0.62, 0.00),  # orange
+    (0.34, 0.71, 0.91),  # sky blue
+    (0.80, 0.47, 0.65),  # reddish purple
+    (0.00, 0.62, 0.45),  # bluish green
+    (0.84, 0.37, 0.00),  # vermillion
+    (0.00, 0.45, 0.70),  # blue
+    (0.45, 0.25, 0.65),  # purple
+    (0.55, 0.35, 0.20),  # brown
+)
+
+
 def concept_palette(k: int, device: torch.device) -> Tensor:
-    """The ``(K, 3)`` colours :func:`concept_overlay` uses."""
-    return colormap_lut(CONCEPT_COLORS, device)[
-        (torch.arange(k, device=device) * 255 // 9).clamp(max=255)
-    ]
+    """The ``(K, 3)`` colours :func:`concept_overlay` uses (repeating past 8).
+
+    Example:
+        >>> concept_palette(10, torch.device("cpu")).shape
+        torch.Size([10, 3])
+    """
+    colours = torch.tensor(CONCEPT_COLORS, device=device)
+    return colours[torch.arange(k, device=device) % len(CONCEPT_COLORS)]
 
 
 # -- text -----------------------------------------------------------------------------------
@@ -327,10 +416,12 @@ def method_tiles(
     alpha: float = 0.5,
     top: Tensor | None = None,
     grey: bool = True,
+    display: Display | None = None,
 ) -> Tensor:
     """Tiles for one method: concept colouring for ``(N, K, H, W)`` concept maps, else an
     overlay on one scale for all tiles (``top``; a diverging scale around zero when the
-    method's maps are ``signed``); over a greyscale copy of the picture when ``grey``."""
+    method's maps are ``signed``, or as ``display`` chooses); over a greyscale copy of the
+    picture when ``grey``."""
     size = (picture.shape[-2], picture.shape[-1])
     if concepts:
         if maps.dim() != 4:
@@ -339,10 +430,11 @@ def method_tiles(
         return concept_overlay(base, resize(maps, size), alpha=alpha + 0.1)
     if maps.dim() != 3:
         raise ValueError(f"maps must be (N, H, W), got {tuple(maps.shape)}")
-    top = display_scale(maps, signed) if top is None else top
-    return overlay(
-        picture, resize(maps[:, None], size)[:, 0], signed, alpha=alpha, top=top, grey=grey
-    )
+    display = display or Display("all" if signed else "non_negative")
+    shown = display.part(maps)
+    top = display_scale(shown, display.signed) if top is None else top
+    resized = resize(shown[:, None], size)[:, 0]
+    return overlay(picture, resized, display.signed, display.cmap, alpha, top, grey)
 
 
 def method_grid(
@@ -352,12 +444,13 @@ def method_grid(
     legend: Sequence[str] | None = None,
     swatches: Tensor | None = None,
     bar: tuple[float, bool] | None = None,
+    display: Display | None = None,
 ) -> Tensor:
-    """A captioned grid of one method's tiles, with its colour bar (``(top, signed)``) or a
-    legend below."""
+    """A captioned grid of one method's tiles, with its colour bar (``(top, signed)``, drawn
+    as ``display`` says) or a legend below."""
     picture = grid(caption(tiles, captions), ncol)
     if bar is not None:
-        key = colour_bar(picture.shape[-1], bar[0], bar[1], picture.device)
+        key = colour_bar(picture.shape[-1], bar[0], bar[1], picture.device, display)
         picture = torch.cat([picture, key], dim=1)
     if legend:
         rows = label_row(legend, picture.shape[-1], picture.device, swatches)
@@ -393,9 +486,11 @@ def overview(
     tiles: dict[str, Tensor],
     captions: Sequence[str],
     rows: Sequence[str] | None = None,
+    keys: dict[str, tuple[float, Display]] | None = None,
 ) -> Tensor:
     """A row per sample: the input (captioned, and labelled with ``rows`` above its caption
-    when given), then each method's tile; the method names once, as column headers."""
+    when given), then each method's tile; the method names once, as column headers, and under
+    each column in ``keys`` its colour bar (``(top, display)``)."""
     n = picture.shape[0]
     if rows is not None:  # the row label joins the caption strip: two lines under the input
         width = picture.shape[-1] - 3
@@ -408,7 +503,29 @@ def overview(
     stacked = torch.stack(columns, dim=1).flatten(0, 1)
     body = grid(stacked, len(columns))
     header = header_row(["input", *tiles], picture.shape[-1] + 2, picture.device)
-    return torch.cat([header[:, :, : body.shape[-1]], body], dim=1)
+    parts = [header[:, :, : body.shape[-1]], body]
+    if keys:
+        parts.append(key_row(["input", *tiles], keys, picture.shape[-1], picture.device))
+    return torch.cat(parts, dim=1)
+
+
+def key_row(
+    columns: Sequence[str],
+    keys: dict[str, tuple[float, Display]],
+    width: int,
+    device: torch.device,
+) -> Tensor:
+    """Under a grid of ``len(columns)`` columns of ``width`` (padding 2): each keyed column's
+    colour bar, blank under the others."""
+    cells = []
+    for column in columns:
+        if column in keys:
+            top, display = keys[column]
+            cells.append(colour_bar(width, top, display.signed, device, display))
+        else:
+            cells.append(torch.zeros(3, 12 + LINE, width, device=device))
+    row: Tensor = make_grid(torch.stack(cells), nrow=len(cells), padding=2, pad_value=0.15)
+    return row[:, 2:, :]
 
 
 def timeline(

@@ -77,6 +77,9 @@ def test_tensorboard_receives_grids_overview_and_scalars(logged_run):
         picture = Image.open(io.BytesIO(images[-1].encoded_image_string))
         assert picture.size == (images[-1].width, images[-1].height)
         assert picture.mode == "RGB" and picture.width > 3 * 96
+    timeline = events.Images("saliency/timeline")  # every logged run, at the same steps
+    assert [e.step for e in timeline] == val_steps
+    assert timeline[0].width < timeline[-1].width  # a column more each run
     overview = events.Images("saliency/overview")[-1]
     assert overview.height > 6 * 96 and overview.width > 5 * 96  # a row per sample (32 px x 3)
     scalar_tags = set(events.Tags()["scalars"])

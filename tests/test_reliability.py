@@ -139,6 +139,11 @@ MISTAKES = {
     "thresholds unknown": Mistake("thresholds", lambda: {"thresholds": {"consensuss": 0.5}}),
     "NaN outputs at setup": Mistake("not finite", lambda: {}, model=NaNAtStart),
     "bad name": Mistake("name", lambda: {"name": "a/b"}),
+    "sign unknown": Mistake("sign", lambda: {"sign": "abs"}),
+    "sign of a non-negative method": Mistake(
+        "never negative", lambda: {"sign": {"gradcam": "all"}}
+    ),
+    "sign of an unused method": Mistake("sign", lambda: {"sign": {"smoothgrad": "positive"}}),
 }
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.transforms import Normalize
 
-from lightning_saliency import render
+from lightning_saliency import explain, figures, render
 from lightning_saliency.explain import Explanations
 from lightning_saliency.figures import (
     EpochFigures,
@@ -88,6 +88,57 @@ def test_signed_methods_are_drawn_on_a_diverging_scale():
     tiles = render.method_tiles(maps, picture, concepts=False, signed=True)
     red, blue = tiles[0, 0], tiles[0, 2]
     assert (blue[:, :4] > red[:, :4]).all() and (red[:, 4:] > blue[:, 4:]).all()
+
+
+@pytest.mark.parametrize("sign", render.SIGNS)
+def test_each_of_captums_sign_choices_shows_its_part(sign):
+    """``positive`` shows only where the map is > 0 (in reds), ``negative`` only where it is
+    < 0 (in blues), ``absolute_value`` both, sequentially; ``all`` both, zero-centred."""
+    picture = torch.full((1, 3, 8, 8), 0.5)
+    maps = torch.zeros(1, 8, 8)
+    maps[0, :, :4], maps[0, :, 4:] = -1.0, 1.0
+    display = render.Display(sign)
+    tiles = render.method_tiles(maps, picture, False, display.signed, display=display)[0]
+    grey = render.desaturate(picture)[0]
+    left_changed = (tiles[:, :, :4] - grey[:, :, :4]).abs().amax() > 0.2
+    right_changed = (tiles[:, :, 4:] - grey[:, :, 4:]).abs().amax() > 0.2
+    assert left_changed == (sign != "positive")
+    assert right_changed == (sign != "negative")
+    if sign == "positive":
+        assert (tiles[0, :, 4:] > tiles[2, :, 4:]).all()  # red
+    if sign == "negative":
+        assert (tiles[2, :, :4] > tiles[0, :, :4]).all()  # blue
+    if sign == "absolute_value":  # one colour for one magnitude, whatever its sign
+        assert torch.allclose(tiles[:, :, :4], tiles[:, :, 4:])
+    bar_text = render.Display(sign).labels(1.0)
+    assert (
+        bar_text
+        == {
+            "all": ("-1", "0", "+1"),
+            "positive": ("0", "", "1"),
+            "negative": ("0", "", "-1"),
+            "absolute_value": ("0", "", "|1|"),
+        }[sign]
+    )
+
+
+def test_guided_gradcam_grid_is_on_a_zero_centred_scale():
+    """Guided Grad-CAM's maps are signed (captum's channel sum): its grid's colour bar runs
+    from -top through white at 0 to +top, and its tiles show both signs."""
+    from models import ModuleCNN, seeded
+
+    model = seeded(ModuleCNN()).eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = explain(model, images, targets=[0, 1, 2, 3], methods=("guided_gradcam",))
+    maps = out["guided_gradcam"]
+    assert (maps < 0).any() and (maps > 0).any()
+    top, signed = figures.colour_key("guided_gradcam", maps)
+    assert signed
+    grid = figures.EpochFigures(images, out).grids()["guided_gradcam"]
+    bar = grid[:, -(12 + render.LINE) + 5, :].float() / 255  # the ramp's middle row
+    middle = bar[:, bar.shape[1] // 2]
+    assert (middle > 0.9).all(), "white at zero"
+    assert bar[2, 5] > bar[0, 5] and bar[0, -5] > bar[2, -5]  # blue on the left, red right
 
 
 def _explanations(n: int = 3) -> Explanations:
@@ -193,3 +244,55 @@ def test_grey_background_can_be_turned_off_and_dff_legend_gives_area_shares():
     assert all("% of area" in line for line in lines)
     shares = [int(line.split("(")[1].split("%")[0]) for line in lines]
     assert abs(sum(shares) - 100) <= 1
+
+
+def test_concept_colours_stay_clear_of_the_demo_patches_and_each_other():
+    """The DFF palette avoids the pure red, green, blue and yellow of the demo's corner patches
+    (a concept on the patch must not look like the patch), and its colours are distinct."""
+    from lightning_saliency.data.shortcut import PATCH_COLORS
+
+    palette = render.concept_palette(8, torch.device("cpu"))
+    assert torch.cdist(palette, PATCH_COLORS).min() > 0.25
+    pairwise = torch.cdist(palette, palette) + torch.eye(8) * 9
+    assert pairwise.min() > 0.25
+
+
+def test_concept_regions_are_outlined_in_their_colour():
+    """Two concepts side by side: the pixels where one region meets the other (or fades out)
+    are drawn in the concept's own colour at full opacity; the inside stays see-through."""
+    concepts = torch.zeros(1, 2, 16, 16)
+    concepts[0, 0, 4:12, 2:8] = 1.0
+    concepts[0, 1, 4:12, 8:14] = 0.5
+    picture = torch.full((1, 3, 16, 16), 0.5)
+    tiles = render.concept_overlay(picture, concepts, alpha=0.5)[0]
+    palette = render.concept_palette(2, torch.device("cpu"))
+    assert torch.allclose(tiles[:, 4, 4], palette[0])  # top edge of concept 0
+    assert torch.allclose(tiles[:, 8, 7], palette[0]) and torch.allclose(tiles[:, 8, 8], palette[1])
+    inside = tiles[:, 8, 4]
+    assert not torch.allclose(inside, palette[0]) and not torch.allclose(
+        inside, picture[0, :, 0, 0]
+    )
+    assert torch.equal(tiles[:, 0, 0], picture[0, :, 0, 0])  # outside every region: the image
+
+
+@pytest.mark.parametrize("width", [96, 300])
+def test_colour_bar_labels_never_overlap(width):
+    """At a narrow column (the overview's) the bar keeps its end values and drops the middle
+    ``0`` rather than printing ``-0.012 0+0.012`` into one another."""
+    bar = render.colour_bar(width, 0.012, True, torch.device("cpu"))
+    inked = (bar[:, 12:].amax(dim=(0, 1)) > 0.5).tolist()  # columns holding glyph pixels
+    spans, start = [], None
+    for i, ink in enumerate([*inked, False]):
+        if ink and start is None:
+            start = i
+        if not ink and start is not None:
+            spans.append((start, i))
+            start = None
+    words = [spans[0]]
+    for span in spans[1:]:  # glyphs of one word are at most 3 px apart
+        if span[0] - words[-1][1] <= 3:
+            words[-1] = (words[-1][0], span[1])
+        else:
+            words.append(span)
+    assert len(words) == (2 if width == 96 else 3)
+    assert all(b[0] - a[1] >= 8 for a, b in zip(words, words[1:]))  # clearly apart

@@ -86,10 +86,11 @@ def gradcam_weights(session: ExplainSession, _options: Any = None) -> Tensor:
 
 
 def guided_gradcam(session: ExplainSession, _options: Any) -> Tensor:
-    """Guided backprop x Grad-CAM, reduced over colour channels by summing magnitudes."""
+    """Guided backprop x Grad-CAM, summed over colour channels as captum's
+    ``visualize_image_attr`` does: signed (the guided gradient of the input can be negative)."""
     cam = cam_from_weights(gradcam_weights(session), session.layer_activations())
     cam = upsample(cam, session.size)
-    return (session.guided_gradients() * cam[:, None]).abs().sum(dim=1)
+    return (session.guided_gradients() * cam[:, None]).sum(dim=1)
 
 
 cam_method(
@@ -103,6 +104,7 @@ register(
         "guided_gradcam",
         guided_gradcam,
         "Guided Grad-CAM: guided backprop x Grad-CAM (pixel-sharp, class-specific).",
+        sign="signed",
         passes="1F + 2B",
         needs_guided_backward=True,
         aliases=("guided_grad_cam", "guided-gradcam"),
