@@ -405,7 +405,9 @@ class SaliencyCallback(L.Callback):
                 "SaliencyCallback needs a logger to write images to; pass "
                 "Trainer(logger=TensorBoardLogger('logs')) (or CSVLogger for PNG files)."
             )
-        self._publisher = Publisher(trainer.loggers)
+        if self._publisher is not None:
+            self._publisher.close()
+        self._publisher = Publisher(trainer.loggers, background=True)
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
             raise SaliencyConfigError(
@@ -459,6 +461,7 @@ class SaliencyCallback(L.Callback):
         logs the timeline so far at that run's step, like the other pictures."""
         self._drop_guard(trainer)
         if not (self._enabled and trainer.is_global_zero and len(self.timeline)):
+            self._flush()
             return
         if self._publisher is None:  # a callback unpickled after setup has no loggers
             return
@@ -469,10 +472,48 @@ class SaliencyCallback(L.Callback):
             self.timeline_path = self._publisher.save_png(picture, filename)
         except Exception as err:  # a monitor never kills a run, at its end neither
             self._warn_once("timeline", "writing the timeline", err, "the run is done")
+        self._flush()
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """The end of ``fit``, ``validate`` or ``test``: every picture is written before
+        Lightning closes the loggers."""
         self._drop_guard(trainer)
+        self._flush()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Training failed: write what was queued before Lightning closes the loggers."""
+        self._flush()
+
+    def flush(self) -> None:
+        """Wait until every picture and text queued so far has reached the loggers (the
+        callback does so itself at the end of ``fit``, ``validate`` and ``test``, and on an
+        exception); a logger that failed is said once."""
+        self._flush()
+
+    def _flush(self) -> None:
+        """Wait for the background writer; a logger that failed in it is said once."""
+        if self._publisher is None:
+            return
+        try:
+            for err in self._publisher.flush():
+                self._warn_once("writer", "writing a picture", err, "training goes on")
+        finally:
+            self._say_failures()
+
+    def _say_failures(self) -> None:
+        """Each logger that failed in the writer: said once, and in the next alarm text."""
+        if self._publisher is None:
+            return
+        for name, err in self._publisher.failures():
+            consequence = f"{name} gets no more saliency pictures; training goes on"
+            self._warn_once(f"logger {name}", f"writing to {name}", err, consequence)
+            self._news.append(
+                f"writing to {name} failed ({_describe(err)}): it gets no more pictures"
+            )
 
     def _drop_guard(self, trainer: L.Trainer) -> None:
         if self._guard is not None and self._guard in trainer.callbacks:  # type: ignore[attr-defined]
@@ -598,7 +639,7 @@ class SaliencyCallback(L.Callback):
         switched off (on every rank alike) and the others go on; a failing step of the
         bookkeeping warns once and the run goes on. Whatever happened, the run's alarm text
         (events, methods switched off, the alarms raised now) is written."""
-        self._news = []
+        self._say_failures()  # the writer's failures since the last run join this run's text
         events: list[AlarmEvent] = []
         ran = False
         try:
@@ -644,9 +685,14 @@ class SaliencyCallback(L.Callback):
             k: v for k, v in report.metrics.items() if self._method_of(k) not in self._switched_off
         }
         metrics.update({f"{self.alarm_prefix}/switched_off/{m}": 1.0 for m in self._switched_off})
-        self._log_metrics(pl_module, metrics)
-        self._keep_metrics(trainer, pl_module, set(metrics))
-        self._last_metrics.update(metrics)
+        per_class = self.monitor.per_class_prefix + "/"
+        details = {k: v for k, v in metrics.items() if k.startswith(per_class)}
+        watched = {k: v for k, v in metrics.items() if k not in details}
+        self._log_metrics(pl_module, watched)  # EarlyStopping and checkpoints may watch these
+        self._keep_metrics(trainer, pl_module, set(watched))
+        self._last_metrics.update(watched)
+        if trainer.is_global_zero and self._publisher is not None:
+            self._publisher.metrics(details, metrics_step(trainer))  # charts: no self.log cost
         for event in report.events:
             if event.state == "cleared":
                 console.info(event.message())
@@ -673,6 +719,7 @@ class SaliencyCallback(L.Callback):
         lines.append(f"- raised now: {raised}")
         if self._switched_off:
             lines.append(f"- switched off: {', '.join(self._switched_off)}")
+        self._news = []
         step = metrics_step(trainer)
         text = f"**epoch {trainer.current_epoch}**  \n" + "  \n".join(lines)
         try:

@@ -1,18 +1,22 @@
 """Where finished pictures go: TensorBoard first; WandB, MLflow and files for the rest.
 
 :class:`Publisher` copies each finished ``uint8`` ``(3, H, W)`` picture from the device to the
-host once and hands it to every logger's adapter (:class:`ImageSink`).
+host once and hands it to every logger's adapter (:class:`ImageSink`), on a background
+writer thread when asked (:mod:`lightning_saliency.writer`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
+
+from lightning_saliency.writer import BackgroundWriter
 
 
 class ImageSink:
@@ -56,15 +60,18 @@ class TensorBoardSink(ImageSink):
         """Merged with what other callbacks wrote to the same event file: TensorBoard's
         custom-scalars plugin reads the latest layout of each run."""
         writer = self.logger.experiment
-        merged = _LAYOUTS.setdefault(id(writer), {})
-        for category, entries in charts.items():
-            merged.setdefault(category, {}).update(entries)
-        writer.add_custom_scalars(
-            {c: {t: ["Multiline", tags] for t, tags in e.items()} for c, e in merged.items()}
-        )
+        with _LAYOUTS_LOCK:  # several callbacks' writer threads
+            merged = _LAYOUTS.setdefault(id(writer), {})
+            for category, entries in charts.items():
+                merged.setdefault(category, {}).update(entries)
+            layout = {
+                c: {t: ["Multiline", tags] for t, tags in e.items()} for c, e in merged.items()
+            }
+        writer.add_custom_scalars(layout)
 
 
 _LAYOUTS: dict[int, dict[str, dict[str, list[str]]]] = {}
+_LAYOUTS_LOCK = threading.Lock()
 
 
 class WandbSink(ImageSink):
@@ -145,44 +152,111 @@ def metrics_step(trainer: Any) -> int:
 
 
 class Publisher:
-    """Sends pictures and text to every logger of a run (rank zero only: the caller decides).
+    """Sends pictures, text and scalars to every logger of a run (rank zero only: the caller
+    decides).
+
+    Each picture is copied to the host on the calling thread (one copy); with
+    ``background=True`` the rest (PNG encoding, event writes, logger API calls) runs on a
+    :class:`~lightning_saliency.writer.BackgroundWriter`, in order, and :meth:`flush` waits for
+    it. A logger whose call fails stops receiving pictures; :meth:`failures` returns each such
+    failure once, for the caller's warning.
 
     Example:
-        >>> from lightning.pytorch.loggers import CSVLogger
         >>> publisher = Publisher([])
         >>> publisher.images({"saliency/x": torch.zeros(3, 4, 4, dtype=torch.uint8)}, step=0)
+        >>> publisher.flush(), publisher.failures()
+        ([], [])
     """
 
-    def __init__(self, loggers: Sequence[Logger]) -> None:
+    def __init__(self, loggers: Sequence[Logger], background: bool = False) -> None:
         self.sinks = sinks_for(loggers)
+        self.loggers = list(loggers)
+        self.writer = BackgroundWriter() if background else None
+        self.stopped: dict[int, BaseException] = {}  # id(sink) -> the error that stopped it
+        self._unsaid: list[tuple[str, BaseException]] = []
+        self._lock = threading.Lock()
+
+    def _each_sink(self, call: Callable[[ImageSink], object]) -> None:
+        def job() -> None:
+            for sink in self.sinks:
+                if id(sink) in self.stopped:
+                    continue
+                try:
+                    call(sink)
+                except Exception as err:  # that logger stops; the others and training go on
+                    with self._lock:
+                        self.stopped[id(sink)] = err
+                        self._unsaid.append((type(sink.logger).__name__, err))
+
+        if self.writer is None:
+            job()
+        else:
+            self.writer.submit(job)
 
     def images(self, pictures: Mapping[str, Tensor], step: int) -> None:
         """Write ``tag -> uint8 (3, H, W)`` pictures at ``step``: one host copy each."""
-        for tag, picture in pictures.items():
-            host = picture.detach().to("cpu", torch.uint8)
-            for sink in self.sinks:
-                sink.image(tag, host, step)
+        host = {tag: p.detach().to("cpu", torch.uint8) for tag, p in pictures.items()}
+
+        def write(sink: ImageSink) -> None:
+            for tag, picture in host.items():
+                sink.image(tag, picture, step)
+
+        self._each_sink(write)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        for sink in self.sinks:
-            sink.text(tag, text, step)
+        self._each_sink(lambda sink: sink.text(tag, text, step))
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        for sink in self.sinks:
-            sink.scalars(values, step)
+        """Scalars for TensorBoard beside Lightning's metrics (thresholds)."""
+        frozen = dict(values)
+        self._each_sink(lambda sink: sink.scalars(frozen, step))
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        """Scalars for every logger through its ``log_metrics``, without Lightning's
+        ``self.log`` (whose per-key cost is ~1 ms): for keys nobody monitors (per class). On
+        the calling thread: loggers such as CSV keep their rows in memory unguarded."""
+        if not values:
+            return
+        for logger in self.loggers:
+            try:
+                logger.log_metrics(dict(values), step)
+            except Exception as err:
+                with self._lock:
+                    self._unsaid.append((type(logger).__name__, err))
 
     def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
-        for sink in self.sinks:
-            sink.layout(charts)
+        self._each_sink(lambda sink: sink.layout(charts))
 
     def save_png(self, picture: Tensor, name: str) -> str | None:
-        """Save ``picture`` as ``name`` in the first logger's local directory, if any."""
+        """Save ``picture`` as ``name`` in the first logger's local directory, if any; returns
+        the path (written once :meth:`flush` returns)."""
         directory = log_dir_of(self.sinks)
         if not directory:
             return None
-        return self.sinks[0].save_png(
-            picture.detach().to("cpu", torch.uint8), os.path.join(directory, name)
-        )
+        host = picture.detach().to("cpu", torch.uint8)
+        path = os.path.join(directory, name)
+        sink = self.sinks[0]
+        if self.writer is None:
+            return sink.save_png(host, path)
+        self.writer.submit(lambda: sink.save_png(host, path))
+        return path
+
+    def flush(self) -> list[BaseException]:
+        """Wait for the background writer; the errors of jobs outside any logger's call (the
+        timeline PNG) are returned. Loggers' failures come from :meth:`failures`."""
+        return [] if self.writer is None else self.writer.flush()
+
+    def failures(self) -> list[tuple[str, BaseException]]:
+        """``(logger class name, error)`` of each logger that failed since the last call."""
+        with self._lock:
+            unsaid, self._unsaid = self._unsaid, []
+        if self.writer is not None:
+            unsaid += [("the writer", err) for err in self.writer.take_errors()]
+        return unsaid
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def log_dir_of(sinks: Sequence[ImageSink]) -> str | None:

@@ -47,6 +47,7 @@ class FakeWandb(Offline, WandbLogger):
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.texts = []
         self._experiment = None
 
     @property
@@ -56,13 +57,20 @@ class FakeWandb(Offline, WandbLogger):
     def log_image(self, key, images, step=None, **kwargs):
         self.calls.append((key, images, step))
 
+    def log_text(self, key, columns=None, data=None, step=None, **kwargs):
+        self.texts.append((key, data, step))
+
 
 class FakeMlflowClient:
     def __init__(self):
         self.calls = []
+        self.texts = []
 
     def log_image(self, run_id, image, key=None, step=None):
         self.calls.append((run_id, image, key, step))
+
+    def log_text(self, run_id, text, artifact_file):
+        self.texts.append((run_id, text, artifact_file))
 
 
 class FakeMLFlow(Offline, MLFlowLogger):
@@ -102,6 +110,8 @@ def test_wandb_and_mlflow_receive_every_grid(tmp_path):
     ml_keys = [c[2] for c in mlflow.client.calls]
     assert ml_keys.count("saliency_gradcam") == 2
     assert all(c[0] == "run-1" and c[3] is not None for c in mlflow.client.calls)
+    assert [t[0] for t in wandb.texts].count("saliency_alarms/alarms") == 2  # each logged run
+    assert sum("saliency_alarms/alarms" in t[2] for t in mlflow.client.texts) == 2
 
 
 def test_two_named_callbacks_merge_their_custom_scalars_layouts(tmp_path):
