@@ -7,6 +7,7 @@ writer thread when asked (:mod:`lightning_saliency.writer`).
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -38,16 +39,49 @@ class ImageSink:
         """A custom-scalars layout (TensorBoard only): category -> chart -> tags."""
 
     def save_png(self, picture: Tensor, path: str) -> str:
-        from PIL import Image
-
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(picture.permute(1, 2, 0).numpy()).save(path)
+        with open(path, "wb") as f:
+            f.write(encode_png(picture))
         return path
+
+
+PNG_LEVEL = 1  # zlib level: 3.4x faster than PIL's default 6 on our grids, files ~10 % larger
+
+
+def encode_png(picture: Tensor) -> bytes:
+    """A ``uint8 (3, H, W)`` host picture as PNG bytes, at :data:`PNG_LEVEL`.
+
+    Example:
+        >>> encode_png(torch.zeros(3, 2, 2, dtype=torch.uint8))[:4]
+        b'\x89PNG'
+    """
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(
+        buffer, format="PNG", compress_level=PNG_LEVEL
+    )
+    return buffer.getvalue()
 
 
 class TensorBoardSink(ImageSink):
     def image(self, tag: str, picture: Tensor, step: int) -> None:
-        self.logger.experiment.add_image(tag, picture.numpy(), global_step=step, dataformats="CHW")
+        """The image summary that ``add_image`` writes, with our PNG encoding (``add_image``
+        encodes at PIL's slowest default level and cannot be told otherwise)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        writer = self.logger.experiment
+        file_writer = getattr(writer, "_get_file_writer", None)
+        if file_writer is None:  # not torch's SummaryWriter: its own add_image
+            writer.add_image(tag, picture.numpy(), global_step=step, dataformats="CHW")
+            return
+        image = Summary.Image(
+            height=picture.shape[1],
+            width=picture.shape[2],
+            colorspace=3,
+            encoded_image_string=encode_png(picture),
+        )
+        file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.logger.experiment.add_text(tag, text, global_step=step)

@@ -125,6 +125,14 @@ class _MethodScoring:
     flagged: set[tuple[str, str]]
 
 
+def _masked_nanmean(table: Tensor, rows: Tensor) -> Tensor:
+    """``(S, N)`` values, ``(G, N)`` boolean rows -> ``(S, G)``: the mean of each score over
+    each row's samples, NaN values left out (NaN where none is left), as ``nanmean``."""
+    present = rows[None] & ~torch.isnan(table)[:, None, :]  # (S, G, N)
+    total = torch.where(present, table[:, None, :], torch.zeros_like(table[:, None, :])).sum(-1)
+    return total / present.sum(-1)  # 0 / 0 = NaN: nothing to average
+
+
 def _finite(values: dict[str, float]) -> dict[str, float]:
     """Drop NaN scores (every map of the group was dead): nothing to log or alarm on."""
     return {k: v for k, v in values.items() if v == v}
@@ -332,23 +340,31 @@ class ScoreMonitor:
         ``fill``'s values there."""
         need = 1 if select is None or bool(select.all()) else min_count
         select = torch.ones_like(groups, dtype=torch.bool) if select is None else select
+        classes = sorted(set(groups.tolist()))
+        # rows: the selection, then each class within it; one host transfer for all the means
+        rows = torch.stack([select, *[(groups == c) & select for c in classes]])  # (G, N)
+        names = list(scores)
+        table = torch.stack([scores[k].float().reshape(-1) for k in names])  # (S, N)
+        nan = float("nan")
+        fills = torch.stack(
+            [
+                fill[k].float().reshape(-1) if fill is not None and k in fill else table[0] * nan
+                for k in names
+            ]
+        )
+        counts = rows.sum(dim=1).tolist()
+        means_table = _masked_nanmean(table, rows)  # (S, G)
+        fill_table = _masked_nanmean(fills, rows)
+        chosen = torch.where(torch.isnan(means_table), fill_table, means_table).tolist()
 
-        def mean(name: str, chosen: Tensor) -> float:
-            value = float(scores[name][chosen].float().nanmean())
-            if value != value and fill is not None and name in fill:
-                value = float(fill[name][chosen].float().mean())
-            return value
+        def group(g: int, keys: Sequence[str]) -> dict[str, float]:
+            return _finite({k: chosen[i][g] for i, k in enumerate(names) if k in keys})
 
-        means: dict[str, float] = {}
-        if int(select.sum()) >= need:
-            means = _finite({k: mean(k, select) for k in scores})
+        means = group(0, names) if counts[0] >= need else {}
         per_class: dict[str, dict[str, float]] = {}
-        for cls in sorted(set(groups.tolist())):
-            chosen = (groups == cls) & select
-            if int(chosen.sum()) >= need:
-                per_class[class_name(self.class_names, int(cls))] = _finite(
-                    {k: mean(k, chosen) for k in PER_CLASS_SCORES if k in scores}
-                )
+        for g, cls in enumerate(classes, start=1):
+            if counts[g] >= need:
+                per_class[class_name(self.class_names, int(cls))] = group(g, PER_CLASS_SCORES)
         return means, per_class
 
     # -- state ----------------------------------------------------------------------------------

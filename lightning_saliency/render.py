@@ -528,24 +528,30 @@ def key_row(
     return row[:, 2:, :]
 
 
+@functools.lru_cache(maxsize=8)
+def _row_labels(rows: tuple[str, ...], side: int) -> Tensor:
+    """A ``(N, 3, side, side)`` tile per row label (its lines, as many as fit), on the host."""
+    names = torch.zeros(len(rows), 3, side, side)
+    for i, text in enumerate(rows):
+        for j, line in enumerate(text.split("\n")[: side // LINE]):
+            mask = _text_mask_cpu(fit(line, side - 4))[:, : side - 4]
+            names[i, :, 2 + LINE * j : 2 + LINE * j + mask.shape[0], 2 : 2 + mask.shape[1]] = mask
+    return names
+
+
 def timeline(
     columns: Sequence[Tensor], labels: Sequence[str], rows: Sequence[str] | None = None
 ) -> Tensor:
     """Samples as rows, logged epochs as columns: the epochs once, as a header row, and each
     row's label (sample and class) in a first column when ``rows`` are given."""
-    tiles = [col.float() / 255 for col in columns]
-    n, _, side, _ = tiles[0].shape
+    stacked = torch.stack(list(columns), dim=1).float() / 255  # (N, columns, 3, side, side)
+    n, count, _, side, _ = stacked.shape
     if rows is not None:
-        names = torch.zeros(n, 3, side, side, device=tiles[0].device)
-        for i, text in enumerate(rows):
-            for j, line in enumerate(text.split("\n")[: side // LINE]):
-                mask = text_mask(fit(line, side - 4), names.device)[:, : side - 4]
-                names[i, :, 2 + LINE * j : 2 + LINE * j + mask.shape[0], 2 : 2 + mask.shape[1]] = (
-                    mask
-                )
-        tiles = [names, *tiles]
+        names = _row_labels(tuple(rows), side).to(stacked.device)
+        stacked = torch.cat([names[:, None], stacked], dim=1)
         labels = ["", *labels]
-    stacked = torch.stack(tiles, dim=1).flatten(0, 1)
-    body = grid(stacked, len(tiles))
+        count += 1
+    stacked = stacked.flatten(0, 1)
+    body = grid(stacked, count)
     header = header_row(list(labels), side + 2, stacked.device)
     return torch.cat([header[:, :, : body.shape[-1]], body], dim=1)
