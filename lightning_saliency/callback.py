@@ -88,6 +88,8 @@ class SaliencyCallback(L.Callback):
             pictures show, as captum's ``visualize_image_attr``: ``"all"`` (blue -, red +,
             around zero), ``"positive"``, ``"negative"`` or ``"absolute_value"``; or a dict
             ``{method: sign}``. Scores do not depend on it.
+        signed_mass: how the scores count signed maps: ``"positive"`` (the evidence for the
+            explained class; default) or ``"absolute"`` (magnitude, both signs).
         layout: how to read the target layer's output: ``"auto"``, ``"nchw"``, ``"nhwc"``
             (channels last, e.g. Swin) or ``"tokens"`` (ViTs, any prefix tokens).
         reshape: a function from the layer's output to ``(N, C, h, w)`` for other layouts.
@@ -150,6 +152,7 @@ class SaliencyCallback(L.Callback):
         per_class: bool = True,
         grey_background: bool = True,
         sign: str | dict[str, str] = "all",
+        signed_mass: Literal["positive", "absolute"] = "positive",
         layout: Layout = "auto",
         reshape: Reshape | None = None,
         output_transform: OutputTransform | None = None,
@@ -238,7 +241,8 @@ class SaliencyCallback(L.Callback):
             [m for m, spec in METHODS.items() if spec.sign == "signed"],
             lambda m: normalize_methods([m])[0],
         )
-        self.monitor = ScoreMonitor(thresholds, self.class_names, self.prefix, self.per_class)
+        self.signed_mass = arguments.one_of("signed_mass", signed_mass, ("positive", "absolute"))
+        self.monitor = self._new_monitor()
         self.alarm_prefix = self.monitor.alarm_prefix
         self.timeline = Timeline()
         self.timeline_path: str | None = None
@@ -376,7 +380,7 @@ class SaliencyCallback(L.Callback):
         self._layer_name = None
         self.mean, self.std = self._given_normalisation
         self.class_names = self._given_class_names
-        self.monitor = ScoreMonitor(self._thresholds, self.class_names, self.prefix, self.per_class)
+        self.monitor = self._new_monitor()
         self.timeline = Timeline()
         self.timeline_path = None
         self._switched_off = {}
@@ -600,6 +604,11 @@ class SaliencyCallback(L.Callback):
         else:
             self._keep_metrics(trainer, pl_module, set())
 
+    def _new_monitor(self) -> ScoreMonitor:
+        return ScoreMonitor(
+            self._thresholds, self.class_names, self.prefix, self.per_class, self.signed_mass
+        )
+
     def _due(self, method: str, index: int | None) -> bool:
         every = self.method_every_n_epochs.get(method, 1)
         return method not in self._switched_off and (index is None or index % every == 0)
@@ -672,7 +681,9 @@ class SaliencyCallback(L.Callback):
         if not bool(torch.isfinite(out.logits).all()):
             self._nonfinite(trainer, pl_module, epoch)
             return True, []
-        tolerance = pointing_tolerance(samples.images.shape[-1])
+        tolerance = pointing_tolerance(
+            (samples.images.shape[-2], samples.images.shape[-1]), out.layer_cells
+        )
         try:
             report = self.monitor.observe(
                 epoch, out, samples.labels, samples.masks, tolerance, update_references=fitting

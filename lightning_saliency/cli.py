@@ -21,6 +21,7 @@ from collections.abc import Sequence
 METHOD_NAMES = (
     "gradcam", "guided_gradcam", "dff", "integrated_gradients", "gradcam++", "xgradcam",
     "layercam", "hirescam", "eigencam", "scorecam", "ablationcam", "smoothgrad", "occlusion",
+    "smoothgrad_sq", "vargrad", "ig_smoothgrad_sq",
 )  # fmt: skip
 DEFAULT_METHODS = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
 

@@ -35,6 +35,8 @@ class Explanations(Mapping[str, Tensor]):
         logits: ``(N, num_classes)`` float32 scores of the images.
         targets: ``(N,)`` the class each map explains.
         layer_name: the target layer used by layer methods (``None`` if none was needed).
+        layer_cells: the target layer's spatial grid ``(h, w)``, the resolution of a layer
+            method's map (``None`` if no method read the layer).
         extras: what methods report besides maps, e.g. ``dff_concept_scores``
             ``(K, num_classes)``, ``ig_steps``, ``ig_completeness_error`` ``(N,)``, and with a
             target function ``target_scores`` ``(N,)`` (its value per image); each method
@@ -46,6 +48,7 @@ class Explanations(Mapping[str, Tensor]):
     logits: Tensor
     targets: Tensor
     layer_name: str | None = None
+    layer_cells: tuple[int, int] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, BaseException] = field(default_factory=dict)
 
@@ -284,6 +287,7 @@ def explain(
             logits=session.logits.detach().float(),
             targets=session.targets,
             layer_name=layer_name,
+            layer_cells=session.layer_cells,
             extras=session.extras,
             errors=errors,
         )

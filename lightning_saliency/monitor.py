@@ -32,7 +32,12 @@ from lightning_saliency import alarms as rules
 from lightning_saliency.explain import Explanations
 from lightning_saliency.methods import METHODS
 from lightning_saliency.samples import class_name
-from lightning_saliency.scores import chance_levels, downsample_for_drift, map_scores
+from lightning_saliency.scores import (
+    SignedMass,
+    chance_levels,
+    downsample_for_drift,
+    map_scores,
+)
 
 PER_CLASS_SCORES = (
     "object_enrichment",
@@ -148,6 +153,8 @@ class ScoreMonitor:
             flags and the count go under ``saliency_alarms``, per-class means under
             ``saliency_per_class`` (with the same infix).
         per_class: whether to report per-class means (they are always judged for alarms).
+        signed_mass: how signed maps are scored: ``"positive"`` (their evidence for the
+            class, default) or ``"absolute"`` (:func:`lightning_saliency.scores.relevance`).
 
     Alarms have hysteresis: raised when a score crosses its threshold, cleared only after
     :data:`CLEAR_AFTER` logged epochs in a row back on the safe side.
@@ -163,6 +170,7 @@ class ScoreMonitor:
         class_names: Sequence[str] | None = None,
         prefix: str = "saliency",
         per_class: bool = True,
+        signed_mass: SignedMass = "positive",
     ) -> None:
         self.thresholds = rules.merge_thresholds(thresholds)
         self.class_names = list(class_names) if class_names else None
@@ -170,6 +178,7 @@ class ScoreMonitor:
         self.alarm_prefix = prefix.replace("saliency", "saliency_alarms", 1)
         self.per_class_prefix = prefix.replace("saliency", "saliency_per_class", 1)
         self.per_class = per_class
+        self.signed_mass = signed_mass
         self._safe: dict[tuple[str, str], int] = {}  # active alarm -> safe epochs in a row
         self.alarms: list[AlarmEvent] = []
         self.history: list[EpochScores] = []
@@ -259,7 +268,9 @@ class ScoreMonitor:
         """One method's scores, logged values and alarms; changes no state."""
         small = downsample_for_drift(maps)
         first = self._first.get(method, small)
-        scores = map_scores(maps, masks, self._previous.get(method, small), first, tolerance)
+        scores = map_scores(
+            maps, masks, self._previous.get(method, small), first, tolerance, self.signed_mass
+        )
         scores.update(self._method_scores(method, out, maps.shape[0], maps.device))
         chance = chance_levels(masks, maps.shape[0], maps.device)
         logged, logged_per_class = self._group_means(scores, groups, None, fill=chance)

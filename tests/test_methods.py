@@ -6,13 +6,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from captum.attr import GuidedGradCam, IntegratedGradients, NoiseTunnel, Occlusion
+from captum.attr import GuidedGradCam, IntegratedGradients, Occlusion
 from helpers import assert_same, minmax, per_image_corr, snapshot
 from models import FunctionalCNN, ModuleCNN, SmallCNN, seeded
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from lightning_saliency import SaliencyCallback, available_methods, explain
+from lightning_saliency.methods import METHODS
 from lightning_saliency.methods.dff import nmf
 
 TARGETS = [0, 1, 2, 3]
@@ -151,37 +152,6 @@ def test_occlusion_matches_captum(images):
     torch.testing.assert_close(ours["occlusion"], ref.sum(1), rtol=1e-4, atol=1e-5)
 
 
-def test_smoothgrad_matches_captum_with_private_noise(images):
-    model = seeded(SmallCNN()).eval()
-    rng = torch.get_rng_state()
-    four = {"smoothgrad": {"samples": 4}}
-    ours = explain(model, images, targets=TARGETS, methods=("smoothgrad",), method_options=four)
-    assert torch.equal(rng, torch.get_rng_state())  # the global RNG is untouched
-    again = explain(model, images, targets=TARGETS, methods=("smoothgrad",), method_options=four)
-    torch.testing.assert_close(ours["smoothgrad"], again["smoothgrad"])  # same noise each time
-    torch.manual_seed(0)
-    spread = float(images.max() - images.min())
-    ref = NoiseTunnel(IntegratedGradients(model)).attribute(
-        images,
-        nt_type="smoothgrad_sq",
-        nt_samples=4,
-        stdevs=0.1 * spread,
-        target=torch.tensor(TARGETS),
-        n_steps=8,
-        nt_samples_batch_size=4,
-    )
-    corr = per_image_corr(ours["smoothgrad"], ref.sum(1))
-    assert corr.min() >= 0.99, corr
-    var = explain(
-        model,
-        images,
-        targets=TARGETS,
-        methods=("smoothgrad",),
-        method_options={"smoothgrad": {"samples": 4, "type": "vargrad"}},
-    )
-    assert not torch.allclose(var["smoothgrad"], ours["smoothgrad"])
-
-
 @pytest.fixture
 def model_mid_training(images):
     model = seeded(SmallCNN()).train()
@@ -195,7 +165,8 @@ def test_every_method_leaves_the_model_as_found(model_mid_training, images, meth
     before = snapshot(model_mid_training)
     with torch.inference_mode():
         inputs = images * 1.0
-    fewer = {"smoothgrad": {"samples": 2}} if method == "smoothgrad" else None
+    noisy = METHODS[method].options.__dataclass_fields__.get("samples") is not None
+    fewer = {method: {"samples": 2}} if noisy else None
     out = explain(model_mid_training, inputs, methods=(method,), ig_steps=8, method_options=fewer)
     assert_same(before, snapshot(model_mid_training))
     assert torch.isfinite(out[method]).all()

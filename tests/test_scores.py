@@ -56,7 +56,27 @@ def test_pointing_game_with_and_without_tolerance():
     near[0, 9, 9] = 1.0  # two pixels off the object's corner
     assert pointing_game(near, masks, tolerance=0).item() == 0.0
     assert pointing_game(near, masks, tolerance=2).item() == 1.0
-    assert pointing_tolerance(48) == 6 and pointing_tolerance(4) == 1
+
+
+def test_pointing_tolerance_is_one_cell_of_the_target_layer():
+    """Bug: it was width // 8 (6 px at 48 px, where the demo's layer cell is 4 px)."""
+    assert pointing_tolerance((48, 48), (12, 12)) == 4
+    assert pointing_tolerance((224, 224), (7, 7)) == 32
+    assert pointing_tolerance((50, 40), (12, 12)) == 5  # ceil, the larger side
+    assert pointing_tolerance((48, 48), None) == 0
+
+
+def test_pointing_ties_go_to_the_centre_of_the_maxima_not_the_top_left():
+    """Bug: argmax took the first maximum in raster order, a bias to the top-left corner
+    (where the demo's shortcut sits)."""
+    masks = torch.zeros(1, 12, 12, dtype=torch.bool)
+    masks[0, 5:7, 5:7] = True  # the object, in the middle
+    flat = torch.zeros(1, 12, 12)
+    flat[0, 2:10, 2:10] = 1.0  # an upsampled CAM cell: a flat top around the object
+    assert pointing_game(flat, masks, tolerance=0).item() == 1.0
+    corner = torch.zeros(1, 12, 12, dtype=torch.bool)
+    corner[0, 2, 2] = True  # raster order's first maximum
+    assert pointing_game(flat, corner, tolerance=0).item() == 0.0
 
 
 def test_corner_and_border_enrichment_find_a_corner_patch_only():
@@ -77,12 +97,19 @@ def test_consensus_is_high_for_a_fixed_place_and_low_for_moving_objects():
     assert consensus(fixed[:1]).tolist() == [0.0]  # a single map agrees with nobody
 
 
-def test_signed_maps_count_by_magnitude():
+def test_signed_maps_count_their_positive_part_unless_told_otherwise():
+    """Bug: signed maps were scored by magnitude, undocumented; evidence against the class
+    counted as attention on the object."""
     masks = torch.zeros(1, 8, 8, dtype=torch.bool)
     masks[:, :4] = True
     signed = torch.zeros(1, 8, 8)
     signed[0, 0, 0], signed[0, 7, 7] = -3.0, 1.0
-    assert object_energy(signed, masks).item() == pytest.approx(0.75)
+    assert object_energy(signed, masks).item() == 0.0
+    assert object_energy(signed, masks, "absolute").item() == pytest.approx(0.75)
+    assert map_scores(signed, masks, signed_mass="absolute")["object_energy"].item() == 0.75
+    against = -torch.rand(1, 8, 8)  # evidence against the class only: points nowhere
+    scores = map_scores(against, masks)
+    assert torch.isnan(scores["pointing_game"]).all() and scores["dead_maps"].item() == 0.0
 
 
 def test_dead_maps_are_left_out_of_localisation_scores():

@@ -5,9 +5,10 @@ functional ``F.relu`` is missed), returns image 0 of a batch and accumulates int
 gradient; captum's ``GuidedBackprop`` hooks ``nn.ReLU`` modules only. A ``TorchFunctionMode``
 sees every ReLU call, whatever spelling the model uses.
 
-Each ReLU's output is routed through :class:`_SwitchableReLU`, whose *backward* reads the mode's
+Each ReLU call is replaced by :class:`_SwitchableReLU`, whose *backward* reads the mode's
 ``guided`` flag. So one forward serves both the plain gradient (Grad-CAM) and the guided one:
 backpropagate once with ``guided=False`` (exactly ReLU's own gradient), then with ``guided=True``.
+The ``deconv`` flag gives the deconvolution rule the same way.
 """
 
 from __future__ import annotations
@@ -22,22 +23,31 @@ from torch.overrides import TorchFunctionMode
 
 
 class _Switch:
-    """Holds the flag the backward pass reads."""
+    """Holds the flags the backward pass reads: ``guided`` (ReLU's gradient, then only its
+    positive part) or ``deconv`` (the positive part of the incoming gradient, whatever the
+    forward's sign: Zeiler and Fergus's deconvnet)."""
 
     def __init__(self) -> None:
         self.guided = False
+        self.deconv = False
 
 
 class _SwitchableReLU(torch.autograd.Function):
+    """ReLU itself (not a wrapper of its result, so the deconv rule is not masked again by
+    ReLU's own backward), with the backward the switch says."""
+
     @staticmethod
-    def forward(ctx: Any, output: Tensor, switch: _Switch) -> Tensor:
+    def forward(ctx: Any, source: Tensor, switch: _Switch) -> Tensor:
         ctx.switch = switch
+        output = source.clamp(min=0)
         ctx.save_for_backward(output)
-        return output.view_as(output)
+        return output
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (output,) = ctx.saved_tensors
+        if ctx.switch.deconv:
+            return grad.clamp(min=0), None
         grad = grad * (output > 0)
         if ctx.switch.guided:
             grad = grad.clamp(min=0)
@@ -97,8 +107,7 @@ class GuidedReLUMode(TorchFunctionMode):
             # In-place callers may ignore the return value: the tensor itself gets our backward.
             self.relu_calls += 1
             return _SwitchableReLUInplace.apply(source, self.switch)
-        result = func(*args, **kwargs)
-        if not result.requires_grad:
-            return result
+        if not source.requires_grad:
+            return func(*args, **kwargs)
         self.relu_calls += 1
-        return _SwitchableReLU.apply(result, self.switch)
+        return _SwitchableReLU.apply(source, self.switch)

@@ -188,31 +188,38 @@ class PathGradients:
 
     ``evaluate(index, alphas)`` returns, for each row ``r``, the input gradient at
     ``baseline[i] + alphas[r] * (image[i] - baseline[i])`` with ``i = index[r]``, and the
-    score there; rows go through the model in chunks of :class:`ChunkSizer`.
-    ``evaluations`` counts the rows evaluated.
+    score there; ``evaluate_points`` does so at any points a function makes. Rows go through
+    the model in chunks of :class:`ChunkSizer`. ``evaluations`` counts the rows evaluated.
+    ``origin`` says which of the session's images each of ``images`` is a copy of (its target
+    and extra arguments; noisy copies of the images for the noise methods).
     """
 
     def __init__(
-        self, session: ExplainSession, images: Tensor, baselines: Tensor, sizer: ChunkSizer
+        self,
+        session: ExplainSession,
+        images: Tensor,
+        baselines: Tensor,
+        sizer: ChunkSizer,
+        origin: Tensor | None = None,
     ) -> None:
         self.forward, self.target, self.extra = session.captum_forward()
         self.images, self.baselines, self.sizer = images.detach(), baselines.detach(), sizer
+        self.origin = origin
         self.evaluations = 0
 
     def _scores(self, x: Tensor, index: Tensor) -> Tensor:
+        if self.origin is not None:
+            index = self.origin[index]
         extra = [e[index] for e in self.extra]
         out = self.forward(x, *extra)
         if isinstance(self.target, Tensor):
             return out.gather(1, self.target[index][:, None]).squeeze(1)
         return out[:, self.target]
 
-    def _chunk(self, index: Tensor, alphas: Tensor) -> tuple[Tensor, Tensor]:
-        base = self.baselines[index]
-        shape = (-1,) + (1,) * (base.dim() - 1)
+    def _chunk(self, index: Tensor, points: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
         before = self.sizer.allocated() if self.sizer.cuda else 0
         with torch.enable_grad():
-            x = base + alphas.to(base.dtype).reshape(shape) * (self.images[index] - base)
-            x.requires_grad_(True)
+            x = points().detach().requires_grad_(True)
             scores = self._scores(x, index)
             if self.sizer.cuda:
                 self.sizer.learn(len(index), self.sizer.allocated() - before)
@@ -222,20 +229,38 @@ class PathGradients:
     def evaluate(
         self, index: Tensor, alphas: Tensor, keep: Callable[[slice, Tensor], Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """Gradients at each row's point, handed chunk by chunk to ``keep(rows, grads)``
+        """Gradients at each row's path point, handed chunk by chunk to ``keep(rows, grads)``
         (which reduces them, so a chunk's gradients are never all held); returns what ``keep``
         returned, concatenated, and the scores ``(R,)``."""
+        shape = (-1,) + (1,) * (self.images.dim() - 1)
+
+        def points(rows: slice) -> Tensor:
+            base = self.baselines[index[rows]]
+            alpha = alphas[rows].to(base.dtype).reshape(shape)
+            return base + alpha * (self.images[index[rows]] - base)
+
+        return self.evaluate_points(index, points, keep)
+
+    def evaluate_points(
+        self,
+        index: Tensor,
+        points: Callable[[slice], Tensor],
+        keep: Callable[[slice, Tensor], Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """Gradients at ``points(rows)`` (the inputs of those rows; row ``r`` explains image
+        ``index[r]``), handed chunk by chunk to ``keep(rows, grads)``, as :meth:`evaluate`."""
         kept, scores, start = [], [], 0
         while start < len(index):
             stop = min(len(index), start + self.sizer.rows)
+            rows = slice(start, stop)
             try:
-                grads, s = self._chunk(index[start:stop], alphas[start:stop])
+                grads, s = self._chunk(index[rows], functools.partial(points, rows))
             except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
                 if not _is_out_of_memory(err):
                     raise
                 self.sizer.shrink(err)
                 continue
-            kept.append(keep(slice(start, stop), grads))
+            kept.append(keep(rows, grads))
             scores.append(s)
             self.evaluations += stop - start
             start = stop

@@ -111,6 +111,7 @@ class ExplainSession:
         self.reshape = reshape
         self.output_transform = output_transform
         self.reading: LayerLayout | None = None
+        self.layer_cells: tuple[int, int] | None = None  # the layer's grid, once read
         self.images = images
         self.layer = layer
         self.seed = seed
@@ -192,6 +193,7 @@ class ExplainSession:
                 raise SaliencyConfigError(
                     f"reshape= must return (N, C, h, w); it returned {shape}."
                 )
+            self.layer_cells = (mapped.shape[-2], mapped.shape[-1])
             return mapped
         if self.reading is None:
             self.reading = read_layout(
@@ -202,7 +204,9 @@ class ExplainSession:
                 self.layer,
                 prefix_tokens_of(self.model),
             )
-        return self.reading.to_spatial(output)
+        spatial = self.reading.to_spatial(output)
+        self.layer_cells = (spatial.shape[-2], spatial.shape[-1])
+        return spatial
 
     @property
     def size(self) -> tuple[int, int]:

@@ -1,0 +1,274 @@
+"""captum's gradient family: Saliency, InputXGradient, GuidedBackprop, Deconvolution, DeepLift
+and GradientShap, each a map summed over channels.
+
+- ``saliency`` and ``input_x_gradient`` call captum as it is (``Saliency`` with its default
+  ``abs=True``, so non-negative; ``InputXGradient``, signed). captum takes input gradients with
+  ``torch.autograd.grad``: nothing reaches the parameters.
+- ``deeplift`` calls captum's ``DeepLift`` (rescale rule, zero baseline). captum applies its
+  rule to nonlinearities that are modules (``nn.ReLU``); a model that calls ``F.relu`` would get
+  a silently wrong map, so such a model is refused with the reason.
+- ``guided_backprop`` and ``deconvolution`` are our own, on the ReLU switch of
+  :mod:`~lightning_saliency.methods.guided_relu`: captum hooks ``nn.ReLU`` modules only and
+  misses ``F.relu``, ``torch.relu`` and ``Tensor.relu``. They equal captum on models built of
+  ``nn.ReLU`` modules (``tests/test_gradient_methods.py``).
+- ``gradient_shap`` is our own: captum draws its baselines, path points and noise from the
+  global RNGs (numpy's and torch's) for the whole batch, so a sample's map depended on its
+  neighbours. Here one draw of ``samples`` (path point, baseline, noise) triples from a private
+  generator serves every image; on the same draw it equals captum's ``GradientShap``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from captum.attr import DeepLift, InputXGradient, Saliency
+from torch import Tensor, nn
+
+from lightning_saliency.errors import SaliencyConfigError
+from lightning_saliency.methods.base import MethodOptions, NoOptions, SaliencyMethod, register
+from lightning_saliency.methods.guided_relu import GuidedReLUMode
+from lightning_saliency.methods.integrated_gradients import PathGradients, make_baseline
+from lightning_saliency.methods.session import ExplainSession
+from lightning_saliency.methods.smoothgrad import _sizer, noise_scale
+
+
+class _Explained(nn.Module):
+    """The model with the session's explained score as its output, for captum methods that
+    need a module (DeepLift hooks the model's submodules)."""
+
+    def __init__(self, model: nn.Module, forward: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self._forward = forward
+
+    def forward(self, x: Tensor, *extra: Tensor) -> Tensor:
+        return self._forward(x, *extra)
+
+
+def _captum(session: ExplainSession, method: Any, **kwargs: Any) -> Tensor:
+    forward, target, extra = session.captum_forward()
+    attr: Tensor = method(forward).attribute(
+        session.images.detach().clone().requires_grad_(True),
+        target=target,
+        additional_forward_args=extra or None,
+        **kwargs,
+    )
+    return attr.detach().float().sum(dim=1)
+
+
+def saliency(session: ExplainSession, _options: NoOptions) -> Tensor:
+    """captum's ``Saliency``: the absolute input gradient (Simonyan et al.)."""
+    return _captum(session, Saliency)
+
+
+def input_x_gradient(session: ExplainSession, _options: NoOptions) -> Tensor:
+    """captum's ``InputXGradient``: input times its gradient, signed."""
+    return _captum(session, InputXGradient)
+
+
+def _functional_relus(session: ExplainSession) -> int:
+    """ReLU calls that are not ``nn.ReLU`` modules, in one forward of the images."""
+    modules = [m for m in session.model.modules() if isinstance(m, nn.ReLU)]
+    calls = [0]
+
+    def count(*_: Any) -> None:
+        calls[0] += 1
+
+    handles = [m.register_forward_hook(count) for m in modules]
+    try:
+        with torch.enable_grad(), GuidedReLUMode() as mode:  # it counts where gradients flow
+            session.model(session.images[:1].detach().clone().requires_grad_(True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(mode.relu_calls) - calls[0]
+
+
+def deeplift(session: ExplainSession, _options: NoOptions) -> Tensor:
+    """captum's ``DeepLift`` (rescale rule) against a zero baseline, signed."""
+    functional = _functional_relus(session)
+    if functional > 0:
+        raise SaliencyConfigError(
+            f"deeplift: {type(session.model).__name__} calls ReLU as a function "
+            f"({functional} call(s) of F.relu / torch.relu), which captum's DeepLift cannot "
+            "see, so its map would be wrong. Use nn.ReLU modules in the model, or choose "
+            "integrated_gradients (the same question, answered along a path)."
+        )
+    forward, target, extra = session.captum_forward()
+    wrapped = _Explained(session.model, forward)
+    with warnings.catch_warnings():  # captum's note that it hooks (and unhooks) nonlinearities
+        warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
+        attr: Tensor = DeepLift(wrapped).attribute(
+            session.images.detach().clone().requires_grad_(True),
+            baselines=0.0,
+            target=target,
+            additional_forward_args=extra or None,
+        )
+    return attr.detach().float().sum(dim=1)
+
+
+def relu_rule_gradient(session: ExplainSession, rule: str) -> Tensor:
+    """The input gradient of the explained score with every ReLU's backward replaced by
+    ``rule`` (``"guided"`` or ``"deconv"``), ``(N, C, H, W)``."""
+    x = session.images.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), GuidedReLUMode() as mode:
+        output = session.model(x)
+    if mode.relu_calls == 0:
+        warnings.warn(
+            f"{type(session.model).__name__} has no ReLU: the {rule} rule changes nothing, so "
+            "this map is the plain input gradient.",
+            stacklevel=4,
+        )
+    mode.switch.guided = rule == "guided"
+    mode.switch.deconv = rule == "deconv"
+    score = session._target_of_output(output).sum()
+    (grad,) = torch.autograd.grad(score, x)
+    return grad.detach().float()
+
+
+def guided_backprop(session: ExplainSession, _options: NoOptions) -> Tensor:
+    """Guided backpropagation (Springenberg et al.), signed."""
+    return relu_rule_gradient(session, "guided").sum(dim=1)
+
+
+def deconvolution(session: ExplainSession, _options: NoOptions) -> Tensor:
+    """Deconvolution (Zeiler and Fergus), signed."""
+    return relu_rule_gradient(session, "deconv").sum(dim=1)
+
+
+@dataclass(frozen=True)
+class GradientShapOptions(MethodOptions):
+    """Options of ``gradient_shap``.
+
+    Attributes:
+        samples: (path point, baseline, noise) draws per image (captum's ``n_samples``).
+        noise: noise standard deviation as a share of each image's value range (captum's
+            ``stdevs``, default 0).
+        baselines: ``None`` (zeros: the mean image for normalised inputs) or a tensor
+            ``(B, C, H, W)`` of reference images to draw from.
+        internal_batch_size: rows per pass; ``None``: sized to the device, as IG.
+        seed: the draws' seed; ``None``: ``explain()``'s ``seed``.
+    """
+
+    samples: int = 16
+    noise: float = 0.0
+    baselines: Tensor | None = None
+    internal_batch_size: int | None = None
+    seed: int | None = None
+
+    def check(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.noise < 0:
+            raise ValueError(f"noise must be >= 0, got {self.noise}")
+        if self.baselines is not None and self.baselines.dim() != 4:
+            raise ValueError(f"baselines must be (B, C, H, W), got {tuple(self.baselines.shape)}")
+
+
+def gradient_shap_draws(
+    samples: int, baselines: int, seed: int
+) -> tuple[Tensor, Tensor, torch.Generator]:
+    """Path points ``(samples,)`` in [0, 1) and baseline choices ``(samples,)``, from a private
+    generator (which then draws the noise)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    alphas = torch.rand(samples, generator=generator, dtype=torch.float64)
+    choice = torch.randint(baselines, (samples,), generator=generator)
+    return alphas, choice, generator
+
+
+def gradient_shap(session: ExplainSession, options: GradientShapOptions) -> Tensor:
+    """GradientShap: ``(x' - b) * grad(b + alpha (x' - b))`` averaged over draws of a path point
+    ``alpha``, a baseline ``b`` and a noisy input ``x'``, signed, channel sum."""
+    images = session.images
+    n, s = images.shape[0], options.samples
+    pool = make_baseline(images[:1], None) if options.baselines is None else options.baselines
+    pool = pool.to(images.device, images.dtype)
+    seed = session.seed if options.seed is None else options.seed
+    alphas, choice, generator = gradient_shap_draws(s, pool.shape[0], seed)
+    noise = torch.randn((s, *images.shape[1:]), generator=generator).to(images.device)
+    scale = noise_scale(images, options.noise).reshape(1, -1, *([1] * (images.dim() - 1)))
+    noisy = (images[None] + (noise[:, None] * scale).to(images.dtype)).reshape(
+        -1, *images.shape[1:]
+    )  # copy-major: row s * n + i is draw s of image i
+    bases = pool[choice.to(images.device)].repeat_interleave(n, dim=0)
+    origin = torch.arange(n, device=images.device).repeat(s)
+    path = PathGradients(session, noisy, bases, _sizer(options, images), origin=origin)
+    total = torch.zeros(images.shape, device=images.device, dtype=torch.float32)
+
+    def accumulate(rows: slice, grads: Tensor) -> Tensor:
+        diff = (noisy[rows] - bases[rows]).float()
+        total.index_add_(0, origin[rows], diff * grads.float())
+        return grads.new_zeros(0)
+
+    rows = torch.arange(n * s, device=images.device)
+    path.evaluate(rows, alphas.repeat_interleave(n).to(images.device).float(), accumulate)
+    return (total / s).sum(dim=1)
+
+
+def _gradient_method(
+    name: str,
+    compute: Callable[[ExplainSession, Any], Tensor],
+    description: str,
+    signed: bool,
+    **kwargs: Any,
+) -> None:
+    register(
+        SaliencyMethod(
+            name,
+            compute,
+            description,
+            sign="signed" if signed else "non_negative",
+            needs_layer=False,
+            **kwargs,
+        )
+    )
+
+
+_gradient_method(
+    "saliency",
+    saliency,
+    "Saliency (Simonyan et al., captum): the absolute input gradient.",
+    signed=False,
+    aliases=("vanilla_gradient",),
+)
+_gradient_method(
+    "input_x_gradient",
+    input_x_gradient,
+    "Input x Gradient (captum): the input times its gradient, signed.",
+    signed=True,
+)
+_gradient_method(
+    "guided_backprop",
+    guided_backprop,
+    "Guided Backprop (Springenberg et al.): ReLU gradients kept where positive, signed.",
+    signed=True,
+)
+_gradient_method(
+    "deconvolution",
+    deconvolution,
+    "Deconvolution (Zeiler and Fergus): the positive part of each ReLU's gradient, signed.",
+    signed=True,
+    aliases=("deconvnet",),
+)
+_gradient_method(
+    "deeplift",
+    deeplift,
+    "DeepLift (Shrikumar et al., captum, rescale rule): contributions against a zero baseline.",
+    signed=True,
+    passes="2F + 1B",
+)
+_gradient_method(
+    "gradient_shap",
+    gradient_shap,
+    "GradientShap (Lundberg and Lee): expected gradients x (input - baseline) over random "
+    "baselines and path points, signed.",
+    signed=True,
+    options=GradientShapOptions,
+    cost="moderate",
+    passes="samples x (1F + 1B)",
+    aliases=("gradientshap",),
+)
