@@ -15,8 +15,10 @@ if TYPE_CHECKING:
     from lightning_saliency.callback import SaliencyCallback
     from lightning_saliency.errors import SaliencyConfigError
     from lightning_saliency.explain import Explanations, explain
+    from lightning_saliency.faithfulness import FaithfulnessReport, faithfulness
     from lightning_saliency.methods import DEFAULT_METHODS, available_methods, available_options
     from lightning_saliency.monitor import AlarmEvent, EpochScores
+    from lightning_saliency.sanity import SanityReport, sanity_check
 
 # Public names are imported on first use (PEP 562), so `lightning-saliency --help` and
 # `import lightning_saliency.cli` import neither torch nor Lightning.
@@ -30,6 +32,10 @@ _WHERE = {
     "available_options": "methods",
     "AlarmEvent": "monitor",
     "EpochScores": "monitor",
+    "sanity_check": "sanity",
+    "SanityReport": "sanity",
+    "faithfulness": "faithfulness",
+    "FaithfulnessReport": "faithfulness",
 }
 
 
@@ -58,9 +64,13 @@ __all__ = [
     "AlarmEvent",
     "EpochScores",
     "Explanations",
+    "FaithfulnessReport",
     "SaliencyCallback",
     "SaliencyConfigError",
+    "SanityReport",
     "available_methods",
     "available_options",
     "explain",
+    "faithfulness",
+    "sanity_check",
 ]

@@ -70,33 +70,45 @@ def input_x_gradient(session: ExplainSession, _options: NoOptions) -> Tensor:
     return _captum(session, InputXGradient)
 
 
-def _functional_relus(session: ExplainSession) -> int:
-    """ReLU calls that are not ``nn.ReLU`` modules, in one forward of the images."""
-    modules = [m for m in session.model.modules() if isinstance(m, nn.ReLU)]
-    calls = [0]
+def _relu_use(session: ExplainSession) -> tuple[int, list[str]]:
+    """In one forward of an image: the ReLU calls that are not ``nn.ReLU`` modules, and the
+    ``nn.ReLU`` modules called more than once (captum's DeepLift handles neither)."""
+    modules = {n: m for n, m in session.model.named_modules() if isinstance(m, nn.ReLU)}
+    calls = dict.fromkeys(modules, 0)
 
-    def count(*_: Any) -> None:
-        calls[0] += 1
+    def counter(name: str) -> Callable[..., None]:
+        def count(*_: Any) -> None:
+            calls[name] += 1
 
-    handles = [m.register_forward_hook(count) for m in modules]
+        return count
+
+    handles = [m.register_forward_hook(counter(n)) for n, m in modules.items()]
     try:
         with torch.enable_grad(), GuidedReLUMode() as mode:  # it counts where gradients flow
             session.model(session.images[:1].detach().clone().requires_grad_(True))
     finally:
         for handle in handles:
             handle.remove()
-    return int(mode.relu_calls) - calls[0]
+    return int(mode.relu_calls) - sum(calls.values()), [n for n, c in calls.items() if c > 1]
 
 
 def deeplift(session: ExplainSession, _options: NoOptions) -> Tensor:
     """captum's ``DeepLift`` (rescale rule) against a zero baseline, signed."""
-    functional = _functional_relus(session)
+    functional, reused = _relu_use(session)
+    model = type(session.model).__name__
     if functional > 0:
         raise SaliencyConfigError(
-            f"deeplift: {type(session.model).__name__} calls ReLU as a function "
-            f"({functional} call(s) of F.relu / torch.relu), which captum's DeepLift cannot "
-            "see, so its map would be wrong. Use nn.ReLU modules in the model, or choose "
-            "integrated_gradients (the same question, answered along a path)."
+            f"deeplift: {model} calls ReLU as a function ({functional} call(s) of F.relu / "
+            "torch.relu), which captum's DeepLift cannot see, so its map would be wrong. Use "
+            "nn.ReLU modules in the model, or choose integrated_gradients (the same question, "
+            "answered along a path)."
+        )
+    if reused:
+        raise SaliencyConfigError(
+            f"deeplift: {model} calls the same nn.ReLU module more than once ({reused[0]}"
+            f"{' and others' if len(reused) > 1 else ''}; torchvision's ResNet blocks do), "
+            "which captum's DeepLift cannot handle. Give each use its own nn.ReLU, or choose "
+            "integrated_gradients."
         )
     forward, target, extra = session.captum_forward()
     wrapped = _Explained(session.model, forward)
