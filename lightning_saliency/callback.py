@@ -21,6 +21,7 @@ from lightning_saliency import arguments, console
 from lightning_saliency.dry_run import dry_run
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.explain import Explanations, explain, normalize_methods
+from lightning_saliency.faithfulness import FaithfulnessReport, faithfulness
 from lightning_saliency.figures import EpochFigures, Timeline, first_map_method
 from lightning_saliency.layers import LAYOUTS, Layout, Reshape
 from lightning_saliency.loggers import Publisher, metrics_step
@@ -36,6 +37,8 @@ from lightning_saliency.samples import (
     find_class_names,
     find_normalize,
 )
+from lightning_saliency.sanity import SanityReport
+from lightning_saliency.sanity import sanity_check as randomisation_test
 from lightning_saliency.scores import pointing_tolerance
 from lightning_saliency.watchers import StaleCheckGuard, watching
 
@@ -90,6 +93,13 @@ class SaliencyCallback(L.Callback):
             ``{method: sign}``. Scores do not depend on it.
         signed_mass: how the scores count signed maps: ``"positive"`` (the evidence for the
             explained class; default) or ``"absolute"`` (magnitude, both signs).
+        sanity_check: run :func:`lightning_saliency.sanity_check` (the cascading
+            randomisation test) and :func:`lightning_saliency.faithfulness` once, at the first
+            logged run of a fit, on the fixed samples; their tables and figure go to the
+            loggers (``saliency/sanity``). It costs about five explanations of the samples,
+            once. ``check_sanity()`` runs it on demand.
+        sanity_gate: a method that fails the sanity check keeps its pictures and scores, but
+            raises no alarm (``False``: it alarms as the others).
         layout: how to read the target layer's output: ``"auto"``, ``"nchw"``, ``"nhwc"``
             (channels last, e.g. Swin) or ``"tokens"`` (ViTs, any prefix tokens).
         reshape: a function from the layer's output to ``(N, C, h, w)`` for other layouts.
@@ -153,6 +163,8 @@ class SaliencyCallback(L.Callback):
         grey_background: bool = True,
         sign: str | dict[str, str] = "all",
         signed_mass: Literal["positive", "absolute"] = "positive",
+        sanity_check: bool = True,
+        sanity_gate: bool = True,
         layout: Layout = "auto",
         reshape: Reshape | None = None,
         output_transform: OutputTransform | None = None,
@@ -242,6 +254,11 @@ class SaliencyCallback(L.Callback):
             lambda m: normalize_methods([m])[0],
         )
         self.signed_mass = arguments.one_of("signed_mass", signed_mass, ("positive", "absolute"))
+        self.sanity_check = arguments.one_of("sanity_check", sanity_check, (True, False))
+        self.sanity_gate = arguments.one_of("sanity_gate", sanity_gate, (True, False))
+        self.sanity: SanityReport | None = None  # the last sanity check's report
+        self.faithfulness: FaithfulnessReport | None = None
+        self._sanity_checked = False  # this fit's check ran (a resumed fit does not rerun it)
         self.monitor = self._new_monitor()
         self.alarm_prefix = self.monitor.alarm_prefix
         self.timeline = Timeline()
@@ -311,6 +328,7 @@ class SaliencyCallback(L.Callback):
             "warm_start": {k: dict(v) for k, v in self._warm_start.items()},
             "validations": self._validations,
             "last_metrics": dict(self._last_metrics),
+            "sanity_checked": self._sanity_checked,
         }
 
     @override
@@ -347,6 +365,7 @@ class SaliencyCallback(L.Callback):
             for k, v in state.get("last_metrics", {}).items()
             if _method_of(k, self.prefix) not in stale
         }
+        self._sanity_checked = bool(state.get("sanity_checked", False))
         if stale:
             why = "another target_layer" if new_layer else "methods or timeline_method changed"
             console.warn(
@@ -388,6 +407,9 @@ class SaliencyCallback(L.Callback):
         self._validations = 0
         self._last_metrics = {}
         self._warned = set()
+        self.sanity = None
+        self.faithfulness = None
+        self._sanity_checked = False
 
     # -- setup ---------------------------------------------------------------------------------
     @override
@@ -681,6 +703,9 @@ class SaliencyCallback(L.Callback):
         if not bool(torch.isfinite(out.logits).all()):
             self._nonfinite(trainer, pl_module, epoch)
             return True, []
+        if self.sanity_check and fitting and not self._sanity_checked:
+            self._sanity_checked = True
+            self._check_sanity(trainer, pl_module, samples, out)
         tolerance = pointing_tolerance(
             (samples.images.shape[-2], samples.images.shape[-1]), out.layer_cells
         )
@@ -712,6 +737,107 @@ class SaliencyCallback(L.Callback):
         if trainer.is_global_zero and self._publisher is not None:
             self._publish(trainer, samples, out, epoch)
         return True, report.events
+
+    def check_sanity(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SanityReport | None:
+        """Run the sanity check and the faithfulness test now, on the fixed samples, log them,
+        and gate the alarms by the verdict (``sanity_gate``); returns the sanity report."""
+        if self._samples is None:
+            raise SaliencyConfigError(
+                "check_sanity() needs the fixed samples: call it once the fit has started "
+                "(from a hook at or after on_validation_start)."
+            )
+        samples = self._samples.to(pl_module.device)
+        self._check_sanity(trainer, pl_module, samples, None)
+        return self.sanity
+
+    def _check_sanity(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        samples: FixedSamples,
+        out: Explanations | None,
+    ) -> None:
+        """The sanity check and faithfulness on this run's maps; a failure warns once and
+        leaves the alarms ungated. Every rank runs it (the same samples and weights give the
+        same verdict); rank zero logs it."""
+        methods = [m for m in self.methods if METHODS[m].kind == "map" and self._due(m, None)]
+        if out is not None:
+            methods = [m for m in methods if m in out.maps]
+        if not methods:
+            return
+        options = {m: self.method_options[m] for m in methods}
+        targets = self._targets(samples)
+        try:
+            report = randomisation_test(
+                pl_module,
+                samples.images,
+                targets,
+                methods,
+                self.target_layer or self._layer_name,
+                noise_seed=self.seed,
+                original=out,
+                method_options=options,
+                layout=self.layout,
+                reshape=self.reshape,
+                output_transform=self.output_transform,
+            )
+            maps = out
+            if maps is None:
+                maps = explain(
+                    pl_module,
+                    samples.images,
+                    targets,
+                    methods,
+                    self.target_layer or self._layer_name,
+                    method_options=options,
+                    seed=self.seed,
+                    layout=self.layout,
+                    reshape=self.reshape,
+                    output_transform=self.output_transform,
+                )
+            faith = faithfulness(
+                pl_module,
+                samples.images,
+                {m: maps[m] for m in report.methods},
+                maps.targets,
+                signed_mass=self.signed_mass,
+                seed=self.seed,
+                output_transform=self.output_transform,
+            )
+        except Exception as err:
+            self._warn_once("sanity", "the sanity check", err, "alarms are not gated by it")
+            return
+        self.sanity, self.faithfulness = report, faith
+        if self.sanity_gate:
+            self.monitor.set_insensitive(report.failed)
+        for method in report.failed:
+            rho = report.similarity(method)
+            consequence = (
+                "its pictures and scores stay, its alarms are left out"
+                if self.sanity_gate
+                else "it still raises alarms (sanity_gate=False)"
+            )
+            self._news.append(
+                f"{method} is not model-sensitive: with the network randomised from the head "
+                f"down its maps stay at Spearman {rho:.2f} of the trained model's (pass: < "
+                f"{report.threshold}); {consequence}."
+            )
+        if trainer.is_global_zero and self._publisher is not None:
+            step = metrics_step(trainer)
+            text = (
+                "**Sanity check** (cascading model-parameter randomisation, Adebayo et al. "
+                "2018): Spearman of each method's maps with the trained model's as the network "
+                "is randomised from the head down. Lower is better; a method at or above "
+                f"{report.threshold} shows the input more than the model.\n\n"
+                + report.table()
+                + "\n\n**Faithfulness** (deletion and insertion, Petsiuk et al. 2018)\n\n"
+                + faith.table()
+            )
+            try:
+                self._publisher.text(f"{self.prefix}/sanity", text, step)
+                self._publisher.images({f"{self.prefix}/sanity": report.picture()}, step)
+            except Exception as err:
+                self._warn_once("loggers", "writing to the loggers", err, "training goes on")
 
     def _method_of(self, tag: str) -> str | None:
         """The method a logged tag belongs to (under any of the callback's prefixes)."""

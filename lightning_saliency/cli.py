@@ -21,7 +21,9 @@ from collections.abc import Sequence
 METHOD_NAMES = (
     "gradcam", "guided_gradcam", "dff", "integrated_gradients", "gradcam++", "xgradcam",
     "layercam", "hirescam", "eigencam", "scorecam", "ablationcam", "smoothgrad", "occlusion",
-    "smoothgrad_sq", "vargrad", "ig_smoothgrad_sq",
+    "smoothgrad_sq", "vargrad", "ig_smoothgrad_sq", "saliency", "input_x_gradient",
+    "guided_backprop", "deconvolution", "deeplift", "gradient_shap", "cam", "iscam", "sscam",
+    "smoothgradcam++",
 )  # fmt: skip
 DEFAULT_METHODS = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
 

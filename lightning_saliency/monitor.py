@@ -156,6 +156,9 @@ class ScoreMonitor:
         signed_mass: how signed maps are scored: ``"positive"`` (their evidence for the
             class, default) or ``"absolute"`` (:func:`lightning_saliency.scores.relevance`).
 
+    Methods in ``insensitive`` (they failed the sanity check,
+    :func:`lightning_saliency.sanity_check`) are scored but never alarm.
+
     Alarms have hysteresis: raised when a score crosses its threshold, cleared only after
     :data:`CLEAR_AFTER` logged epochs in a row back on the safe side.
 
@@ -179,6 +182,7 @@ class ScoreMonitor:
         self.per_class_prefix = prefix.replace("saliency", "saliency_per_class", 1)
         self.per_class = per_class
         self.signed_mass = signed_mass
+        self.insensitive: set[str] = set()  # failed the sanity check: scored, never alarmed
         self._safe: dict[tuple[str, str], int] = {}  # active alarm -> safe epochs in a row
         self.alarms: list[AlarmEvent] = []
         self.history: list[EpochScores] = []
@@ -186,6 +190,14 @@ class ScoreMonitor:
         self._previous: dict[str, Tensor] = {}
         self._active: dict[tuple[str, str], float] = {}  # tripped alarm -> its threshold
         self._ever: set[tuple[str, str]] = set()
+
+    def set_insensitive(self, methods: Collection[str]) -> None:
+        """Methods that failed the sanity check: their scores are still computed and logged,
+        but they raise no alarm, and any they hold is dropped (the record keeps it)."""
+        self.insensitive = set(methods)
+        for key in [k for k in self._active if k[0] in self.insensitive]:
+            self._active.pop(key)
+            self._safe.pop(key, None)
 
     # -- one epoch ------------------------------------------------------------------------------
     def observe(
@@ -280,17 +292,20 @@ class ScoreMonitor:
                 metrics[f"{self.per_class_prefix}/{method}/{name}/{group}"] = value
         means, per_class = self._group_means(scores, groups, correct)
         recorded = self._group_means(scores, groups, None) if correct is not None else None
-        found = rules.check(method, means, per_class, self.thresholds)
-        names = {a.score for a in found}
         judged: dict[tuple[str, str], float] = {}
-        flagged = {
-            (method, score)
-            for score in self.thresholds
-            if score in names or score in means or score in logged
-        }
-        for score in self.thresholds:
-            if score in means or any(score in v for v in per_class.values()):
-                judged[(method, score)] = means.get(score, float("nan"))
+        if method in self.insensitive:  # not model-sensitive: its scores show, never alarm
+            found, flagged = [], set()
+        else:
+            found = rules.check(method, means, per_class, self.thresholds)
+            names = {a.score for a in found}
+            flagged = {
+                (method, score)
+                for score in self.thresholds
+                if score in names or score in means or score in logged
+            }
+            for score in self.thresholds:
+                if score in means or any(score in v for v in per_class.values()):
+                    judged[(method, score)] = means.get(score, float("nan"))
         record_means, record_per_class = recorded or (means, per_class)
         return _MethodScoring(
             metrics, record_means, record_per_class, found, judged, small, flagged
@@ -399,6 +414,7 @@ class ScoreMonitor:
             "active": [[m, s, t] for (m, s), t in self._active.items()],
             "safe": [[m, s, n] for (m, s), n in self._safe.items()],
             "ever": [list(k) for k in sorted(self._ever)],
+            "insensitive": sorted(self.insensitive),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], drop: Collection[str] = ()) -> None:
@@ -415,6 +431,7 @@ class ScoreMonitor:
         self._ever = {(str(m), str(s)) for m, s in state.get("ever", [])}
         self._active = {(str(m), str(s)): float(t) for m, s, t in state.get("active", [])}
         self._safe = {(str(m), str(s)): int(n) for m, s, n in state.get("safe", [])}
+        self.insensitive = {str(m) for m in state.get("insensitive", []) if m not in drop}
         for method, score in state.get("alarmed", []):  # 0.1.0: the alarms raised, never cleared
             self._ever.add((method, score))
             self._active[(method, score)] = self.thresholds.get(score, float("nan"))

@@ -40,7 +40,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.functional.regression import spearman_corrcoef
 
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.explain import explain, normalize_methods
+from lightning_saliency.explain import Explanations, explain, normalize_methods
 from lightning_saliency.methods import DEFAULT_METHODS, METHODS
 
 if TYPE_CHECKING:
@@ -176,6 +176,19 @@ class SanityReport:
             rows.append(f"| `{m}` | failed: {type(err).__name__}: {err} |")
         return "\n".join(rows)
 
+    def picture(self) -> Tensor:
+        """:meth:`figure` as a ``uint8 (3, H, W)`` image, for the loggers."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        try:
+            fig.canvas.draw()
+            rgba = torch.frombuffer(bytearray(fig.canvas.buffer_rgba()), dtype=torch.uint8)  # type: ignore[attr-defined]
+            width, height = fig.canvas.get_width_height()
+            return rgba.reshape(height, width, 4)[..., :3].permute(2, 0, 1).contiguous()
+        finally:
+            plt.close(fig)
+
     def figure(self) -> Figure:
         """Left: each method's Spearman (the one its verdict reads) down the cascade, with
         the pass mark.
@@ -187,10 +200,13 @@ class SanityReport:
         grid = fig.add_gridspec(rows, depths + 3, width_ratios=[4, 0.4] + [1] * (depths + 1))
         curve = fig.add_subplot(grid[:, 0])
         x = list(range(1, depths + 1))
-        for m in self.methods:
+        palette = [plt.get_cmap("tab20")(k) for k in range(20)]  # then the markers differ
+        for i, m in enumerate(self.methods):
             signed = METHODS[m].sign == "signed"
             read = (self.spearman_signed if signed else self.spearman_abs)[m]
-            curve.plot(x, read.mean(1).tolist(), marker="o", label=m)
+            colour = palette[(2 * i) % 20 + (i // 10) % 2]
+            marker = "osD^v"[i // 4 % 5]
+            curve.plot(x, read.mean(1).tolist(), label=m, color=colour, marker=marker)
         curve.axhline(self.threshold, color="grey", linestyle="--", linewidth=1)
         curve.set_xticks(x, [name for _, name in self.layers], rotation=60, fontsize=7)
         curve.set_ylim(-0.3, 1.05)
@@ -226,6 +242,8 @@ def sanity_check(
     depths: int | Sequence[int] | None = 4,
     threshold: float = THRESHOLD,
     seed: int = 42,
+    noise_seed: int = 0,
+    original: Explanations | None = None,
     **explain_options: Any,
 ) -> SanityReport:
     """The cascading model-parameter randomisation test of ``methods`` on ``images``.
@@ -239,10 +257,14 @@ def sanity_check(
         threshold: the pass mark on the mean absolute-map Spearman.
         seed: the randomisation seed (Quantus's ``seed``; each layer is reset after
             ``torch.manual_seed(seed + 1)`` inside a forked RNG).
+        noise_seed: ``explain()``'s ``seed`` (the noise of noisy methods).
+        original: the trained model's explanations of ``images`` when already computed (the
+            callback's of this epoch), to save one explanation.
         **explain_options: passed to ``explain()`` (``method_options``, ``layout``, ...).
 
     Returns:
-        :class:`SanityReport`. It costs ``1 + len(depths)`` explanations of ``images``.
+        :class:`SanityReport`. It costs ``1 + len(depths)`` explanations of ``images`` (one
+        fewer with ``original``) and one copy of the model.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
@@ -253,9 +275,11 @@ def sanity_check(
     """
     names = [m for m in normalize_methods(methods) if METHODS[m].kind == "map"]
     twin = copy.deepcopy(model)
-    original = explain(
-        twin, images, targets, names, target_layer, on_error="collect", **explain_options
-    )
+    explain_options["seed"] = noise_seed
+    if original is None or any(m not in original.maps for m in names):
+        original = explain(
+            twin, images, targets, names, target_layer, on_error="collect", **explain_options
+        )
     fixed_targets = targets if callable(targets) or _multi_hot(targets) else original.targets
     layer = original.layer_name if original.layer_name is not None else target_layer
     order = randomisation_order(twin)
@@ -274,7 +298,10 @@ def sanity_check(
     devices = [images.device] if images.is_cuda else []
     with torch.random.fork_rng(devices=devices):
         for depth, (_, module) in enumerate(order, start=1):
-            torch.manual_seed(seed + 1)
+            torch.default_generator.manual_seed(seed + 1)
+            if images.is_cuda:  # the images' device only; fork_rng restores it
+                with torch.cuda.device(images.device):
+                    torch.cuda.manual_seed(seed + 1)
             module.reset_parameters()  # type: ignore[operator]
             if depth not in chosen:
                 continue

@@ -180,8 +180,13 @@ def test_alarm_text_of_every_logged_epoch_reaches_tensorboard_and_csv(tmp_path):
 
     register(replace(METHODS["gradcam"], name="scripted", compute=scripted))
     try:
-        callback = SaliencyCallback(methods=("scripted",), num_samples=4, samples=torch.rand(
-            4, 3, 24, 24), target="pred")  # fmt: skip
+        callback = SaliencyCallback(
+            methods=("scripted",),
+            num_samples=4,
+            samples=torch.rand(4, 3, 24, 24),
+            target="pred",
+            sanity_check=False,
+        )  # fmt: skip (a script runs out)
         loggers = [TensorBoardLogger(str(tmp_path), name="tb"), CSVLogger(str(tmp_path), "csv")]
         L.seed_everything(0)
         trainer(None, [callback], logger=loggers, max_epochs=4, limit_train_batches=1).fit(

@@ -120,3 +120,61 @@ def test_sanity_check_equals_quantus_mprt_on_a_tiny_cnn():
     np.testing.assert_allclose(ours[~dead], theirs[~dead], atol=1e-4)
     assert (ours[dead] == 0).all()  # we count it as no similarity, Quantus as NaN
     assert np.nanstd(theirs) > 0.05 and (~dead).sum() > 8  # the comparison can fail
+
+
+# -- in the callback: once, logged, and gating the alarms ----------------------------------------
+def _input_only(session, _options):
+    """A 'method' that shows the input and ignores the model: the image's brightness."""
+    return session.images.abs().sum(1)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_the_callback_logs_the_check_once_and_gates_a_method_that_ignores_the_model(tmp_path, gate):
+    from dataclasses import replace
+
+    import lightning as L
+    from helpers import read_events, tiny_datamodule, tiny_model, trainer
+
+    from lightning_saliency import SaliencyCallback
+    from lightning_saliency.methods import METHODS, register, unregister
+
+    register(replace(METHODS["saliency"], name="input_only", compute=_input_only, aliases=()))
+    try:
+        images = torch.rand(6, 3, 32, 32) * 0.1
+        images[:, :, :6, :6] = 3.0  # every image bright in its top-left corner
+        callback = SaliencyCallback(
+            methods=("gradcam", "input_only"),
+            samples=images,
+            labels=[0, 1, 2, 3, 0, 1],
+            target="pred",
+            sanity_gate=gate,
+        )
+        L.seed_everything(0)
+        trainer(str(tmp_path), [callback], max_epochs=2, limit_train_batches=2).fit(
+            tiny_model(), tiny_datamodule()
+        )
+        assert callback.sanity is not None and callback.sanity.passed["input_only"] is False
+        assert callback.sanity.similarity("input_only") == pytest.approx(1.0)
+    finally:
+        unregister("input_only")
+    assert callback.faithfulness is not None and "input_only" in callback.faithfulness.deletion
+    events = read_events(str(tmp_path / "run"))
+    texts = events.Tensors("saliency/sanity/text_summary")
+    assert len(texts) == 1  # once per fit
+    table = texts[0].tensor_proto.string_val[0].decode()
+    assert "`input_only`" in table and "fails: not model-sensitive" in table
+    assert "Faithfulness" in table
+    assert len(events.Images("saliency/sanity")) == 1
+    alarmed = {m for m, _ in callback.monitor.raised} | {e.method for e in callback.alarms}
+    alarm_text = " ".join(
+        t.tensor_proto.string_val[0].decode()
+        for t in events.Tensors("saliency_alarms/alarms/text_summary")
+    )
+    if gate:
+        assert "input_only" not in alarmed  # its corner is the input's, not the model's
+        assert "input_only is not model-sensitive" in alarm_text
+        assert "its alarms are left out" in alarm_text
+        assert events.Scalars("saliency/input_only/corner_enrichment")  # scores still logged
+    else:
+        assert "input_only" in alarmed
+        assert "it still raises alarms" in alarm_text

@@ -73,6 +73,7 @@ def private_reads_in(source: str) -> list[str]:
 def test_no_method_is_named_outside_methods():
     names = set(METHODS) | set(ALIASES)
     assert "gradcam" in names and "ig" in names
+    names.discard("saliency")  # captum's method name is also the tags' prefix, which is not it
     offenders = {}
     for path in PACKAGE.rglob("*.py"):
         if "methods" in path.relative_to(PACKAGE).parts:

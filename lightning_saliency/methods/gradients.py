@@ -160,15 +160,15 @@ class GradientShapOptions(MethodOptions):
         samples: (path point, baseline, noise) draws per image (captum's ``n_samples``).
         noise: noise standard deviation as a share of each image's value range (captum's
             ``stdevs``, default 0).
-        baselines: ``None`` (zeros: the mean image for normalised inputs) or a tensor
-            ``(B, C, H, W)`` of reference images to draw from.
+        baselines: ``None`` (zeros: the mean image for normalised inputs), a number (a
+            constant image) or a tensor ``(B, C, H, W)`` of reference images to draw from.
         internal_batch_size: rows per pass; ``None``: sized to the device, as IG.
         seed: the draws' seed; ``None``: ``explain()``'s ``seed``.
     """
 
     samples: int = 16
     noise: float = 0.0
-    baselines: Tensor | None = None
+    baselines: float | Tensor | None = None
     internal_batch_size: int | None = None
     seed: int | None = None
 
@@ -177,7 +177,7 @@ class GradientShapOptions(MethodOptions):
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
-        if self.baselines is not None and self.baselines.dim() != 4:
+        if isinstance(self.baselines, Tensor) and self.baselines.dim() != 4:
             raise ValueError(f"baselines must be (B, C, H, W), got {tuple(self.baselines.shape)}")
 
 
@@ -197,7 +197,8 @@ def gradient_shap(session: ExplainSession, options: GradientShapOptions) -> Tens
     ``alpha``, a baseline ``b`` and a noisy input ``x'``, signed, channel sum."""
     images = session.images
     n, s = images.shape[0], options.samples
-    pool = make_baseline(images[:1], None) if options.baselines is None else options.baselines
+    given = options.baselines
+    pool = given if isinstance(given, Tensor) else make_baseline(images[:1], given)
     pool = pool.to(images.device, images.dtype)
     seed = session.seed if options.seed is None else options.seed
     alphas, choice, generator = gradient_shap_draws(s, pool.shape[0], seed)

@@ -218,7 +218,7 @@ def _noise_method(
             description,
             options=NoiseOptions,
             sign="signed" if signed else "non_negative",
-            cost="expensive",
+            cost="moderate",
             passes="samples x (1F + 1B)",
             needs_layer=False,
             flat_names=NOISE_FLAT_NAMES,
