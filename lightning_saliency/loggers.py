@@ -237,6 +237,18 @@ class Publisher:
 
         self._each_sink(write)
 
+    def drawn(self, tag: str, draw: Callable[[], Tensor], step: int) -> None:
+        """A picture that ``draw()`` makes (a matplotlib figure, say), drawn on the writer's
+        thread, not the training thread; ``draw`` must use only what it was given."""
+        made: list[Tensor] = []
+
+        def write(sink: ImageSink) -> None:
+            if not made:
+                made.append(draw().detach().to("cpu", torch.uint8))
+            sink.image(tag, made[0], step)
+
+        self._each_sink(write)
+
     def text(self, tag: str, text: str, step: int) -> None:
         self._each_sink(lambda sink: sink.text(tag, text, step))
 

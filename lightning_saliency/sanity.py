@@ -177,30 +177,31 @@ class SanityReport:
         return "\n".join(rows)
 
     def picture(self) -> Tensor:
-        """:meth:`figure` as a ``uint8 (3, H, W)`` image, for the loggers."""
-        import matplotlib.pyplot as plt
+        """:meth:`figure` as a ``uint8 (3, H, W)`` image, for the loggers (no pyplot: safe
+        on the writer's thread)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-        fig = self.figure()
-        try:
-            fig.canvas.draw()
-            rgba = torch.frombuffer(bytearray(fig.canvas.buffer_rgba()), dtype=torch.uint8)  # type: ignore[attr-defined]
-            width, height = fig.canvas.get_width_height()
-            return rgba.reshape(height, width, 4)[..., :3].permute(2, 0, 1).contiguous()
-        finally:
-            plt.close(fig)
+        canvas = FigureCanvasAgg(self.figure())
+        canvas.draw()  # type: ignore[no-untyped-call]
+        rgba = torch.frombuffer(bytearray(canvas.buffer_rgba()), dtype=torch.uint8)  # type: ignore[no-untyped-call]
+        width, height = canvas.get_width_height()
+        return rgba.reshape(height, width, 4)[..., :3].permute(2, 0, 1).contiguous()
 
     def figure(self) -> Figure:
         """Left: each method's Spearman (the one its verdict reads) down the cascade, with
         the pass mark.
-        Right: the first sample's maps, trained model first, then each depth."""
-        import matplotlib.pyplot as plt
+        Right: the first sample's maps, trained model first, then each depth. Made without
+        pyplot (nothing global to close)."""
+        import matplotlib
+        from matplotlib.figure import Figure
 
         rows, depths = max(1, len(self.methods)), len(self.layers)
-        fig = plt.figure(figsize=(4.5 + 1.1 * (depths + 1), 0.4 + 1.1 * rows), dpi=100)
+        fig = Figure(figsize=(4.5 + 1.1 * (depths + 1), 0.4 + 1.1 * rows), dpi=100)
         grid = fig.add_gridspec(rows, depths + 3, width_ratios=[4, 0.4] + [1] * (depths + 1))
         curve = fig.add_subplot(grid[:, 0])
         x = list(range(1, depths + 1))
-        palette = [plt.get_cmap("tab20")(k) for k in range(20)]  # then the markers differ
+        tab20 = matplotlib.colormaps["tab20"]
+        palette = [tab20(k) for k in range(20)]  # then the markers differ
         for i, m in enumerate(self.methods):
             signed = METHODS[m].sign == "signed"
             read = (self.spearman_signed if signed else self.spearman_abs)[m]
@@ -221,7 +222,8 @@ class SanityReport:
                 ax.set_yticks([])
                 if stack is not None and c < len(stack):
                     tile = stack[c].abs().cpu()
-                    ax.imshow(tile / tile.max().clamp(min=1e-12), cmap="inferno", vmin=0, vmax=1)
+                    shown = (tile / tile.max().clamp(min=1e-12)).numpy()
+                    ax.imshow(shown, cmap="inferno", vmin=0, vmax=1)
                 if c == 0:
                     ax.set_ylabel(m, fontsize=7)
                 if r == 0:

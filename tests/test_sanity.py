@@ -63,6 +63,8 @@ def test_guided_backprop_fails_and_gradcam_and_signed_ig_pass(trained):
     assert "guided_backprop" in table and "fails: not model-sensitive" in table
     figure = report.figure()
     assert len(figure.axes) == 1 + 3 * (len(report.layers) + 1)
+    picture = report.picture()  # what the loggers get
+    assert picture.dtype == torch.uint8 and picture.shape[0] == 3 and picture.float().std() > 10
 
 
 def test_gradcam_deletion_and_insertion_beat_random_maps(trained):
