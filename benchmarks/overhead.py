@@ -396,8 +396,18 @@ def fit_section(device: torch.device, targets_met: list[tuple[str, float, str, b
     for every in (1, 5, 10):
         t = res[f"every_{every}"]
         print(f"  every_n_epochs={every:<3} {t:.1f} s  overhead {t / res['plain'] - 1:+.1%}")
+    once = res["every_10"] - res["plain"]  # setup, the sanity check, one logged epoch
+    steady = (res["every_1"] - res["every_10"]) / (logged - 1)  # each further logged epoch
+    print(
+        f"  of which once per fit (setup, dry run, sanity check, first logged epoch): "
+        f"{once:.2f} s; each further logged epoch: {steady:.3f} s "
+        f"({steady / res['explain']:.2f} x explain())"
+    )
     targets_met.append(
         ("callback s per logged epoch / budget", cost / budget, "<= 1.0", cost <= budget)
+    )
+    targets_met.append(
+        ("  (further logged epochs only) / budget", steady / budget, "(info)", steady <= budget)
     )
     overhead = res["every_1"] / res["plain"] - 1
     goal = 0.25 if device.type == "cuda" else 0.15

@@ -18,6 +18,7 @@ from typing import Any
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.methods import (
     METHODS,
+    RETIRED_OPTIONS,
     MethodOptions,
     build_options,
     canonical_name,
@@ -41,6 +42,8 @@ def _from_flat(
     table = flat_option_names()
     out: dict[str, dict[str, Any]] = {}
     for name, value in flat.items():
+        if name in RETIRED_OPTIONS:
+            raise SaliencyConfigError(RETIRED_OPTIONS[name])
         if name not in table:
             known = ", ".join(sorted(table))
             raise SaliencyConfigError(

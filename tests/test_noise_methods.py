@@ -87,6 +87,14 @@ def test_the_old_flat_noise_options_map_to_the_new_methods(images):
     torch.testing.assert_close(out["ig_smoothgrad_sq"], reference["ig_smoothgrad_sq"])
 
 
+def test_nt_type_is_gone_and_says_which_method_to_choose(images):
+    from lightning_saliency import SaliencyConfigError
+
+    model = seeded(SmallCNN()).eval()
+    with pytest.raises(SaliencyConfigError, match=r"nt_type is gone.*'smoothgrad_sq'"):
+        explain(model, images, methods=("smoothgrad",), nt_type="vargrad")
+
+
 def test_noise_leaves_the_global_rng_alone_and_repeats(images):
     model = seeded(SmallCNN()).eval()
     state = torch.get_rng_state()

@@ -11,6 +11,7 @@ import pkgutil
 from lightning_saliency.methods.base import (
     ALIASES,
     METHODS,
+    RETIRED_OPTIONS,
     MethodOptions,
     MethodScore,
     NoOptions,
@@ -36,6 +37,7 @@ __all__ = [
     "ALIASES",
     "DEFAULT_METHODS",
     "METHODS",
+    "RETIRED_OPTIONS",
     "ExplainSession",
     "MethodOptions",
     "MethodScore",

@@ -110,6 +110,8 @@ class SaliencyMethod:
 
 METHODS: dict[str, SaliencyMethod] = {}
 ALIASES: dict[str, str] = {}
+RETIRED_OPTIONS: dict[str, str] = {}
+"""Flat option names that no longer exist -> what to write instead (said as the error)."""
 
 
 def register(method: SaliencyMethod) -> SaliencyMethod:

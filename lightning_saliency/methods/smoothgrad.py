@@ -31,7 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_saliency.methods.base import MethodOptions, SaliencyMethod, register
+from lightning_saliency.methods.base import (
+    RETIRED_OPTIONS,
+    MethodOptions,
+    SaliencyMethod,
+    register,
+)
 from lightning_saliency.methods.integrated_gradients import (
     ChunkSizer,
     PathGradients,
@@ -198,6 +203,11 @@ def _say_renamed() -> None:
         warnings.warn(RENAMED, FutureWarning, stacklevel=4)
 
 
+RETIRED_OPTIONS["nt_type"] = (
+    "nt_type is gone: the variant is now the method's name. Choose methods=('smoothgrad',) "
+    "(mean gradient, signed), ('smoothgrad_sq',), ('vargrad',), or ('ig_smoothgrad_sq',) (what "
+    "'smoothgrad' computed in 0.1)."
+)
 NOISE_FLAT_NAMES = {
     "nt_samples": "samples",
     "nt_noise": "noise",
