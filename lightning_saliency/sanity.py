@@ -197,7 +197,7 @@ class SanityReport:
 
         rows, depths = max(1, len(self.methods)), len(self.layers)
         fig = Figure(figsize=(4.5 + 1.1 * (depths + 1), 0.4 + 1.1 * rows), dpi=100)
-        grid = fig.add_gridspec(rows, depths + 3, width_ratios=[4, 0.4] + [1] * (depths + 1))
+        grid = fig.add_gridspec(rows, depths + 3, width_ratios=[4, 0.6] + [1] * (depths + 1))
         curve = fig.add_subplot(grid[:, 0])
         x = list(range(1, depths + 1))
         tab20 = matplotlib.colormaps["tab20"]
@@ -210,7 +210,8 @@ class SanityReport:
             curve.plot(x, read.mean(1).tolist(), label=m, color=colour, marker=marker)
         curve.axhline(self.threshold, color="grey", linestyle="--", linewidth=1)
         curve.set_xticks(x, [name for _, name in self.layers], rotation=60, fontsize=7)
-        curve.set_ylim(-0.3, 1.05)
+        lowest = min([float(t.mean(1).min()) for t in self.spearman_signed.values()] + [-0.2])
+        curve.set_ylim(lowest - 0.1, 1.05)
         curve.set_ylabel("Spearman with the trained model's map")
         curve.set_title("randomised from the head down", fontsize=9)
         curve.legend(fontsize=7)
@@ -225,10 +226,10 @@ class SanityReport:
                     shown = (tile / tile.max().clamp(min=1e-12)).numpy()
                     ax.imshow(shown, cmap="inferno", vmin=0, vmax=1)
                 if c == 0:
-                    ax.set_ylabel(m, fontsize=7)
+                    ax.set_ylabel(m.replace("_", "_\n"), fontsize=7)  # fits the tile's height
                 if r == 0:
                     ax.set_title(
-                        "trained" if c == 0 else f"top {self.layers[c - 1][0]}", fontsize=7
+                        "trained |map|" if c == 0 else f"top {self.layers[c - 1][0]}", fontsize=7
                     )
         fig.tight_layout()
         return fig
