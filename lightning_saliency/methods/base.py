@@ -126,6 +126,22 @@ def register(method: SaliencyMethod) -> SaliencyMethod:
     return method
 
 
+def register_input_method(
+    name: str,
+    compute: Callable[[ExplainSession, Any], Tensor],
+    description: str,
+    *,
+    signed: bool,
+    **fields: Any,
+) -> SaliencyMethod:
+    """Register a method that reads no target layer (its maps come from input gradients or
+    perturbations), signed or non-negative; ``fields`` are the other record fields."""
+    sign: Sign = "signed" if signed else "non_negative"
+    return register(
+        SaliencyMethod(name, compute, description, sign=sign, needs_layer=False, **fields)
+    )
+
+
 def unregister(name: str) -> None:
     """Remove a method and its aliases (plugins and tests)."""
     method = METHODS.pop(name)

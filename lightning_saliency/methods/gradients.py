@@ -29,11 +29,11 @@ from captum.attr import DeepLift, InputXGradient, Saliency
 from torch import Tensor, nn
 
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.methods.base import MethodOptions, NoOptions, SaliencyMethod, register
+from lightning_saliency.methods.base import MethodOptions, NoOptions, register_input_method
 from lightning_saliency.methods.guided_relu import GuidedReLUMode
 from lightning_saliency.methods.integrated_gradients import PathGradients, make_baseline
 from lightning_saliency.methods.session import ExplainSession
-from lightning_saliency.methods.smoothgrad import _sizer, noise_scale
+from lightning_saliency.methods.smoothgrad import chunk_sizer, noise_scale
 
 
 class _Explained(nn.Module):
@@ -209,7 +209,7 @@ def gradient_shap(session: ExplainSession, options: GradientShapOptions) -> Tens
     )  # copy-major: row s * n + i is draw s of image i
     bases = pool[choice.to(images.device)].repeat_interleave(n, dim=0)
     origin = torch.arange(n, device=images.device).repeat(s)
-    path = PathGradients(session, noisy, bases, _sizer(options, images), origin=origin)
+    path = PathGradients(session, noisy, bases, chunk_sizer(options, images), origin=origin)
     total = torch.zeros(images.shape, device=images.device, dtype=torch.float32)
 
     def accumulate(rows: slice, grads: Tensor) -> Tensor:
@@ -222,59 +222,40 @@ def gradient_shap(session: ExplainSession, options: GradientShapOptions) -> Tens
     return (total / s).sum(dim=1)
 
 
-def _gradient_method(
-    name: str,
-    compute: Callable[[ExplainSession, Any], Tensor],
-    description: str,
-    signed: bool,
-    **kwargs: Any,
-) -> None:
-    register(
-        SaliencyMethod(
-            name,
-            compute,
-            description,
-            sign="signed" if signed else "non_negative",
-            needs_layer=False,
-            **kwargs,
-        )
-    )
-
-
-_gradient_method(
+register_input_method(
     "saliency",
     saliency,
     "Saliency (Simonyan et al., captum): the absolute input gradient.",
     signed=False,
     aliases=("vanilla_gradient",),
 )
-_gradient_method(
+register_input_method(
     "input_x_gradient",
     input_x_gradient,
     "Input x Gradient (captum): the input times its gradient, signed.",
     signed=True,
 )
-_gradient_method(
+register_input_method(
     "guided_backprop",
     guided_backprop,
     "Guided Backprop (Springenberg et al.): ReLU gradients kept where positive, signed.",
     signed=True,
 )
-_gradient_method(
+register_input_method(
     "deconvolution",
     deconvolution,
     "Deconvolution (Zeiler and Fergus): the positive part of each ReLU's gradient, signed.",
     signed=True,
     aliases=("deconvnet",),
 )
-_gradient_method(
+register_input_method(
     "deeplift",
     deeplift,
     "DeepLift (Shrikumar et al., captum, rescale rule): contributions against a zero baseline.",
     signed=True,
     passes="2F + 1B",
 )
-_gradient_method(
+register_input_method(
     "gradient_shap",
     gradient_shap,
     "GradientShap (Lundberg and Lee): expected gradients x (input - baseline) over random "

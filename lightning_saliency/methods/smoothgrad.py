@@ -34,8 +34,7 @@ from torch import Tensor
 from lightning_saliency.methods.base import (
     RETIRED_OPTIONS,
     MethodOptions,
-    SaliencyMethod,
-    register,
+    register_input_method,
 )
 from lightning_saliency.methods.integrated_gradients import (
     ChunkSizer,
@@ -137,7 +136,7 @@ def _noisy_copies(session: ExplainSession, options: NoiseOptions) -> tuple[Tenso
     return copies, origin
 
 
-def _sizer(options: Any, images: Tensor) -> ChunkSizer:
+def chunk_sizer(options: Any, images: Tensor) -> ChunkSizer:
     """The chunk sizer of a method whose options have ``internal_batch_size``."""
     rows = internal_batch_size(options.internal_batch_size, images)
     cuda = images.device.type == "cuda"
@@ -148,7 +147,7 @@ def noisy_gradient_moments(session: ExplainSession, options: NoiseOptions) -> tu
     """Mean and mean square over the noisy copies of the input gradient, ``(N, C, H, W)``."""
     images = session.images
     copies, origin = _noisy_copies(session, options)
-    path = PathGradients(session, copies, copies, _sizer(options, images), origin=origin)
+    path = PathGradients(session, copies, copies, chunk_sizer(options, images), origin=origin)
     total = torch.zeros(images.shape, device=images.device, dtype=torch.float32)
     squares = torch.zeros_like(total)
 
@@ -188,7 +187,7 @@ def ig_smoothgrad_sq(session: ExplainSession, options: IGNoiseOptions) -> Tensor
     images = session.images
     copies, origin = _noisy_copies(session, options)
     path = PathGradients(
-        session, copies, torch.zeros_like(copies), _sizer(options, images), origin=origin
+        session, copies, torch.zeros_like(copies), chunk_sizer(options, images), origin=origin
     )
     attr = fixed_steps(path, options.ig_steps, "gausslegendre")
     squares = torch.zeros(images.shape, device=images.device, dtype=torch.float32)
@@ -221,18 +220,15 @@ def _noise_method(
     description: str,
     signed: bool,
 ) -> None:
-    register(
-        SaliencyMethod(
-            name,
-            compute,
-            description,
-            options=NoiseOptions,
-            sign="signed" if signed else "non_negative",
-            cost="moderate",
-            passes="samples x (1F + 1B)",
-            needs_layer=False,
-            flat_names=NOISE_FLAT_NAMES,
-        )
+    register_input_method(
+        name,
+        compute,
+        description,
+        signed=signed,
+        options=NoiseOptions,
+        cost="moderate",
+        passes="samples x (1F + 1B)",
+        flat_names=NOISE_FLAT_NAMES,
     )
 
 
@@ -254,18 +250,15 @@ _noise_method(
     "VarGrad (Adebayo et al.): the variance of the input gradients over noisy inputs.",
     signed=False,
 )
-register(
-    SaliencyMethod(
-        "ig_smoothgrad_sq",
-        ig_smoothgrad_sq,
-        "Integrated Gradients squared and averaged over noisy inputs (captum's NoiseTunnel "
-        "of IG, smoothgrad_sq; 'smoothgrad' in 0.1).",
-        options=IGNoiseOptions,
-        sign="non_negative",
-        cost="expensive",
-        passes="samples x ig_steps x (1F + 1B)",
-        needs_layer=False,
-        flat_names={**NOISE_FLAT_NAMES, "nt_ig_steps": "ig_steps"},
-        aliases=("noise_tunnel",),
-    )
+register_input_method(
+    "ig_smoothgrad_sq",
+    ig_smoothgrad_sq,
+    "Integrated Gradients squared and averaged over noisy inputs (captum's NoiseTunnel "
+    "of IG, smoothgrad_sq; 'smoothgrad' in 0.1).",
+    signed=False,
+    options=IGNoiseOptions,
+    cost="expensive",
+    passes="samples x ig_steps x (1F + 1B)",
+    flat_names={**NOISE_FLAT_NAMES, "nt_ig_steps": "ig_steps"},
+    aliases=("noise_tunnel",),
 )
