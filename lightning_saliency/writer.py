@@ -6,7 +6,9 @@ training thread before this module. :class:`BackgroundWriter` runs such jobs on 
 in the order they were submitted, through a bounded queue:
 
 - nothing is dropped: when the queue is full the training thread waits for the worker (and
-  says so once), so memory stays bounded by ``capacity`` jobs;
+  says so once), so memory stays bounded by ``capacity`` jobs (:data:`CAPACITY`: a logged run
+  submits about five, so the worker may fall a few logged runs behind, a few MB of pictures,
+  before training waits);
 - a job that raises does not stop the worker; its error is kept for :meth:`flush` and
   :meth:`take_errors`, and the submitter decides the policy (the callback's: warn once, that
   logger's pictures stop, training goes on);
@@ -37,10 +39,14 @@ from lightning_saliency import console
 _STOP = object()
 
 
+CAPACITY = 32
+"""Jobs the queue holds before the training thread waits."""
+
+
 class BackgroundWriter:
     """Runs submitted jobs in order on one daemon thread, through a queue of ``capacity``."""
 
-    def __init__(self, capacity: int = 4, name: str = "lightning-saliency-writer") -> None:
+    def __init__(self, capacity: int = CAPACITY, name: str = "lightning-saliency-writer") -> None:
         self.capacity = max(1, capacity)
         self.name = name
         self._queue: queue.Queue[object] = queue.Queue(maxsize=self.capacity)
