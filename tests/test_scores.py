@@ -123,3 +123,21 @@ def test_dead_maps_are_left_out_of_localisation_scores():
     assert scores["drift_prev"][0].item() == pytest.approx(1.0)
     assert {"drift_first", "rank_accuracy", "border_enrichment", "consensus"} <= set(scores)
     assert "object_energy" not in map_scores(maps)  # no masks, no localisation scores
+
+
+def test_the_docstring_table_gives_the_default_thresholds():
+    """Bug: scores.py's docstring gave the corner and consensus thresholds as 5 and 0.5 while
+    the defaults were 3.0 and 0.8."""
+    import lightning_saliency.scores as scores
+    from lightning_saliency.alarms import LOW_IS_BAD, default_thresholds
+
+    rows = {
+        line.split()[0].strip("`"): line.split()[-1]
+        for line in (scores.__doc__ or "").splitlines()
+        if line.startswith("``")
+    }
+    for name, threshold in default_thresholds().items():
+        side = "<" if name in LOW_IS_BAD else ">"
+        assert name in rows and rows[name] == f"{threshold:g}", (name, rows.get(name))
+        line = next(r for r in (scores.__doc__ or "").splitlines() if r.startswith(f"``{name}``"))
+        assert f"{side} {threshold:g}" in line, line
