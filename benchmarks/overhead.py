@@ -222,9 +222,39 @@ def fit_overhead(device: torch.device, epochs: int = 10, repeats: int = 3) -> di
     result["plain"], result["every_1"] = min(plain), min(every_1)
     result["spread"] = max(max(plain) - min(plain), max(every_1) - min(every_1))
     result["explain"] = explain_seconds(callback, model, device)
+    result["sanity"] = sanity_seconds(callback, model, device)
     for every in (5, 10):
         result[f"every_{every}"] = run([SaliencyCallback(every_n_epochs=every)])[0]
     return result
+
+
+def sanity_seconds(callback: Any, model: torch.nn.Module, device: torch.device) -> float:
+    """What the callback's once-per-fit sanity check and faithfulness test cost on its samples
+    and map methods (its settings: 4 depths, 8 faithfulness steps, 2 random maps)."""
+    from lightning_saliency import faithfulness, sanity_check
+    from lightning_saliency.callback import FAITHFULNESS_RANDOM_MAPS, FAITHFULNESS_STEPS
+    from lightning_saliency.methods import METHODS
+
+    samples = callback.fixed_samples
+    model = model.to(device).eval()
+    images = samples.images.to(device)
+    labels = None if samples.labels is None else samples.labels.to(device)
+    methods = [m for m in callback.methods if METHODS[m].kind == "map"]
+
+    def once() -> None:
+        out = explain(model, images, labels, methods, callback.layer_name)
+        report = sanity_check(model, images, labels, methods, callback.layer_name, original=out)
+        faithfulness(
+            model,
+            images,
+            {m: out[m] for m in report.methods},
+            out.targets,
+            steps=FAITHFULNESS_STEPS,
+            random_maps=FAITHFULNESS_RANDOM_MAPS,
+        )
+        report.picture()
+
+    return timed(once)
 
 
 def explain_seconds(callback: Any, model: torch.nn.Module, device: torch.device) -> float:
@@ -398,6 +428,10 @@ def fit_section(device: torch.device, targets_met: list[tuple[str, float, str, b
         print(f"  every_n_epochs={every:<3} {t:.1f} s  overhead {t / res['plain'] - 1:+.1%}")
     once = res["every_10"] - res["plain"]  # setup, the sanity check, one logged epoch
     steady = (res["every_1"] - res["every_10"]) / (logged - 1)  # each further logged epoch
+    print(
+        f"  the sanity check and faithfulness test alone (once per fit, the explanation of "
+        f"its original maps and its figure included): {res['sanity']:.2f} s"
+    )
     print(
         f"  of which once per fit (setup, dry run, sanity check, first logged epoch): "
         f"{once:.2f} s; each further logged epoch: {steady:.3f} s "
