@@ -29,11 +29,11 @@ from captum.attr import DeepLift, InputXGradient, Saliency
 from torch import Tensor, nn
 
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.methods.base import MethodOptions, NoOptions, register_input_method
+from lightning_saliency.methods.base import NoOptions, register_input_method
 from lightning_saliency.methods.guided_relu import GuidedReLUMode
 from lightning_saliency.methods.integrated_gradients import PathGradients, make_baseline
 from lightning_saliency.methods.session import ExplainSession
-from lightning_saliency.methods.smoothgrad import chunk_sizer, noise_scale
+from lightning_saliency.methods.smoothgrad import NoiseOptions, chunk_sizer, noise_scale
 
 
 class _Explained(nn.Module):
@@ -153,7 +153,7 @@ def deconvolution(session: ExplainSession, _options: NoOptions) -> Tensor:
 
 
 @dataclass(frozen=True)
-class GradientShapOptions(MethodOptions):
+class GradientShapOptions(NoiseOptions):
     """Options of ``gradient_shap``.
 
     Attributes:
@@ -166,17 +166,11 @@ class GradientShapOptions(MethodOptions):
         seed: the draws' seed; ``None``: ``explain()``'s ``seed``.
     """
 
-    samples: int = 16
     noise: float = 0.0
     baselines: float | Tensor | None = None
-    internal_batch_size: int | None = None
-    seed: int | None = None
 
     def check(self) -> None:
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
-        if self.noise < 0:
-            raise ValueError(f"noise must be >= 0, got {self.noise}")
+        super().check()
         if isinstance(self.baselines, Tensor) and self.baselines.dim() != 4:
             raise ValueError(f"baselines must be (B, C, H, W), got {tuple(self.baselines.shape)}")
 
