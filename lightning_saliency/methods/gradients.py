@@ -31,9 +31,13 @@ from torch import Tensor, nn
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.methods.base import NoOptions, register_input_method
 from lightning_saliency.methods.guided_relu import GuidedReLUMode
-from lightning_saliency.methods.integrated_gradients import PathGradients, make_baseline
+from lightning_saliency.methods.integrated_gradients import (
+    PathGradients,
+    chunk_sizer,
+    make_baseline,
+)
 from lightning_saliency.methods.session import ExplainSession
-from lightning_saliency.methods.smoothgrad import NoiseOptions, chunk_sizer, noise_scale
+from lightning_saliency.methods.smoothgrad import NoiseOptions, noisy_copies
 
 
 class _Explained(nn.Module):
@@ -196,13 +200,9 @@ def gradient_shap(session: ExplainSession, options: GradientShapOptions) -> Tens
     pool = pool.to(images.device, images.dtype)
     seed = session.seed if options.seed is None else options.seed
     alphas, choice, generator = gradient_shap_draws(s, pool.shape[0], seed)
-    noise = torch.randn((s, *images.shape[1:]), generator=generator).to(images.device)
-    scale = noise_scale(images, options.noise).reshape(1, -1, *([1] * (images.dim() - 1)))
-    noisy = (images[None] + (noise[:, None] * scale).to(images.dtype)).reshape(
-        -1, *images.shape[1:]
-    )  # copy-major: row s * n + i is draw s of image i
+    noise = torch.randn((s, *images.shape[1:]), generator=generator)
+    noisy, origin = noisy_copies(images, noise, options.noise)  # row s * n + i: draw s, image i
     bases = pool[choice.to(images.device)].repeat_interleave(n, dim=0)
-    origin = torch.arange(n, device=images.device).repeat(s)
     path = PathGradients(session, noisy, bases, chunk_sizer(options, images), origin=origin)
     total = torch.zeros(images.shape, device=images.device, dtype=torch.float32)
 

@@ -30,7 +30,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from captum.attr._utils.approximation_methods import SUPPORTED_METHODS, approximation_parameters
@@ -181,6 +181,14 @@ class ChunkSizer:
             )
         if self.cuda:
             torch.cuda.empty_cache()
+
+
+def chunk_sizer(options: Any, images: Tensor) -> ChunkSizer:
+    """The :class:`ChunkSizer` of a method whose options have ``internal_batch_size``: that
+    many rows, fixed, when given; else the CPU's size to start, sized to the device on CUDA."""
+    rows = internal_batch_size(options.internal_batch_size, images)
+    cuda = images.device.type == "cuda"
+    return ChunkSizer(rows, cuda, fixed=options.internal_batch_size is not None)
 
 
 class PathGradients:
@@ -377,10 +385,7 @@ def integrated_gradients(session: ExplainSession, options: IntegratedGradientsOp
     """Signed IG attribution summed over channels ``(N, H, W)``: its pixel sum is the total."""
     images = session.images
     baselines = make_baseline(images, options.baseline)
-    cuda = images.device.type == "cuda"
-    rows = internal_batch_size(options.internal_batch_size, images)
-    sizer = ChunkSizer(rows, cuda, fixed=options.internal_batch_size is not None)
-    path = PathGradients(session, images, baselines, sizer)
+    path = PathGradients(session, images, baselines, chunk_sizer(options, images))
     if options.steps == "auto":
         maps, steps, error = auto_steps(path, options.tolerance, options.map_tolerance)
         session.extras["ig_steps"] = steps

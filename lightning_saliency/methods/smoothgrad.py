@@ -26,7 +26,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,10 +36,9 @@ from lightning_saliency.methods.base import (
     register_input_method,
 )
 from lightning_saliency.methods.integrated_gradients import (
-    ChunkSizer,
     PathGradients,
+    chunk_sizer,
     fixed_steps,
-    internal_batch_size,
 )
 from lightning_saliency.methods.session import ExplainSession
 
@@ -123,24 +121,24 @@ def noise_scale(images: Tensor, noise: float) -> Tensor:
     return noise * torch.where(spread > 0, spread, torch.ones_like(spread))
 
 
-def _noisy_copies(session: ExplainSession, options: NoiseOptions) -> tuple[Tensor, Tensor]:
-    """All noisy copies ``(samples x N, C, H, W)`` (copy-major) and the image each is of."""
-    images = session.images
-    seed = session.seed if options.seed is None else options.seed
-    noise = shared_noise(tuple(images.shape[1:]), options.samples, seed).to(images.device)
-    scale = noise_scale(images, options.noise).reshape(1, -1, *([1] * (images.dim() - 1)))
+def noisy_copies(images: Tensor, noise: Tensor, share: float) -> tuple[Tensor, Tensor]:
+    """``images`` plus each of the ``(samples, C, H, W)`` standard ``noise`` draws, scaled by
+    :func:`noise_scale` (``share`` of each image's range): ``(samples x N, C, H, W)`` copies,
+    copy-major (row ``s * N + i`` is draw ``s`` of image ``i``), and the image each is of."""
+    scale = noise_scale(images, share).reshape(1, -1, *([1] * (images.dim() - 1)))
+    noise = noise.to(images.device)
     copies = (images[None] + (noise[:, None] * scale).to(images.dtype)).reshape(
         -1, *images.shape[1:]
     )
-    origin = torch.arange(images.shape[0], device=images.device).repeat(options.samples)
+    origin = torch.arange(images.shape[0], device=images.device).repeat(noise.shape[0])
     return copies, origin
 
 
-def chunk_sizer(options: Any, images: Tensor) -> ChunkSizer:
-    """The chunk sizer of a method whose options have ``internal_batch_size``."""
-    rows = internal_batch_size(options.internal_batch_size, images)
-    cuda = images.device.type == "cuda"
-    return ChunkSizer(rows, cuda, fixed=options.internal_batch_size is not None)
+def _noisy_copies(session: ExplainSession, options: NoiseOptions) -> tuple[Tensor, Tensor]:
+    """The noisy copies of the session's images, from the shared noise of ``options.seed``."""
+    seed = session.seed if options.seed is None else options.seed
+    noise = shared_noise(tuple(session.images.shape[1:]), options.samples, seed)
+    return noisy_copies(session.images, noise, options.noise)
 
 
 def noisy_gradient_moments(session: ExplainSession, options: NoiseOptions) -> tuple[Tensor, Tensor]:
