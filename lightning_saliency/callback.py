@@ -765,41 +765,29 @@ class SaliencyCallback(L.Callback):
             methods = [m for m in methods if m in out.maps]
         if not methods:
             return
-        options = {m: self.method_options[m] for m in methods}
-        targets = self._targets(samples)
         try:
+            if out is None:  # on demand: the maps of now, explained once for both tests
+                out, errors = self._explain(pl_module, samples, methods)
+                if out is None:
+                    raise next(iter(errors.values()))
             report = randomisation_test(
                 pl_module,
                 samples.images,
-                targets,
+                self._targets(samples),
                 methods,
                 self.target_layer or self._layer_name,
                 noise_seed=self.seed,
                 original=out,
-                method_options=options,
+                method_options={m: self.method_options[m] for m in methods},
                 layout=self.layout,
                 reshape=self.reshape,
                 output_transform=self.output_transform,
             )
-            maps = out
-            if maps is None:
-                maps = explain(
-                    pl_module,
-                    samples.images,
-                    targets,
-                    methods,
-                    self.target_layer or self._layer_name,
-                    method_options=options,
-                    seed=self.seed,
-                    layout=self.layout,
-                    reshape=self.reshape,
-                    output_transform=self.output_transform,
-                )
             faith = faithfulness(
                 pl_module,
                 samples.images,
-                {m: maps[m] for m in report.methods},
-                maps.targets,
+                {m: out[m] for m in report.methods},
+                out.targets,
                 steps=FAITHFULNESS_STEPS,
                 random_maps=FAITHFULNESS_RANDOM_MAPS,
                 signed_mass=self.signed_mass,

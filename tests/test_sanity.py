@@ -180,3 +180,36 @@ def test_the_callback_logs_the_check_once_and_gates_a_method_that_ignores_the_mo
     else:
         assert "input_only" in alarmed
         assert "it still raises alarms" in alarm_text
+
+
+def test_check_sanity_on_demand_explains_once_and_logs(tmp_path, monkeypatch):
+    import lightning as L
+    from helpers import read_events, tiny_datamodule, tiny_model, trainer
+
+    from lightning_saliency import SaliencyCallback, SaliencyConfigError
+
+    callback = SaliencyCallback(methods=("gradcam", "integrated_gradients"), ig_steps=4,
+                                sanity_check=False)  # fmt: skip
+    with pytest.raises(SaliencyConfigError, match="once the fit has started"):
+        callback.check_sanity(None, tiny_model())
+    L.seed_everything(0)
+    model = tiny_model()
+    tr = trainer(str(tmp_path), [callback], max_epochs=1, limit_train_batches=2)
+    tr.fit(model, tiny_datamodule())
+    assert callback.sanity is None  # sanity_check=False: not run by the fit
+    calls = []
+    original = SaliencyCallback._explain
+    monkeypatch.setattr(
+        SaliencyCallback, "_explain", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    report = callback.check_sanity(tr, model)
+    assert calls == [1]  # the maps of now, explained once for both tests
+    assert report is callback.sanity and sorted(report.methods) == [
+        "gradcam",
+        "integrated_gradients",
+    ]
+    assert callback.faithfulness is not None
+    callback.flush()
+    events = read_events(str(tmp_path / "run"))
+    assert len(events.Tensors("saliency/sanity/text_summary")) == 1
+    assert len(events.Images("saliency/sanity")) == 1
