@@ -197,13 +197,21 @@ def test_check_sanity_on_demand_explains_once_and_logs(tmp_path, monkeypatch):
     tr = trainer(str(tmp_path), [callback], max_epochs=1, limit_train_batches=2)
     tr.fit(model, tiny_datamodule())
     assert callback.sanity is None  # sanity_check=False: not run by the fit
+    import importlib
+
     calls = []
-    original = SaliencyCallback._explain
-    monkeypatch.setattr(
-        SaliencyCallback, "_explain", lambda self, *a: calls.append(1) or original(self, *a)
-    )
+    for name in ("lightning_saliency.callback", "lightning_saliency.sanity"):
+        module = importlib.import_module(name)
+        real = module.explain
+
+        def counted(*args, real=real, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "explain", counted)
     report = callback.check_sanity(tr, model)
-    assert calls == [1]  # the maps of now, explained once for both tests
+    # the maps of now once, shared by both tests, then one per randomised depth
+    assert len(calls) == 1 + len(report.layers)
     assert report is callback.sanity and sorted(report.methods) == [
         "gradcam",
         "integrated_gradients",
