@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from lightning_saliency.methods import DEFAULT_METHODS, available_methods, available_options
     from lightning_saliency.monitor import AlarmEvent, EpochScores
     from lightning_saliency.sanity import SanityReport, sanity_check
+    from lightning_saliency.shortcut_scores import shortcut_scores
 
 # Public names are imported on first use (PEP 562), so `lightning-saliency --help` and
 # `import lightning_saliency.cli` import neither torch nor Lightning.
@@ -36,6 +37,7 @@ _WHERE = {
     "SanityReport": "sanity",
     "faithfulness": "faithfulness",
     "FaithfulnessReport": "faithfulness",
+    "shortcut_scores": "shortcut_scores",
 }
 
 
@@ -73,4 +75,5 @@ __all__ = [
     "explain",
     "faithfulness",
     "sanity_check",
+    "shortcut_scores",
 ]

@@ -20,6 +20,11 @@ MAP_SCORE_THRESHOLDS: dict[str, float] = {
     "corner_enrichment": 3.0,
     "consensus": 0.8,
     "dead_maps": 0.5,
+    # mask-free shortcut probes (lightning_saliency.shortcut_scores), set on seeds 0-2 of the
+    # planted kinds by benchmarks/shortcut_kinds.py and checked on seeds 3-5
+    "small_cue_reliance": 0.1,
+    "attended_consensus": 1.0,
+    "background_reliance": 0.45,
 }
 LOW_IS_BAD = frozenset({"object_enrichment"})
 # Per-class alarms: only for a score where one class can hide in the mean. A class coded by the
@@ -35,6 +40,13 @@ MAP_SCORE_MEANING: dict[str, str] = {
     "shortcut at a fixed location does not",
     "dead_maps": "most maps are zero: the target layer carries no class evidence (dead or "
     "saturated units, or a class coded by the absence of features)",
+    "small_cue_reliance": "the decision collapses when the hottest 2 % of the pixels are "
+    "blurred away, and not when the pixels around them are: the model reads a small mark "
+    "(a watermark, a tag, a logo), not an object",
+    "attended_consensus": "the hottest regions of one class hold the same content in every "
+    "image: a stamped mark repeats, real objects vary",
+    "background_reliance": "the decision survives blurring away the hottest 30 % of the image: "
+    "the model reads the context (background, colour, texture), not the object",
 }
 
 

@@ -40,6 +40,7 @@ from lightning_saliency.samples import (
 from lightning_saliency.sanity import SanityReport
 from lightning_saliency.sanity import sanity_check as randomisation_test
 from lightning_saliency.scores import pointing_tolerance
+from lightning_saliency.shortcut_scores import shortcut_scores
 from lightning_saliency.watchers import StaleCheckGuard, watching
 
 
@@ -100,6 +101,10 @@ class SaliencyCallback(L.Callback):
             once. ``check_sanity()`` runs it on demand.
         sanity_gate: a method that fails the sanity check keeps its pictures and scores, but
             raises no alarm (``False``: it alarms as the others).
+        shortcut_probes: score every logged run's maps for shortcuts without masks, by
+            asking the model (:func:`lightning_saliency.shortcut_scores`: small-cue reliance,
+            attended-content consensus, background reliance). Three extra forwards per sample
+            and method; ``False`` leaves them out.
         layout: how to read the target layer's output: ``"auto"``, ``"nchw"``, ``"nhwc"``
             (channels last, e.g. Swin) or ``"tokens"`` (ViTs, any prefix tokens).
         reshape: a function from the layer's output to ``(N, C, h, w)`` for other layouts.
@@ -165,6 +170,7 @@ class SaliencyCallback(L.Callback):
         signed_mass: Literal["positive", "absolute"] = "positive",
         sanity_check: bool = True,
         sanity_gate: bool = True,
+        shortcut_probes: bool = True,
         layout: Layout = "auto",
         reshape: Reshape | None = None,
         output_transform: OutputTransform | None = None,
@@ -256,6 +262,7 @@ class SaliencyCallback(L.Callback):
         self.signed_mass = arguments.one_of("signed_mass", signed_mass, ("positive", "absolute"))
         self.sanity_check = arguments.one_of("sanity_check", sanity_check, (True, False))
         self.sanity_gate = arguments.one_of("sanity_gate", sanity_gate, (True, False))
+        self.shortcut_probes = arguments.one_of("shortcut_probes", shortcut_probes, (True, False))
         self.sanity: SanityReport | None = None  # the last sanity check's report
         self.faithfulness: FaithfulnessReport | None = None
         self._sanity_checked = False  # this fit's check ran (a resumed fit does not rerun it)
@@ -709,9 +716,16 @@ class SaliencyCallback(L.Callback):
         tolerance = pointing_tolerance(
             (samples.images.shape[-2], samples.images.shape[-1]), out.layer_cells
         )
+        probes = self._probe_shortcuts(pl_module, samples, out) if self.shortcut_probes else {}
         try:
             report = self.monitor.observe(
-                epoch, out, samples.labels, samples.masks, tolerance, update_references=fitting
+                epoch,
+                out,
+                samples.labels,
+                samples.masks,
+                tolerance,
+                update_references=fitting,
+                extra_scores=probes,
             )
         except Exception as err:
             self._warn_once("scores", "scoring", err, "no scores this run")
@@ -737,6 +751,36 @@ class SaliencyCallback(L.Callback):
         if trainer.is_global_zero and self._publisher is not None:
             self._publish(trainer, samples, out, epoch)
         return True, report.events
+
+    def _probe_shortcuts(
+        self, pl_module: L.LightningModule, samples: FixedSamples, out: Explanations
+    ) -> dict[str, dict[str, Tensor]]:
+        """The mask-free shortcut scores of this run's maps; a failure warns once and the run
+        goes on without them. Class scores from a target function have no probabilities to
+        probe: nothing is probed then."""
+        if callable(self.target) or out.logits.dim() != 2 or out.logits.shape[1] < 2:
+            return {}
+        maps = {m: v for m, v in out.items() if METHODS[m].kind == "map"}
+        if not maps:
+            return {}
+        labels = samples.labels
+        correct = None if labels is None else out.logits.argmax(1) == labels.to(out.logits.device)
+        try:
+            return shortcut_scores(
+                pl_module,
+                samples.images,
+                maps,
+                out.targets,
+                labels,
+                correct,
+                signed_mass=self.signed_mass,
+                output_transform=self.output_transform,
+            )
+        except Exception as err:
+            self._warn_once(
+                "probes", "the shortcut probes", err, "no mask-free shortcut scores this run"
+            )
+            return {}
 
     def check_sanity(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SanityReport | None:
         """Run the sanity check and the faithfulness test now, on the fixed samples, log them,

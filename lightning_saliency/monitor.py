@@ -45,6 +45,9 @@ PER_CLASS_SCORES = (
     "pointing_game",
     "corner_enrichment",
     "dead_maps",
+    "small_cue_reliance",
+    "attended_consensus",
+    "background_reliance",
 )
 AlarmState = Literal["raised", "cleared", "back"]
 CLEAR_AFTER = 2  # logged epochs in a row on the safe side before an alarm is cleared
@@ -100,12 +103,15 @@ class EpochScores:
         means: method -> score -> mean over the samples.
         per_class: method -> class name -> score -> mean over that class's samples.
         alarms: the ``(method, score)`` alarms tripped at this epoch.
+        judged: method -> score -> the mean the alarms judged (over the correctly classified
+            samples when labels are known; empty for a method that raises no alarm).
     """
 
     epoch: int
     means: dict[str, dict[str, float]]
     per_class: dict[str, dict[str, dict[str, float]]]
     alarms: list[tuple[str, str]] = field(default_factory=list)
+    judged: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,7 @@ class _MethodScoring:
     judged: dict[tuple[str, str], float]
     reference: Tensor
     flagged: set[tuple[str, str]]
+    judged_means: dict[str, float]
 
 
 def _masked_nanmean(table: Tensor, rows: Tensor) -> Tensor:
@@ -208,6 +215,7 @@ class ScoreMonitor:
         masks: Tensor | None = None,
         tolerance: int = 1,
         update_references: bool = True,
+        extra_scores: Mapping[str, Mapping[str, Tensor]] | None = None,
     ) -> EpochReport:
         """Score the maps of ``out`` (drift against the references), aggregate, check alarms.
 
@@ -226,10 +234,14 @@ class ScoreMonitor:
             update_references: ``False`` scores against the references without moving the
                 previous-epoch reference (``trainer.validate()`` after ``fit``); the first
                 reference is set once either way.
+            extra_scores: method -> score -> ``(N,)`` per-sample scores computed elsewhere
+                (:func:`~lightning_saliency.shortcut_scores`), aggregated and judged as the
+                map scores.
         """
         metrics: dict[str, float] = {}
         means_by_method: dict[str, dict[str, float]] = {}
         per_class_by_method: dict[str, dict[str, dict[str, float]]] = {}
+        judged_by_method: dict[str, dict[str, float]] = {}
         tripped: list[rules.Alarm] = []
         judged: dict[tuple[str, str], float] = {}  # alarm -> the value it was judged on
         flagged: set[tuple[str, str]] = set()  # alarms whose 0/1 state is logged
@@ -242,13 +254,15 @@ class ScoreMonitor:
             if METHODS[method].kind != "map":
                 continue
             try:
-                scored = self._score(method, maps, out, groups, correct, masks, tolerance)
+                extra = (extra_scores or {}).get(method, {})
+                scored = self._score(method, maps, out, groups, correct, masks, tolerance, extra)
             except Exception as err:  # one method's scores never take down the others
                 errors[method] = err
                 continue
             metrics.update(scored.metrics)
             means_by_method[method] = scored.means
             per_class_by_method[method] = scored.per_class
+            judged_by_method[method] = scored.judged_means
             judged.update(scored.judged)
             flagged |= scored.flagged
             tripped.extend(scored.tripped)
@@ -262,7 +276,11 @@ class ScoreMonitor:
             )
         metrics[f"{self.alarm_prefix}/count"] = float(len(self._active))
         record = EpochScores(
-            epoch, means_by_method, per_class_by_method, sorted(a.key for a in tripped)
+            epoch,
+            means_by_method,
+            per_class_by_method,
+            sorted(a.key for a in tripped),
+            judged_by_method,
         )
         self.history.append(record)
         return EpochReport(record, metrics, events, errors)
@@ -276,6 +294,7 @@ class ScoreMonitor:
         correct: Tensor | None,
         masks: Tensor | None,
         tolerance: int,
+        extra: Mapping[str, Tensor],
     ) -> _MethodScoring:
         """One method's scores, logged values and alarms; changes no state."""
         small = downsample_for_drift(maps)
@@ -284,6 +303,7 @@ class ScoreMonitor:
             maps, masks, self._previous.get(method, small), first, tolerance, self.signed_mass
         )
         scores.update(self._method_scores(method, out, maps.shape[0], maps.device))
+        scores.update({k: v.to(maps.device).float() for k, v in extra.items()})
         chance = chance_levels(masks, maps.shape[0], maps.device)
         logged, logged_per_class = self._group_means(scores, groups, None, fill=chance)
         metrics = {f"{self.prefix}/{method}/{name}": v for name, v in logged.items()}
@@ -308,7 +328,14 @@ class ScoreMonitor:
                     judged[(method, score)] = means.get(score, float("nan"))
         record_means, record_per_class = recorded or (means, per_class)
         return _MethodScoring(
-            metrics, record_means, record_per_class, found, judged, small, flagged
+            metrics,
+            record_means,
+            record_per_class,
+            found,
+            judged,
+            small,
+            flagged,
+            {} if method in self.insensitive else means,
         )
 
     def _method_scores(
@@ -425,7 +452,13 @@ class ScoreMonitor:
         self._previous = {k: v for k, v in previous.items() if k not in drop}
         self.alarms = [AlarmEvent(**e) for e in state.get("alarms", [])]
         self.history = [
-            EpochScores(h["epoch"], h["means"], h["per_class"], [tuple(a) for a in h["alarms"]])
+            EpochScores(
+                h["epoch"],
+                h["means"],
+                h["per_class"],
+                [tuple(a) for a in h["alarms"]],
+                h.get("judged", {}),
+            )
             for h in state.get("history", [])
         ]
         self._ever = {(str(m), str(s)) for m, s in state.get("ever", [])}

@@ -307,8 +307,10 @@ def chance_levels(masks: Tensor | None, n: int, device: torch.device) -> dict[st
         >>> levels["corner_enrichment"].tolist(), levels["pointing_game"].tolist()
         ([1.0, 1.0], [0.5, 0.5])
     """
-    ones = torch.ones(n, device=device)
+    ones, zeros = torch.ones(n, device=device), torch.zeros(n, device=device)
     levels = {"corner_enrichment": ones, "border_enrichment": ones}
+    # the mask-free probes (lightning_saliency.shortcut_scores) when nothing was judged
+    levels.update(small_cue_reliance=zeros, attended_consensus=zeros, background_reliance=zeros)
     if masks is not None:
         area = masks.to(device).float().flatten(1).mean(1)
         levels.update(

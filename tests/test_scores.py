@@ -1,5 +1,7 @@
 """The map scores on hand-made maps: each responds to its cue and ignores the others."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -129,15 +131,19 @@ def test_the_docstring_table_gives_the_default_thresholds():
     """Bug: scores.py's docstring gave the corner and consensus thresholds as 5 and 0.5 while
     the defaults were 3.0 and 0.8."""
     import lightning_saliency.scores as scores
+
+    shortcut_scores = importlib.import_module("lightning_saliency.shortcut_scores")
     from lightning_saliency.alarms import LOW_IS_BAD, default_thresholds
 
-    rows = {
-        line.split()[0].strip("`"): line.split()[-1]
-        for line in (scores.__doc__ or "").splitlines()
+    lines = [
+        line
+        for module in (scores, shortcut_scores)
+        for line in (module.__doc__ or "").splitlines()
         if line.startswith("``")
-    }
+    ]
+    rows = {line.split()[0].strip("`"): line.split()[-1] for line in lines}
     for name, threshold in default_thresholds().items():
         side = "<" if name in LOW_IS_BAD else ">"
         assert name in rows and rows[name] == f"{threshold:g}", (name, rows.get(name))
-        line = next(r for r in (scores.__doc__ or "").splitlines() if r.startswith(f"``{name}``"))
+        line = next(r for r in lines if r.startswith(f"``{name}``"))
         assert f"{side} {threshold:g}" in line, line

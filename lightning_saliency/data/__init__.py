@@ -2,9 +2,16 @@
 
 from lightning_saliency.data.shortcut import (
     SHAPES,
+    SHORTCUT_KINDS,
     ShortcutDataModule,
     ShortcutShapes,
     make_shortcut_images,
 )
 
-__all__ = ["SHAPES", "ShortcutDataModule", "ShortcutShapes", "make_shortcut_images"]
+__all__ = [
+    "SHAPES",
+    "SHORTCUT_KINDS",
+    "ShortcutDataModule",
+    "ShortcutShapes",
+    "make_shortcut_images",
+]

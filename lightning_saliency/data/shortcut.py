@@ -1,14 +1,25 @@
-"""A planted-shortcut image set: shapes to classify, a coloured corner patch that can cheat.
+"""A planted-shortcut image set: shapes to classify, and a cue that can cheat.
 
 Each image shows one shape (the class) at a random place, size and colour on a random smooth
-background, with a per-pixel object mask. A small patch in the top-left corner carries a colour;
-with probability ``shortcut_p`` it is the colour of the image's class (the shortcut), otherwise
-another class's colour. ``shortcut_p=None`` draws the colour uniformly (no information): the
-clean control. ``shortcut_p=0.0`` always disagrees with the label: the "shortcut broken" split
-on which a model that learnt the patch collapses. Everything is deterministic from ``seed``.
+background, with a per-pixel object mask. A cue carries a class colour; with probability
+``shortcut_p`` it is the colour of the image's class (the shortcut), otherwise another class's
+colour. ``shortcut_p=None`` draws the colour uniformly (no information): the clean control.
+``shortcut_p=0.0`` always disagrees with the label: the "shortcut broken" split on which a
+model that learnt the cue collapses. The cue is one of :data:`SHORTCUT_KINDS`:
+
+- ``"corner"``: a small patch in the top-left corner (one fixed place);
+- ``"background"``: the background is tinted with the colour (Waterbirds-like: the context
+  gives the class away, everywhere but on the object);
+- ``"mark"``: a small framed mark stamped at a random place off the object (a watermark, a
+  hospital tag: a cue that moves).
+
+The shapes, their places and colours are the same for every kind at one seed; only the cue
+differs. Everything is deterministic from ``seed``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import lightning as L
 import torch
@@ -17,6 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+SHORTCUT_KINDS: tuple[str, ...] = ("corner", "background", "mark")
+ShortcutKind = Literal["corner", "background", "mark"]
 PATCH_COLORS = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.2, 0.3, 1.0], [1.0, 1.0, 0.1]])
 MEAN, STD = (0.45, 0.45, 0.45), (0.25, 0.25, 0.25)
 
@@ -42,17 +55,24 @@ def make_shortcut_images(
     seed: int = 0,
     num_classes: int = 4,
     patch_size: int | None = None,
+    kind: ShortcutKind = "corner",
 ) -> dict[str, Tensor]:
     """Generate ``n`` images ``(N, 3, size, size)`` in ``[0, 1]`` with labels, object masks,
-    the patch's class (``patch_labels``) and the patch mask.
+    the cue's class (``patch_labels``), the corner patch's mask (``patch_mask``) and where each
+    image's cue is (``cue_masks``, ``(N, size, size)``).
 
     Example:
         >>> data = make_shortcut_images(8, size=32, shortcut_p=1.0)
         >>> data["images"].shape, bool((data["patch_labels"] == data["labels"]).all())
         (torch.Size([8, 3, 32, 32]), True)
+        >>> mark = make_shortcut_images(8, size=32, kind="mark")
+        >>> bool((mark["cue_masks"] & mark["masks"]).any())  # the mark never covers the object
+        False
     """
     if not 2 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be in 2..{len(SHAPES)}")
+    if kind not in SHORTCUT_KINDS:
+        raise ValueError(f"kind must be one of {SHORTCUT_KINDS}, got {kind!r}")
     gen = torch.Generator().manual_seed(seed)
     patch = patch_size or max(4, size // 7)
     margin = patch + 3
@@ -70,7 +90,6 @@ def make_shortcut_images(
     )
     images = images + 0.05 * torch.randn(n, 3, size, size, generator=gen)
     colour = torch.rand(n, 3, generator=gen) * 0.7 + 0.3
-    images = torch.where(masks[:, None], colour[:, :, None, None], images)
 
     if shortcut_p is None:
         patch_labels = torch.randint(num_classes, (n,), generator=gen)
@@ -78,26 +97,67 @@ def make_shortcut_images(
         other = (labels + 1 + torch.randint(num_classes - 1, (n,), generator=gen)) % num_classes
         agree = torch.rand(n, generator=gen) < shortcut_p
         patch_labels = torch.where(agree, labels, other)
+    cue_colour = PATCH_COLORS[patch_labels][:, :, None, None]
     patch_mask = torch.zeros(size, size, dtype=torch.bool)
     patch_mask[2 : 2 + patch, 2 : 2 + patch] = True
-    images = torch.where(patch_mask, PATCH_COLORS[patch_labels][:, :, None, None], images)
+    if kind == "background":  # the context, tinted half way to the class colour
+        images = 0.5 * images + 0.5 * (0.15 + 0.6 * cue_colour)
+    images = torch.where(masks[:, None], colour[:, :, None, None], images)
+    if kind == "corner":
+        cue_masks = patch_mask.expand(n, size, size).clone()
+        images = torch.where(patch_mask, cue_colour, images)
+    elif kind == "background":
+        cue_masks = ~masks
+    else:
+        cue_masks, frame = _place_marks(masks, max(5, size // 8), gen)
+        images = torch.where(frame[:, None], torch.full_like(images, 0.05), images)
+        images = torch.where((cue_masks & ~frame)[:, None], cue_colour, images)
     return {
         "images": images.clamp(0, 1),
         "labels": labels,
         "masks": masks,
         "patch_labels": patch_labels,
         "patch_mask": patch_mask,
+        "cue_masks": cue_masks,
     }
 
 
+def _place_marks(masks: Tensor, side: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Square marks of ``side`` pixels at random places that do not touch the object (one
+    pixel of clearance), and their one-pixel dark frame; both ``(N, H, W)`` bool."""
+    n, size = masks.shape[0], masks.shape[-1]
+    clear = torch.nn.functional.max_pool2d(masks[:, None].float(), 3, 1, 1)[:, 0] > 0
+    coords = torch.arange(size)
+    placed = torch.zeros(n, size, size, dtype=torch.bool)
+    todo = torch.ones(n, dtype=torch.bool)
+    for _ in range(64):  # rejection sampling, all images at once
+        x0 = torch.randint(1, size - side, (n,), generator=gen)
+        y0 = torch.randint(1, size - side, (n,), generator=gen)
+        inside_x = (coords[None] >= x0[:, None]) & (coords[None] < x0[:, None] + side)
+        inside_y = (coords[None] >= y0[:, None]) & (coords[None] < y0[:, None] + side)
+        square = inside_y[:, :, None] & inside_x[:, None, :]
+        ok = todo & ~(square & clear).flatten(1).any(1)
+        placed[ok] = square[ok]
+        todo &= ~ok
+        if not todo.any():
+            break
+    if todo.any():
+        raise ValueError("no room for the mark beside the object; use larger images")
+    inner = torch.nn.functional.max_pool2d((~placed)[:, None].float(), 3, 1, 1)[:, 0] == 0
+    return placed, placed & ~inner
+
+
 class ShortcutShapes(Dataset[dict[str, Tensor]]):
-    """The generated set as a map-style dataset of ``{"image", "label", "mask"}`` dicts, with a
-    torchvision ``Normalize`` in ``transform`` (the callback finds it to de-normalise).
+    """The generated set as a map-style dataset of ``{"image", "label", "mask"}`` dicts (no
+    ``"mask"`` with ``masks=False``, as most real data sets), with a torchvision ``Normalize``
+    in ``transform`` (the callback finds it to de-normalise).
 
     Example:
         >>> ds = ShortcutShapes(4, size=32)
         >>> sorted(ds[0]), ds.classes[:2]
         (['image', 'label', 'mask'], ['circle', 'square'])
+        >>> sorted(ShortcutShapes(4, size=32, kind="mark", masks=False)[0])
+        ['image', 'label']
     """
 
     def __init__(
@@ -107,10 +167,13 @@ class ShortcutShapes(Dataset[dict[str, Tensor]]):
         shortcut_p: float | None = 0.95,
         seed: int = 0,
         num_classes: int = 4,
+        kind: ShortcutKind = "corner",
+        masks: bool = True,
     ) -> None:
-        data = make_shortcut_images(n, size, shortcut_p, seed, num_classes)
+        data = make_shortcut_images(n, size, shortcut_p, seed, num_classes, kind=kind)
         self.images, self.labels, self.masks = data["images"], data["labels"], data["masks"]
-        self.patch_mask = data["patch_mask"]
+        self.patch_mask, self.cue_masks = data["patch_mask"], data["cue_masks"]
+        self.with_masks = masks
         self.transform = transforms.Normalize(MEAN, STD)
         self.classes = list(SHAPES[:num_classes])
         self.targets = self.labels.tolist()
@@ -119,16 +182,17 @@ class ShortcutShapes(Dataset[dict[str, Tensor]]):
         return self.labels.numel()
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {
-            "image": self.transform(self.images[index]),
-            "label": self.labels[index],
-            "mask": self.masks[index],
-        }
+        item = {"image": self.transform(self.images[index]), "label": self.labels[index]}
+        if self.with_masks:
+            item["mask"] = self.masks[index]
+        return item
 
 
 class ShortcutDataModule(L.LightningDataModule):
-    """Train on the planted shortcut (or not, ``shortcut=False``); validate on two splits:
-    index 0 with the shortcut intact, index 1 with it broken (the patch always lies).
+    """Train on the planted shortcut of ``kind`` (or not, ``shortcut=False``: the cue is
+    there but carries no information); validate on two splits: index 0 with the shortcut
+    intact, index 1 with it broken (the cue always lies). ``masks=False`` leaves the object
+    masks out of the batches.
 
     Example:
         >>> dm = ShortcutDataModule(n_train=16, n_val=8, size=32)
@@ -146,20 +210,24 @@ class ShortcutDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_classes: int = 4,
         seed: int = 0,
+        kind: ShortcutKind = "corner",
+        masks: bool = True,
     ) -> None:
         super().__init__()
+        if kind not in SHORTCUT_KINDS:
+            raise ValueError(f"kind must be one of {SHORTCUT_KINDS}, got {kind!r}")
         self.save_hyperparameters()
         self.classes = list(SHAPES[:num_classes])
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         size, seed, classes = hp["size"], hp["seed"], hp["num_classes"]
+        kind, masks = hp["kind"], hp["masks"]
         train_p = hp["shortcut_p"] if hp["shortcut"] else None
-        self.train_set = ShortcutShapes(hp["n_train"], size, train_p, seed, classes)
-        self.val_set = ShortcutShapes(
-            hp["n_val"], size, 1.0 if hp["shortcut"] else None, seed + 1, classes
-        )
-        self.broken_set = ShortcutShapes(hp["n_val"], size, 0.0, seed + 2, classes)
+        val_p = 1.0 if hp["shortcut"] else None
+        self.train_set = ShortcutShapes(hp["n_train"], size, train_p, seed, classes, kind, masks)
+        self.val_set = ShortcutShapes(hp["n_val"], size, val_p, seed + 1, classes, kind, masks)
+        self.broken_set = ShortcutShapes(hp["n_val"], size, 0.0, seed + 2, classes, kind, masks)
 
     def train_dataloader(self) -> DataLoader[dict[str, Tensor]]:
         gen = torch.Generator().manual_seed(self.hparams["seed"])
