@@ -92,6 +92,9 @@ def test_tensorboard_receives_grids_overview_and_scalars(logged_run):
         "pointing_game",
         "rank_accuracy",
         "dead_maps",
+        "small_cue_reliance",
+        "attended_consensus",
+        "background_reliance",
     ):
         assert f"saliency/gradcam/{name}" in scalar_tags, name
     assert "saliency/integrated_gradients/ig_completeness_error" in scalar_tags
