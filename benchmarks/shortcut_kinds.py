@@ -32,11 +32,13 @@ NAMED = {  # the score named for each kind: the one that must fire
     "mark": "small_cue_reliance",
 }
 PROBES = ("small_cue_reliance", "attended_consensus", "background_reliance")
+ALARMING_PROBES = ("small_cue_reliance", "background_reliance")  # attended: opt-in, see README
 MASK_SCORES = ("object_enrichment",)
+SHOWN = ("corner_enrichment", "small_cue_reliance", "background_reliance", "attended_consensus")
 CHANCE = 0.25  # four classes
 DEMO_ARGS = [
     "--epochs", "4", "--n-train", "1000", "--n-val", "128", "--size", "40",
-    "--methods", "gradcam,integrated_gradients",
+    "--methods", "gradcam,integrated_gradients", "--num-samples", "16",
 ]  # fmt: skip
 
 
@@ -102,15 +104,25 @@ def values(record: dict[str, Any], score: str, epoch: int | None = None) -> list
 
 
 def set_thresholds(records: list[dict[str, Any]]) -> dict[str, float]:
-    """The smallest threshold (2 significant digits, rounded up) that keeps every clean run's
-    judged score at or below 0.67 x threshold."""
+    """Each alarming probe's threshold, in the middle (geometric) of the interval where every
+    clean run stays at or below 0.67 x threshold and every run of the probe's kind fires at
+    1.5 x threshold or more at the epoch its shortcut is learnt; at the interval's low end
+    when it is empty. Two significant digits."""
     thresholds = {}
-    for score in PROBES:
+    for score in ALARMING_PROBES:
         clean = [v for r in records if r["clean"] for v in values(r, score)]
-        worst = max(clean, default=0.0)
-        raw = max(worst / 0.67, 1e-3)
+        low = max(max(clean, default=0.0) / 0.67, 1e-3)
+        firing = []
+        for r in records:
+            learnt = collapse_epoch(r)
+            if r["clean"] or NAMED[r["kind"]] != score or learnt is None:
+                continue
+            firing.append(max(values(r, score, learnt), default=0.0))
+        high = min(firing, default=0.0) / 1.5
+        raw = math.sqrt(low * high) if high > low else low
         digits = 1 - math.floor(math.log10(raw))
-        thresholds[score] = math.ceil(raw * 10**digits) / 10**digits
+        thresholds[score] = round(raw, digits)
+        print(f"{score}: clean runs need >= {low:.3f}, firing needs <= {high:.3f}")
     return thresholds
 
 
@@ -130,41 +142,59 @@ def first_alarm(
 
 
 def table(records: list[dict[str, Any]], thresholds: dict[str, float]) -> str:
-    """README's table on the held-out seeds."""
+    """README's table on the held-out seeds: for each kind and score, the epoch each seed's
+    shortcut was learnt, the epoch its alarm was raised, the firing value over the threshold,
+    and the worst value of the kind's clean control over the threshold (in the direction that
+    fires). ``attended_consensus`` has no default threshold: its values are shown as they are.
+    ``object_enrichment`` needs masks; the other scores do not."""
     from lightning_saliency.alarms import default_thresholds
 
     limits = {**default_thresholds(), **thresholds}
     lines = [
-        "| kind | score | shortcut learnt (epoch, per seed) | alarm epoch, with masks | "
-        "alarm epoch, without masks | firing value / threshold | clean runs: worst / "
-        "threshold |",
-        "|---|---|---|---|---|---|---|",
+        "| kind | score | learnt at epoch | alarm at epoch | firing value / threshold | "
+        "clean control, worst / threshold |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def seeds(items: list[Any]) -> str:
+        return ", ".join("–" if i is None else str(i) for i in items)
+
     for kind in KINDS:
         shortcut = [r for r in records if r["kind"] == kind and not r["clean"]]
         clean = [r for r in records if r["kind"] == kind and r["clean"]]
-        for score in (NAMED[kind], *[p for p in PROBES if p != NAMED[kind]]):
-            learnt = [collapse_epoch(r) for r in shortcut]
-            without = [first_alarm(r, score, limits) for r in shortcut]
-            with_masks = []
-            for r in shortcut:  # with masks, any shortcut score may fire first
-                fired = [a for a in (first_alarm(r, s, limits) for s in (score, *MASK_SCORES)) if a]
-                with_masks.append(min(fired)[0] if fired else None)
-            margins = [a[1] / limits[score] for a in without if a]
+        learnt = [collapse_epoch(r) for r in shortcut]
+        for score in (*SHOWN, *MASK_SCORES):
+            label = f"`{score}`" + (" (masks)" if score in MASK_SCORES else "")
+            label = f"**{label}**" if score == NAMED[kind] else label
+            clean_values = [v for r in clean for v in values(r, score)]
+            if score not in limits:  # opt-in alarm: the values themselves
+                at = [max(values(r, score, e), default=math.nan) if e is not None else math.nan
+                      for r, e in zip(shortcut, learnt)]  # fmt: skip
+                lines.append(
+                    f"| {kind} | {label} (opt-in) | {seeds(learnt)} | – | values "
+                    f"{', '.join(f'{v:.2f}' for v in at)} | value {max(clean_values):.2f} |"
+                )
+                continue
+            fired = [first_alarm(r, score, limits) for r in shortcut]
             if score in MASK_SCORES:
-                margins = [limits[score] / a[1] for a in without if a]
-            worst_clean = max((v for r in clean for v in values(r, score)), default=math.nan)
-
-            def seeds(items: list[Any]) -> str:
-                return ", ".join("-" if i is None else str(i) for i in items)
-
+                margins = [limits[score] / a[1] for a in fired if a]
+                worst = limits[score] / min(clean_values, default=math.inf)
+            else:
+                margins = [a[1] / limits[score] for a in fired if a]
+                worst = max(clean_values, default=0.0) / limits[score]
             lines.append(
-                f"| {kind} | `{score}` | {seeds(learnt)} | {seeds(with_masks)} | "
-                f"{seeds([a[0] if a else None for a in without])} | "
-                f"{', '.join(f'{m:.1f}x' for m in margins) or '-'} | "
-                f"{worst_clean / limits[score]:.2f}x |"
+                f"| {kind} | {label} | {seeds(learnt)} | "
+                f"{seeds([a[0] if a else None for a in fired])} | "
+                f"{', '.join(f'{m:.1f}×' for m in margins) or '–'} | {worst:.2f}× |"
             )
     return "\n".join(lines)
+
+
+def reuse(path: str) -> list[dict[str, Any]]:
+    """The records of an earlier sweep (``--reuse``): thresholds and table without training."""
+    with open(path) as f:
+        records: list[dict[str, Any]] = json.load(f)["records"]
+    return records
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -172,19 +202,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(6)))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "shortcut_kinds.json"))
+    parser.add_argument("--reuse", action="store_true", help="read the runs from --out")
     args = parser.parse_args(argv)
-    jobs = [(k, c, s) for s in args.seeds for k in KINDS for c in (False, True)]
-    with ProcessPoolExecutor(args.jobs) as pool:
-        records = list(pool.map(run, *zip(*jobs)))
+    if args.reuse:
+        records = reuse(args.out)
+    else:
+        jobs = [(k, c, s) for s in args.seeds for k in KINDS for c in (False, True)]
+        with ProcessPoolExecutor(args.jobs) as pool:
+            records = list(pool.map(run, *zip(*jobs)))
     setting = [r for r in records if r["seed"] <= 2]
     held_out = [r for r in records if r["seed"] > 2]
     thresholds = set_thresholds(setting) if setting else {}
+    if not args.reuse:
+        with open(args.out, "w") as f:
+            json.dump({"thresholds": thresholds, "records": records}, f, indent=1)
     print("thresholds set on seeds 0-2:", thresholds)
     if held_out:
         print("\nheld-out seeds 3-5:\n")
         print(table(held_out, thresholds))
-    with open(args.out, "w") as f:
-        json.dump({"thresholds": thresholds, "records": records}, f, indent=1)
     return {"thresholds": thresholds, "records": records}
 
 

@@ -23,9 +23,13 @@ MAP_SCORE_THRESHOLDS: dict[str, float] = {
     # mask-free shortcut probes (lightning_saliency.shortcut_scores), set on seeds 0-2 of the
     # planted kinds by benchmarks/shortcut_kinds.py and checked on seeds 3-5
     "small_cue_reliance": 0.1,
-    "attended_consensus": 1.0,
-    "background_reliance": 0.45,
+    "background_reliance": 0.43,
 }
+# Scores that alarm only when the user gives a threshold. attended_consensus reads where the
+# maps point, not what the model uses: on the generated set, clean controls whose maps rest on
+# an uninformative stamped mark (or on the image border) reached 0.98 x the threshold that
+# kept seeds 0-2 quiet, so a default alarm would cry wolf (benchmarks/shortcut_kinds.py).
+OPT_IN_ALARMS = frozenset({"attended_consensus"})
 LOW_IS_BAD = frozenset({"object_enrichment"})
 # Per-class alarms: only for a score where one class can hide in the mean. A class coded by the
 # *absence* of the others' features gets maps that point nowhere, so its object_enrichment is low
@@ -94,18 +98,24 @@ class Alarm:
 def merge_thresholds(user: Mapping[str, float] | None) -> dict[str, float]:
     """Defaults overridden by the user's; unknown score names are refused.
 
+    Scores in :data:`OPT_IN_ALARMS` alarm only when given a threshold here.
+
     Example:
         >>> merge_thresholds({"consensus": 0.9})["consensus"]
         0.9
+        >>> "attended_consensus" in merge_thresholds(None)
+        False
+        >>> merge_thresholds({"attended_consensus": 0.8})["attended_consensus"]
+        0.8
     """
     merged = default_thresholds()
     if user is not None and not isinstance(user, Mapping):
         raise SaliencyConfigError(f"thresholds must be a dict of score -> number, got {user!r}.")
     for name, value in (user or {}).items():
-        if name not in merged:
+        if name not in merged and name not in OPT_IN_ALARMS:
             raise SaliencyConfigError(
                 f"thresholds names {name!r}, a score with no alarm; alarms exist for: "
-                f"{', '.join(merged)}."
+                f"{', '.join([*merged, *sorted(OPT_IN_ALARMS)])}."
             )
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise SaliencyConfigError(f"thresholds[{name!r}] must be a number, got {value!r}.")

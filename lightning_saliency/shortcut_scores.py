@@ -11,10 +11,10 @@ score                    range  meaning                                         
                                 % of the pixels are blurred away, beyond the loss
                                 when the next-hottest 2 % (the same area around
                                 them) go, in units of the range above chance
-``attended_consensus``   -1..1  how alike the hottest regions' contents are       > 1
+``attended_consensus``   -1..1  how alike the hottest regions' contents are       opt-in
                                 across images of one class (correlation), above
                                 the chance level of crops at random places
-``background_reliance``  0..1   the probability above chance left when the        > 0.45
+``background_reliance``  0..1   the probability above chance left when the        > 0.43
                                 hottest 30 % of the image (the attended region)
                                 is blurred away, in units of the range above
                                 chance (``1 - 1/K`` for K classes)
@@ -31,7 +31,10 @@ score                    range  meaning                                         
 - **Attended-content consensus** crops each image around its map's hottest point and
   correlates the crop with those of the other images of its class (zero-mean colour patterns,
   best over shifts of a third of the crop). A stamped mark is the same crop every time; real
-  objects vary in size, colour and pose. Crops at random places give the chance level.
+  objects vary in size, colour and pose. Crops at random places give the chance level. It
+  reads where the maps point, not what the model uses, so it alarms only when given a
+  threshold (``thresholds={"attended_consensus": 0.8}``): clean controls whose maps rest on
+  a stamped but uninformative mark score as high as learnt marks.
 - **Background reliance** blurs away the hottest 30 % of the image and asks how much
   confidence survives. An object-reading model loses it with the object; one that reads a
   tinted or textured background keeps it, since the background is still there. This reads

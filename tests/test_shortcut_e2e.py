@@ -116,3 +116,62 @@ def test_cifar10_path_runs_on_generated_data(tmp_path, monkeypatch):
         ]
     )
     assert result["rows"] and os.path.exists(result["timeline"])
+
+
+# -- every planted kind, without masks, on a held-out seed ----------------------------------------
+
+HELD_OUT_SEED = 3  # thresholds were set on seeds 0-2 (benchmarks/shortcut_kinds.py)
+NAMED_SCORE = {
+    "corner": "corner_enrichment",
+    "background": "background_reliance",
+    "mark": "small_cue_reliance",
+}
+
+
+@pytest.fixture(scope="module")
+def kinds():
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import shortcut_kinds
+
+    runs = {
+        (kind, clean): shortcut_kinds.run(kind, clean, HELD_OUT_SEED, masks=False)
+        for kind in NAMED_SCORE
+        for clean in (False, True)
+    }
+    return shortcut_kinds, runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(NAMED_SCORE))
+def test_each_kind_alarms_from_its_score_by_the_collapse_without_masks(kinds, kind):
+    from lightning_saliency.alarms import default_thresholds
+
+    sweep, runs = kinds
+    record = runs[(kind, False)]
+    learnt = sweep.collapse_epoch(record)
+    assert learnt is not None, record  # the shortcut was learnt
+    score, threshold = NAMED_SCORE[kind], default_thresholds()[NAMED_SCORE[kind]]
+    raised = [a for a in record["alarms"] if a[2] == score and a[5] != "cleared"]
+    assert raised, record["alarms"]
+    epoch = raised[0][0]
+    assert epoch <= learnt, (epoch, learnt)
+    firing = max(sweep.values(record, score, epoch))
+    assert firing >= 1.5 * threshold, (firing, threshold)
+    print(f"{kind}: {score} alarm at epoch {epoch} (learnt at {learnt}), {firing / threshold:.1f}x")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(NAMED_SCORE))
+def test_each_clean_control_stays_quiet_with_a_margin(kinds, kind):
+    from lightning_saliency.alarms import LOW_IS_BAD, default_thresholds
+
+    sweep, runs = kinds
+    record = runs[(kind, True)]
+    assert record["alarms"] == []
+    for score, threshold in default_thresholds().items():
+        if score in LOW_IS_BAD or score in ("dead_maps", "ig_completeness_error"):
+            continue  # not shortcut scores
+        for value in sweep.values(record, score):
+            assert value <= 0.67 * threshold, (score, value, threshold)

@@ -223,3 +223,30 @@ def test_bad_shortcut_probes_argument_is_refused():
 
     with pytest.raises(SaliencyConfigError, match="shortcut_probes"):
         SaliencyCallback(shortcut_probes="yes")
+
+
+def test_probe_scores_are_aggregated_judged_and_attended_consensus_alarms_on_request():
+    from lightning_saliency.explain import Explanations
+    from lightning_saliency.monitor import ScoreMonitor
+
+    maps = torch.rand(4, 12, 12)
+    out = Explanations({"gradcam": maps}, logits=torch.eye(4), targets=torch.arange(4))
+    extra = {
+        "gradcam": {
+            "attended_consensus": torch.full((4,), 0.9),
+            "small_cue_reliance": torch.tensor([0.5, 0.5, 0.5, math.nan]),
+            "background_reliance": torch.zeros(4),
+        }
+    }
+    quiet = ScoreMonitor().observe(0, out, labels=torch.arange(4), extra_scores=extra)
+    assert quiet.metrics["saliency/gradcam/attended_consensus"] == pytest.approx(0.9)
+    assert quiet.metrics["saliency/gradcam/small_cue_reliance"] == pytest.approx(0.5)
+    assert [e.score for e in quiet.events] == ["small_cue_reliance"]  # attended: opt-in
+    assert quiet.scores.judged["gradcam"]["small_cue_reliance"] == pytest.approx(0.5)
+    asked = ScoreMonitor(thresholds={"attended_consensus": 0.8})
+    report = asked.observe(0, out, labels=torch.arange(4), extra_scores=extra)
+    assert {e.score for e in report.events} == {"attended_consensus", "small_cue_reliance"}
+    # a method that failed the sanity check is scored, never alarmed
+    gated = ScoreMonitor()
+    gated.set_insensitive({"gradcam"})
+    assert gated.observe(0, out, labels=torch.arange(4), extra_scores=extra).events == []
