@@ -223,6 +223,7 @@ def fit_overhead(device: torch.device, epochs: int = 10, repeats: int = 3) -> di
     result["spread"] = max(max(plain) - min(plain), max(every_1) - min(every_1))
     result["explain"] = explain_seconds(callback, model, device)
     result["sanity"] = sanity_seconds(callback, model, device)
+    result["probes"] = probe_seconds(callback, model, device)
     for every in (5, 10):
         result[f"every_{every}"] = run([SaliencyCallback(every_n_epochs=every)])[0]
     return result
@@ -255,6 +256,24 @@ def sanity_seconds(callback: Any, model: torch.nn.Module, device: torch.device) 
         report.picture()
 
     return timed(once)
+
+
+def probe_seconds(callback: Any, model: torch.nn.Module, device: torch.device) -> float:
+    """What the mask-free shortcut probes cost per logged epoch on the callback's samples and
+    map methods (three extra forwards per sample and method, and the crops)."""
+    from lightning_saliency import shortcut_scores
+    from lightning_saliency.methods import METHODS
+
+    samples = callback.fixed_samples
+    model = model.to(device).eval()
+    images = samples.images.to(device)
+    labels = None if samples.labels is None else samples.labels.to(device)
+    methods = [m for m in callback.methods if METHODS[m].kind == "map"]
+    out = explain(model, images, labels, methods, callback.layer_name)
+    correct = None if labels is None else out.logits.argmax(1) == labels
+    return timed(
+        lambda: shortcut_scores(model, images, out, out.targets, labels, correct), repeat=3
+    )
 
 
 def explain_seconds(callback: Any, model: torch.nn.Module, device: torch.device) -> float:
@@ -431,6 +450,10 @@ def fit_section(device: torch.device, targets_met: list[tuple[str, float, str, b
     print(
         f"  the sanity check and faithfulness test alone (once per fit, the explanation of "
         f"its original maps and its figure included): {res['sanity']:.2f} s"
+    )
+    print(
+        f"  the mask-free shortcut probes alone (every logged epoch): {res['probes']:.3f} s "
+        f"({res['probes'] / res['explain']:.2f} x explain())"
     )
     print(
         f"  of which once per fit (setup, dry run, sanity check, first logged epoch): "

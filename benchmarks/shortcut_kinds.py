@@ -31,8 +31,9 @@ NAMED = {  # the score named for each kind: the one that must fire
     "background": "background_reliance",
     "mark": "small_cue_reliance",
 }
-PROBES = ("small_cue_reliance", "attended_consensus", "background_reliance")
-ALARMING_PROBES = ("small_cue_reliance", "background_reliance")  # attended: opt-in, see README
+
+# the thresholds this sweep sets: the named scores (attended_consensus alarms on request only)
+SET_HERE = ("corner_enrichment", "small_cue_reliance", "background_reliance")
 MASK_SCORES = ("object_enrichment",)
 SHOWN = ("corner_enrichment", "small_cue_reliance", "background_reliance", "attended_consensus")
 CHANCE = 0.25  # four classes
@@ -109,7 +110,7 @@ def set_thresholds(records: list[dict[str, Any]]) -> dict[str, float]:
     1.5 x threshold or more at the epoch its shortcut is learnt; at the interval's low end
     when it is empty. Two significant digits."""
     thresholds = {}
-    for score in ALARMING_PROBES:
+    for score in SET_HERE:
         clean = [v for r in records if r["clean"] for v in values(r, score)]
         low = max(max(clean, default=0.0) / 0.67, 1e-3)
         firing = []

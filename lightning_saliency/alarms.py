@@ -13,16 +13,19 @@ from dataclasses import dataclass
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.methods import METHODS
 
-# Defaults chosen on the demo set not to cry wolf: clean runs stay at object_enrichment >= 2,
-# corner_enrichment <= 1.2, consensus <= 0.5; the planted shortcut crosses all three at epoch 0.
+# object_enrichment, consensus and dead_maps were chosen on the demo set not to cry wolf (clean
+# runs stay at object_enrichment >= 2, consensus <= 0.5). corner_enrichment, small_cue_reliance
+# and background_reliance are set by benchmarks/shortcut_kinds.py on seeds 0-2 of the planted
+# kinds (corner patch, tinted background, random mark, each with its clean control), in the
+# middle of the interval that keeps clean runs at <= 0.67 x and learnt shortcuts at >= 1.5 x,
+# and checked on seeds 3-5 (README, "Shortcuts without masks").
 MAP_SCORE_THRESHOLDS: dict[str, float] = {
     "object_enrichment": 1.0,
-    "corner_enrichment": 3.0,
+    "corner_enrichment": 3.8,
     "consensus": 0.8,
     "dead_maps": 0.5,
-    # mask-free shortcut probes (lightning_saliency.shortcut_scores), set on seeds 0-2 of the
-    # planted kinds by benchmarks/shortcut_kinds.py and checked on seeds 3-5
-    "small_cue_reliance": 0.1,
+    # mask-free shortcut probes (lightning_saliency.shortcut_scores)
+    "small_cue_reliance": 0.085,
     "background_reliance": 0.43,
 }
 # Scores that alarm only when the user gives a threshold. attended_consensus reads where the
@@ -59,7 +62,7 @@ def default_thresholds() -> dict[str, float]:
 
     Example:
         >>> default_thresholds()["corner_enrichment"]
-        3.0
+        3.8
     """
     merged = dict(MAP_SCORE_THRESHOLDS)
     for method in METHODS.values():
