@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
@@ -40,6 +41,7 @@ from lightning_saliency.samples import (
 from lightning_saliency.sanity import SanityReport
 from lightning_saliency.sanity import sanity_check as randomisation_test
 from lightning_saliency.scores import pointing_tolerance
+from lightning_saliency.sharing import gather_explanations, merge, share_of, shareable
 from lightning_saliency.shortcut_scores import shortcut_scores
 from lightning_saliency.watchers import StaleCheckGuard, watching
 
@@ -265,6 +267,7 @@ class SaliencyCallback(L.Callback):
         self.shortcut_probes = arguments.one_of("shortcut_probes", shortcut_probes, (True, False))
         self.sanity: SanityReport | None = None  # the last sanity check's report
         self.faithfulness: FaithfulnessReport | None = None
+        self.explanations: Explanations | None = None  # the last logged run's, all samples
         self._sanity_checked = False  # this fit's check ran (a resumed fit does not rerun it)
         self.monitor = self._new_monitor()
         self.alarm_prefix = self.monitor.alarm_prefix
@@ -416,6 +419,7 @@ class SaliencyCallback(L.Callback):
         self._warned = set()
         self.sanity = None
         self.faithfulness = None
+        self.explanations = None
         self._sanity_checked = False
 
     # -- setup ---------------------------------------------------------------------------------
@@ -702,8 +706,9 @@ class SaliencyCallback(L.Callback):
         except Exception as err:
             self._warn_once("transfer", "moving the samples", err, "this run is skipped")
             return False, []
-        out, errors = self._explain(pl_module, samples, active)
+        out, errors = self._explain_shared(trainer, pl_module, samples, active)
         self._agree_and_switch_off(trainer, active, errors, pl_module)
+        self.explanations = out
         if out is None or not len(out):
             self._keep_metrics(trainer, pl_module, set())
             return True, []
@@ -941,6 +946,45 @@ class SaliencyCallback(L.Callback):
                 kept.maps.update(alone.maps)
                 kept.extras.update(alone.extras)
         return kept, errors
+
+    def _explain_shared(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        samples: FixedSamples,
+        active: Sequence[str],
+    ) -> tuple[Explanations | None, dict[str, BaseException]]:
+        """Under DDP, each rank explains its share of the samples (``samples[rank::world]``)
+        and the shares are gathered (:mod:`lightning_saliency.sharing`): W ranks, 1/W of the
+        work each. Concept methods (DFF) factorise all samples jointly and are explained whole
+        on every rank. One process, fewer samples than ranks, or another strategy: every
+        rank explains all samples."""
+        world, rank = trainer.world_size, trainer.global_rank
+        if world == 1 or not isinstance(trainer.strategy, DDPStrategy) or len(samples) < world:
+            return self._explain(pl_module, samples, active)
+        split, whole = shareable(active)
+        shared: Explanations | None = None
+        errors: dict[str, BaseException] = {}
+        if split:
+            mine = samples.subset(share_of(len(samples), rank, world))
+            local, local_errors = self._explain(pl_module, mine, split)
+            h, w = samples.images.shape[-2:]
+            shared, errors = gather_explanations(
+                trainer.strategy,
+                local,
+                local_errors,
+                split,
+                len(samples),
+                rank,
+                world,
+                (int(h), int(w)),
+                samples.images.device,
+            )
+        rest: Explanations | None = None
+        if whole:
+            rest, rest_errors = self._explain(pl_module, samples, whole)
+            errors.update(rest_errors)
+        return merge(shared, rest), errors
 
     def _agree_and_switch_off(
         self,

@@ -53,6 +53,22 @@ class FixedSamples:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def subset(self, rows: Sequence[int]) -> FixedSamples:
+        """The samples at ``rows`` (positions in this set), in that order.
+
+        Example:
+            >>> s = FixedSamples(torch.zeros(4, 3, 2, 2), torch.arange(4), indices=[7, 8, 9, 10])
+            >>> part = s.subset([1, 3]); part.labels.tolist(), part.indices
+            ([1, 3], [8, 10])
+        """
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.images.device)
+        return FixedSamples(
+            self.images[index],
+            None if self.labels is None else self.labels[index.to(self.labels.device)],
+            None if self.masks is None else self.masks[index.to(self.masks.device)],
+            None if self.indices is None else [self.indices[i] for i in rows],
+        )
+
     def to(self, device: torch.device) -> FixedSamples:
         return FixedSamples(
             self.images.to(device),

@@ -1,6 +1,8 @@
 """Run by tests/test_distributed.py: 2 CPU processes (gloo) with SaliencyCallback.
 
-Usage: python tests/ddp_script.py STRATEGY OUT_DIR
+Usage: python tests/ddp_script.py STRATEGY OUT_DIR [fail]
+
+With ``fail``, Integrated Gradients raises on rank 1 only, mid-run (after the setup's dry run).
 """
 
 import json
@@ -12,15 +14,43 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
+import dataclasses  # noqa: E402
+
 from helpers import tiny_model  # noqa: E402
 from torch.utils.data import DataLoader, SubsetRandomSampler  # noqa: E402
 
-from lightning_saliency import SaliencyCallback  # noqa: E402
+import lightning_saliency.callback as callback_module  # noqa: E402
+from lightning_saliency import SaliencyCallback, explain  # noqa: E402
 from lightning_saliency.data import ShortcutDataModule  # noqa: E402
 from lightning_saliency.loggers import Publisher  # noqa: E402
+from lightning_saliency.methods import METHODS  # noqa: E402
 
 WRITTEN = {"pictures": 0}
+EXPLAINED: list[tuple[int, list[str]]] = []  # (rows, methods) of each explain() call
 _publish = Publisher.images
+
+
+def counting_explain(model, images, *args, **kwargs):
+    """Counts, per process, the samples each explain() call of the callback gets."""
+    methods = args[1] if len(args) > 1 else kwargs.get("methods")
+    EXPLAINED.append((int(images.shape[0]), list(methods)))
+    return explain(model, images, *args, **kwargs)
+
+
+callback_module.explain = counting_explain
+
+if len(sys.argv) > 3 and sys.argv[3] == "fail":
+    _ig = METHODS["integrated_gradients"]
+
+    CALLS = {"ig": 0}
+
+    def failing_on_rank_one(session, options):
+        CALLS["ig"] += 1
+        if int(os.environ.get("LOCAL_RANK", "0")) == 1 and CALLS["ig"] > 1:
+            raise RuntimeError("IG broke on rank 1")
+        return _ig.compute(session, options)
+
+    METHODS["integrated_gradients"] = dataclasses.replace(_ig, compute=failing_on_rank_one)
 
 
 def counting_images(self, pictures, step):
@@ -39,6 +69,27 @@ class CountingCallback(SaliencyCallback):
         super().__init__(**kwargs)
         self.out_dir = out_dir
 
+    def last_run_rows(self):
+        """Rows this rank explained per method in the last logged run (the two last calls:
+        the shared map methods on this rank's share, DFF on all samples)."""
+        rows = {}
+        for count, methods in EXPLAINED[-2:]:
+            for method in methods:
+                rows[method] = count
+        return rows
+
+    def maps_match_explain(self, pl_module):
+        """The gathered maps of the last logged run against explain() of all the samples on
+        the same weights (nothing trains after the last validation)."""
+        samples = self.fixed_samples.to(pl_module.device)
+        shared = [m for m in self.explanations.maps if METHODS[m].kind == "map"]
+        fresh = explain(
+            pl_module, samples.images, samples.labels, shared, self.layer_name, ig_steps=8
+        )
+        return {m: float((fresh[m] - self.explanations[m]).abs().max()) for m in shared} | {
+            "logits": float((fresh.logits - self.explanations.logits).abs().max())
+        }
+
     def on_fit_end(self, trainer, pl_module):
         super().on_fit_end(trainer, pl_module)
         record = {
@@ -52,6 +103,9 @@ class CountingCallback(SaliencyCallback):
             ),
             "indices": self.fixed_samples.indices,
             "images_sum": float(self.fixed_samples.images.double().sum()),
+            "switched_off": sorted(self.switched_off),
+            "last_run_rows": self.last_run_rows(),
+            "maps_match_explain": self.maps_match_explain(pl_module),
         }
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f)

@@ -31,6 +31,15 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
     assert ranks[0]["written"] > 0 and ranks[1]["written"] == 0  # exactly one writer
     for record in ranks:  # every rank explained and has the same scores for EarlyStopping
         assert record["explained"] == ["gradcam", "guided_gradcam", "integrated_gradients"]
+        # each rank explained half of the 4 samples; DFF factorises all 4 jointly
+        assert record["last_run_rows"] == {
+            "gradcam": 2,
+            "guided_gradcam": 2,
+            "integrated_gradients": 2,
+            "dff": 4,
+        }
+        # the gathered maps are those of explain() on all samples and the same weights
+        assert all(diff < 1e-5 for diff in record["maps_match_explain"].values()), record
         assert record["alarms"] == ranks[0]["alarms"] >= 0
         assert record["history"] == ranks[0]["history"]  # the public record agrees
         assert record["alarm_events"] == ranks[0]["alarm_events"]
@@ -50,3 +59,24 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
             float(single.fixed_samples.images.double().sum())
         )
     assert "self.log('saliency" not in proc.stdout + proc.stderr  # logged as Lightning asks
+
+
+@pytest.mark.slow
+def test_a_method_failing_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    """Integrated Gradients raises on rank 1 only, mid-run: both ranks switch it off together
+    (the flag travels with the gathered shares), the other methods go on, nobody hangs."""
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "ddp", str(tmp_path), "fail"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for record in ranks:
+        assert record["switched_off"] == ["integrated_gradients"]
+        assert record["explained"] == ["gradcam", "guided_gradcam"]
+        assert record["history"] == ranks[0]["history"]
+        assert all(diff < 1e-5 for diff in record["maps_match_explain"].values()), record
+    assert "integrated_gradients failed" in proc.stdout + proc.stderr

@@ -1,0 +1,162 @@
+"""DDP ranks share the fixed samples: rank r explains ``samples[r::W]``, the pieces are gathered.
+
+Every rank enters the same collectives in the same order, whatever failed where: a method that
+failed on one rank sends zeros and a raised flag, and every rank then drops it together (the
+failure policy switches it off everywhere). After the gather every rank holds the same
+:class:`~lightning_saliency.explain.Explanations` as a single-device run (sample order
+included), so every rank computes the same scores and EarlyStopping agrees across ranks. Only
+the strategy's own ``all_gather`` is used; no communication of our own.
+
+Per-sample extras (``ig_completeness_error``, ``ig_steps`` with ``"auto"``) are gathered with
+the maps; other extras are taken from the local run. Methods of kind ``"concepts"`` (DFF)
+factorise the samples jointly, so they are not shared: each rank explains them on all samples.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from lightning_saliency.explain import Explanations
+from lightning_saliency.methods import METHODS
+
+
+class Gathers(Protocol):
+    """What sharing needs of a Lightning strategy."""
+
+    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
+        """``(W, *shape)``: every rank's tensor."""
+        ...
+
+
+def share_of(n: int, rank: int, world: int) -> list[int]:
+    """The sample indices rank ``rank`` of ``world`` explains.
+
+    Example:
+        >>> share_of(5, 0, 2), share_of(5, 1, 2)
+        ([0, 2, 4], [1, 3])
+    """
+    return list(range(rank, n, world))
+
+
+def shareable(methods: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The methods whose samples can be split across ranks, and the others (concepts).
+
+    Example:
+        >>> shareable(["gradcam", "dff", "integrated_gradients"])
+        (['gradcam', 'integrated_gradients'], ['dff'])
+    """
+    split = [m for m in methods if METHODS[m].kind == "map"]
+    return split, [m for m in methods if m not in split]
+
+
+def _interleave(gathered: Tensor, n: int) -> Tensor:
+    """``(W, rows, ...)`` padded shares -> ``(n, ...)`` in sample order (sample i is row
+    ``i // W`` of rank ``i % W``)."""
+    world = gathered.shape[0]
+    order = torch.arange(n)
+    return gathered[order % world, order // world]
+
+
+def gather_explanations(
+    strategy: Gathers,
+    local: Explanations | None,
+    errors: dict[str, BaseException],
+    methods: Sequence[str],
+    n: int,
+    rank: int,
+    world: int,
+    size: tuple[int, int],
+    device: torch.device,
+) -> tuple[Explanations | None, dict[str, BaseException]]:
+    """Gather every rank's share of ``methods`` into the explanations of all ``n`` samples.
+
+    Args:
+        strategy: the trainer's strategy (its ``all_gather``).
+        local: this rank's explanations of its share (``None`` if the whole pass failed).
+        errors: this rank's failures, method -> exception.
+        methods: the shared methods, in the same order on every rank.
+        n: the number of samples; rank, world: this rank and the world size.
+        size: the maps' ``(H, W)``; device: where the samples live.
+
+    Returns:
+        The gathered explanations (``None`` if every method failed on some rank) and the
+        failures: a method that failed on any rank fails everywhere, with the local exception
+        or one that names the other rank.
+    """
+    rows = -(-n // world)
+    mine = len(share_of(n, rank, world))
+
+    def all_gather(value: Tensor) -> Tensor:
+        with warnings.catch_warnings():  # Lightning's all_gather calls a deprecated torch API
+            warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+            return strategy.all_gather(value)
+
+    def gather(value: Tensor) -> Tensor:
+        padded = torch.zeros((rows, *value.shape[1:]), dtype=value.dtype, device=device)
+        padded[:mine] = value
+        return _interleave(all_gather(padded), n)
+
+    # what this rank has: a flag per method, the class count and the layer grid
+    ok = [local is not None and m in local.maps and m not in errors for m in methods]
+    classes = local.logits.shape[1] if local is not None else 0
+    cells = local.layer_cells if local is not None and local.layer_cells else (-1, -1)
+    header = torch.tensor([*[float(f) for f in ok], float(classes), *map(float, cells)])
+    everyone = all_gather(header.to(device)).reshape(world, -1).cpu()
+    failed_anywhere = {m for i, m in enumerate(methods) if not bool(everyone[:, i].all())}
+    classes = int(everyone[:, len(methods)].max())
+    grid = everyone[:, len(methods) + 1 :].amax(dim=0).long().tolist()
+    merged_errors = dict(errors)
+    for method in failed_anywhere:
+        merged_errors.setdefault(method, RuntimeError(f"{method} failed on another rank"))
+    if classes == 0:  # no rank could run the model: nothing to gather
+        return None, merged_errors
+
+    h, w = size
+    logits = local.logits if local is not None else torch.zeros(mine, classes, device=device)
+    targets = local.targets if local is not None else torch.zeros(mine, device=device)
+    all_logits = gather(logits.float())
+    all_targets = gather(targets.float()).long()
+    maps: dict[str, Tensor] = {}
+    extras: dict[str, Any] = dict(local.extras) if local is not None else {}
+    for i, method in enumerate(methods):
+        piece = local.maps[method].float() if ok[i] and local is not None else None
+        all_maps = gather(piece if piece is not None else torch.zeros(mine, h, w, device=device))
+        for key in sorted(METHODS[method].extras):
+            value = extras.get(key) if ok[i] else None
+            per_sample = isinstance(value, Tensor) and value.dim() == 1 and len(value) == mine
+            flag = torch.tensor([float(per_sample)], device=device)
+            any_per_sample = bool(all_gather(flag).max() > 0)
+            if any_per_sample:
+                sent = value.float() if per_sample and isinstance(value, Tensor) else None
+                if sent is None:
+                    sent = torch.full((mine,), float("nan"), device=device)
+                extras[key] = gather(sent)
+        if method not in failed_anywhere:
+            maps[method] = all_maps
+    return (
+        Explanations(
+            maps=maps,
+            logits=all_logits,
+            targets=all_targets,
+            layer_name=local.layer_name if local is not None else None,
+            layer_cells=None if grid[0] < 0 else (int(grid[0]), int(grid[1])),
+            extras=extras,
+            errors={m: merged_errors[m] for m in methods if m in merged_errors},
+        ),
+        merged_errors,
+    )
+
+
+def merge(shared: Explanations | None, whole: Explanations | None) -> Explanations | None:
+    """The gathered shared methods and the unshared ones (explained on all samples) as one."""
+    if shared is None or whole is None:
+        return shared if whole is None else whole
+    shared.maps.update(whole.maps)
+    shared.extras.update(whole.extras)
+    shared.errors.update(whole.errors)
+    return shared
