@@ -428,7 +428,7 @@ class SaliencyCallback(L.Callback):
         """Check what can be checked before the model is placed.
 
         Raises:
-            SaliencyConfigError: no logger, or a sharded strategy.
+            SaliencyConfigError: no logger, FSDP1 or DeepSpeed (FSDP2 and DDP are supported).
         """
         self._enabled = stage in ("fit", "validate")
         if not self._enabled:
@@ -446,11 +446,19 @@ class SaliencyCallback(L.Callback):
             self._publisher.close()
         self._publisher = Publisher(trainer.loggers, background=True)
         strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
+        if "FSDP" in strategy:  # FSDP1; FSDP2 is ModelParallelStrategy with fully_shard
             raise SaliencyConfigError(
-                f"SaliencyCallback does not support the sharded strategy {strategy}: its forward "
-                "needs every rank, and saliency runs on rank-local samples. Use strategy='ddp' "
-                "(or explain() on a gathered model after training)."
+                f"SaliencyCallback does not support {strategy} (FSDP1): Lightning runs it on GPUs "
+                "only, where this project cannot test it. Shard with FSDP2 instead: "
+                "strategy=ModelParallelStrategy() and fully_shard() in configure_model(), which "
+                "the callback supports (all ranks explain together); or use strategy='ddp'."
+            )
+        if "DeepSpeed" in strategy:
+            raise SaliencyConfigError(
+                f"SaliencyCallback does not support {strategy}: DeepSpeed runs the model inside "
+                "its own engine, where the callback cannot take input gradients with the "
+                "parameters frozen. Use FSDP2 (strategy=ModelParallelStrategy() and fully_shard() "
+                "in configure_model()) or strategy='ddp'."
             )
         if stage == "fit":
             self._fresh_state()

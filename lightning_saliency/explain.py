@@ -22,6 +22,7 @@ from lightning_saliency.methods import (
 )
 from lightning_saliency.methods.session import OutputTransform, TargetFunction
 from lightning_saliency.options import MethodOptionsArg, resolve_options
+from lightning_saliency.sharded import reshard
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ def explanation_context(model: nn.Module) -> Iterator[None]:
                 param.requires_grad_(False)
             yield
         finally:
+            reshard(model)  # FSDP2: the next training forward gathers the current shards
             for module, flag in training:
                 module.training = flag
             for param, flag in frozen:

@@ -28,9 +28,10 @@ each model, so there is no map to hold against the original.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ from torchmetrics.functional.regression import spearman_corrcoef
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.explain import Explanations, explain, normalize_methods
 from lightning_saliency.methods import DEFAULT_METHODS, METHODS
+from lightning_saliency.sharded import is_sharded, reshard
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -277,7 +279,52 @@ def sanity_check(
         ([1, 2], ['gradcam'])
     """
     names = [m for m in normalize_methods(methods) if METHODS[m].kind == "map"]
-    twin = copy.deepcopy(model)
+    with randomisable(model) as twin:
+        return _cascade(
+            twin, images, targets, names, target_layer, depths, threshold, seed, noise_seed,
+            original, explain_options,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def randomisable(model: nn.Module) -> Iterator[nn.Module]:
+    """A model the cascade may randomise: a copy; or, for a model sharded by FSDP2 (which
+    refuses copies), the model itself, every parameter and buffer put back bit for bit
+    afterwards, also after an error. Every rank randomises and restores together.
+
+    Example:
+        >>> net = nn.Linear(2, 2); before = net.weight.clone()
+        >>> with randomisable(net) as twin:
+        ...     twin is net
+        False
+    """
+    if not any(is_sharded(p) for p in model.parameters()):
+        yield copy.deepcopy(model)
+        return
+    saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for tensor, value in saved:
+                tensor.copy_(value)
+        reshard(model)  # no unsharded copy of the randomised weights outlives the test
+
+
+def _cascade(
+    twin: nn.Module,
+    images: Tensor,
+    targets: Any,
+    names: list[str],
+    target_layer: str | nn.Module | None,
+    depths: int | Sequence[int] | None,
+    threshold: float,
+    seed: int,
+    noise_seed: int,
+    original: Explanations | None,
+    explain_options: dict[str, Any],
+) -> SanityReport:
+    """The cascade on ``twin`` (which it randomises)."""
     explain_options["seed"] = noise_seed
     if original is None or any(m not in original.maps for m in names):
         original = explain(
@@ -288,7 +335,7 @@ def sanity_check(
     order = randomisation_order(twin)
     if not order:
         raise SaliencyConfigError(
-            f"{type(model).__name__} has no module with reset_parameters(): the randomisation "
+            f"{type(twin).__name__} has no module with reset_parameters(): the randomisation "
             "test has nothing to randomise."
         )
     chosen = cascade_depths(len(order), depths)

@@ -429,16 +429,20 @@ def test_bad_arguments_fail_at_construction():
         SaliencyCallback(thresholds={"objekt": 1.0})
 
 
-def test_sharded_strategy_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [("FSDPStrategy", "FSDP1.*fully_shard"), ("DeepSpeedStrategy", "DeepSpeed.*fully_shard")],
+)
+def test_fsdp1_and_deepspeed_are_refused_naming_fsdp2(tmp_path, strategy, message):
     callback = SaliencyCallback()
 
     class FakeTrainer:
         fast_dev_run = False
         loggers = [TensorBoardLogger(str(tmp_path))]
-        strategy = type("FSDPStrategy", (), {})()
         callbacks = [callback]
 
-    with pytest.raises(SaliencyConfigError, match="strategy='ddp'"):
+    FakeTrainer.strategy = type(strategy, (), {})()
+    with pytest.raises(SaliencyConfigError, match=message):
         callback.setup(FakeTrainer(), tiny_model(), "fit")
 
 

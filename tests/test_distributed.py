@@ -80,3 +80,33 @@ def test_a_method_failing_on_one_rank_is_skipped_by_every_rank(tmp_path):
         assert record["history"] == ranks[0]["history"]
         assert all(diff < 1e-5 for diff in record["maps_match_explain"].values()), record
     assert "integrated_gradients failed" in proc.stdout + proc.stderr
+
+
+FSDP_SCRIPT = os.path.join(os.path.dirname(__file__), "fsdp_script.py")
+
+
+@pytest.mark.slow
+def test_fsdp2_two_cpu_processes(tmp_path):
+    """FSDP2 (fully_shard under ModelParallelStrategy): all ranks explain together; the maps
+    equal explain() of an unsharded copy with the gathered weights; training is bitwise the
+    same with and without the callback (and two runs without it agree: the control); the
+    pictures land once."""
+    proc = subprocess.run(
+        [sys.executable, FSDP_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for record in ranks:
+        assert record["control_equal"], "two runs without the callback differ: no control"
+        assert record["with_callback_equal"], record["differ"]
+        assert record["explained"] == ["gradcam", "guided_gradcam", "integrated_gradients"]
+        assert record["switched_off"] == [] and record["sanity_failed"] is not None
+        assert set(record["maps_match_explain"]) == set(record["explained"])
+        assert all(diff < 1e-5 for diff in record["maps_match_explain"].values()), record
+    assert ranks[0]["written"] > 0 and ranks[1]["written"] == 0
+    events = read_events(str(tmp_path / "saliency"))
+    assert len(events.Images("saliency/gradcam")) == 2  # two epochs, once each

@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_saliency.layers import find_classifier_head
 from lightning_saliency.methods.base import MethodOptions, SaliencyMethod, register
 from lightning_saliency.methods.session import ExplainSession, upsample
+from lightning_saliency.sharded import call_with_full_weights
 
 _EPS = 1e-8
 _TINY = 1e-30
@@ -151,8 +152,9 @@ def dff(session: ExplainSession, options: DFFOptions) -> Tensor:
     head = find_classifier_head(session.model, c)
     if head is not None:
         weight = next(head.parameters())
-        with torch.no_grad():
-            session.extras["dff_concept_scores"] = head(concepts.to(weight.dtype)).float()
+        with torch.no_grad():  # FSDP2: the head's shards are gathered (all ranks, in order)
+            scores = call_with_full_weights(head, concepts.to(weight.dtype))
+            session.extras["dff_concept_scores"] = scores.float()
     maps = h.reshape(k, n, hh, ww).permute(1, 0, 2, 3)
     return upsample(maps, session.size)
 
