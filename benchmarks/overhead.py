@@ -4,6 +4,7 @@
     python benchmarks/overhead.py --fit      # + the callback's cost in a demo-sized fit
     python benchmarks/overhead.py --quick    # smaller shapes, for a smoke run
     python benchmarks/overhead.py --device cuda --n 16   # on a GPU (the default when present)
+    python benchmarks/overhead.py --ddp      # only: DDP's shared work, W=1 against W=2
 
 Prints (a) our seconds per method and in total, (b) the floor: the passes the methods need
 when they share work, parameters frozen, (c) the naive per-image loop of the tutorials
@@ -302,12 +303,16 @@ def main() -> None:
     p.add_argument("--fit-only", action="store_true", help="only the demo fit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ig-memory-child", type=int, default=None)
+    p.add_argument("--ddp", action="store_true", help="the explanation per epoch at W=1, W=2")
+    p.add_argument("--ddp-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     args = p.parse_args()
     if args.ig_memory_child is not None:
         return ig_memory_child(args.ig_memory_child, args.steps, args.n, args.size)
+    if args.ddp_child is not None:
+        return ddp_child(args.ddp_child, args.n)
     if args.quick:
         args.size, args.steps = 96, 16
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if args.device == "cpu" else None
@@ -316,10 +321,12 @@ def main() -> None:
     logging.getLogger("lightning_saliency").setLevel(logging.ERROR)
     device = torch.device(args.device)
     targets_met: list[tuple[str, float, str, bool]] = []
-    if not args.fit_only:
+    if not (args.fit_only or args.ddp):
         engine(args, device, targets_met)
     if args.fit or args.fit_only:
         fit_section(device, targets_met)
+    if args.ddp:
+        ddp_section(args.n, targets_met)
     print(f"\n{'target':<40}{'measured':>10}  {'goal':<10}met")
     for name, value, goal_text, met in targets_met:
         print(f"{name:<40}{value:>10.3f}  {goal_text:<10}{'yes' if met else 'NO'}")
@@ -471,6 +478,109 @@ def fit_section(device: torch.device, targets_met: list[tuple[str, float, str, b
     targets_met.append(
         ("demo fit overhead, every epoch", overhead, f"<= {goal:+.0%}", overhead <= goal)
     )
+
+
+def ddp_child(world: int, n: int) -> None:
+    """One DDP fit on ``world`` CPU processes (one thread each, gloo) of the demo's model and
+    data, 4 epochs with the callback; rank zero prints, as JSON, the callback's seconds per
+    logged epoch at its validation-end hook (the median over epochs 1-3; epoch 0 holds the
+    once-per-fit sanity check) and the samples its rank explained per map method."""
+    import tempfile
+    import time
+
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    import lightning_saliency.callback as callback_module
+    from lightning_saliency import SaliencyCallback
+    from lightning_saliency.data import ShortcutDataModule
+    from lightning_saliency.demo import ShapesClassifier
+
+    torch.set_num_threads(1)
+    rows: list[int] = []
+    explaining: list[float] = []  # seconds in explain() per call
+
+    def counting(model: Any, images: torch.Tensor, *a: Any, **k: Any) -> Any:
+        rows.append(int(images.shape[0]))
+        start = time.perf_counter()
+        try:
+            return explain(model, images, *a, **k)
+        finally:
+            explaining.append(time.perf_counter() - start)
+
+    callback_module.explain = counting  # type: ignore[attr-defined]
+
+    class Timed(SaliencyCallback):
+        seconds: list[float] = []
+        explain_seconds: list[float] = []
+
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            start, calls = time.perf_counter(), len(explaining)
+            super().on_validation_epoch_end(trainer, pl_module)
+            self.seconds.append(time.perf_counter() - start)
+            self.explain_seconds.append(sum(explaining[calls:]))
+
+    callback = Timed(num_samples=n)
+    L.seed_everything(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=world,
+            strategy="ddp" if world > 1 else "auto",
+            max_epochs=4,
+            logger=TensorBoardLogger(tmp),
+            callbacks=[callback],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            limit_train_batches=4,
+        )
+        trainer.fit(ShapesClassifier(), ShortcutDataModule(n_train=512))
+    if trainer.global_rank == 0:
+
+        def median(values: list[float]) -> float:
+            return sorted(values)[len(values) // 2]
+
+        print(
+            json.dumps(
+                {
+                    "seconds": median(callback.seconds[1:]),
+                    "explain": median(callback.explain_seconds[1:]),
+                    "rows": rows[-2],
+                }
+            )
+        )
+
+
+def ddp_section(n: int, targets_met: list[tuple[str, float, str, bool]]) -> None:
+    """The callback's time per logged epoch at W=1 and W=2 (one thread per process): the
+    samples are shared across ranks, so W=2 should take about half, plus the gather."""
+    result = {}
+    for world in (1, 2):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--ddp-child", str(world), "--n", str(n)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        if proc.returncode != 0 or not line:
+            print(f"DDP W={world} failed:\n{proc.stderr[-2000:]}")
+            return
+        result[world] = json.loads(line[-1])
+    ratio = result[2]["explain"] / result[1]["explain"]
+    whole = result[2]["seconds"] / result[1]["seconds"]
+    print(
+        f"\nDDP on the CPU (gloo, one thread per process), {n} samples, per logged epoch on "
+        f"rank zero: explanation W=1 {result[1]['explain']:.3f} s ({result[1]['rows']} samples "
+        f"per map method), W=2 {result[2]['explain']:.3f} s ({result[2]['rows']} per rank; "
+        f"DFF explains all samples on each rank): W=2 / W=1 = {ratio:.2f}. The callback's whole "
+        f"hook (scores, probes, pictures on rank zero): W=1 {result[1]['seconds']:.3f} s, "
+        f"W=2 {result[2]['seconds']:.3f} s ({whole:.2f})"
+    )
+    targets_met.append(("DDP explanation W=2 / W=1", ratio, "(info)", ratio < 1.0))
+    targets_met.append(("DDP whole hook W=2 / W=1", whole, "(info)", whole < 1.0))
 
 
 def ig_speed(
