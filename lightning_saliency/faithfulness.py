@@ -99,19 +99,29 @@ def blurred(images: Tensor, sigma: float | None = None) -> Tensor:
     return F.conv2d(x, kernel.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-def _probabilities(
+def target_probabilities(
     model: nn.Module,
     rows: Tensor,
     targets: Tensor,
     chunk: int,
-    transform: OutputTransform | None,
-) -> Tensor:
-    out = []
+    transform: OutputTransform | None = None,
+) -> tuple[Tensor, int]:
+    """The softmax probability of ``targets[i]`` for each of ``rows``, ``chunk`` rows per
+    forward, and the number of classes.
+
+    Example:
+        >>> net = nn.Linear(2, 4)
+        >>> probs, classes = target_probabilities(net, torch.zeros(3, 2), torch.zeros(3).long(), 2)
+        >>> probs.shape, classes
+        (torch.Size([3]), 4)
+    """
+    out, classes = [], 1
     for start in range(0, len(rows), chunk):
         logits = as_logits(model(rows[start : start + chunk]), transform).float()
+        classes = logits.shape[1]
         probs = logits.softmax(dim=1)
         out.append(probs.gather(1, targets[start : start + chunk, None]).squeeze(1))
-    return torch.cat(out)
+    return torch.cat(out), classes
 
 
 def _areas(
@@ -139,7 +149,9 @@ def _areas(
         else:  # deletion: the top pixels from the baseline
             rows = torch.where(changed, fill[:, None], images[:, None])
         flat = rows.reshape(n * (steps + 1), c, h, w)
-        probs = _probabilities(model, flat, targets.repeat_interleave(steps + 1), chunk, transform)
+        probs, _ = target_probabilities(
+            model, flat, targets.repeat_interleave(steps + 1), chunk, transform
+        )
         curves.append(probs.reshape(n, steps + 1))
     return torch.stack(curves)
 
@@ -226,4 +238,4 @@ def faithfulness(
     )
 
 
-__all__ = ["FaithfulnessReport", "blurred", "faithfulness"]
+__all__ = ["FaithfulnessReport", "blurred", "faithfulness", "target_probabilities"]

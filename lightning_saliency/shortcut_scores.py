@@ -66,9 +66,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_saliency.explain import eager_module, explanation_context, model_dtype
-from lightning_saliency.faithfulness import blurred
+from lightning_saliency.faithfulness import blurred, target_probabilities
 from lightning_saliency.methods.integrated_gradients import internal_batch_size
-from lightning_saliency.methods.session import OutputTransform, as_logits
+from lightning_saliency.methods.session import OutputTransform
 from lightning_saliency.scores import SignedMass, relevance
 
 _EPS = 1e-12
@@ -133,23 +133,6 @@ def top_region(mass: Tensor, counts: Tensor) -> Tensor:
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(h * w, device=mass.device).expand(n, -1))
     return (ranks < counts.to(mass.device)[:, None]).reshape(n, h, w)
-
-
-def _probabilities(
-    model: nn.Module,
-    rows: Tensor,
-    targets: Tensor,
-    chunk: int,
-    transform: OutputTransform | None,
-) -> tuple[Tensor, int]:
-    """Target probability of each row, and the number of classes."""
-    out, classes = [], 1
-    for start in range(0, len(rows), chunk):
-        logits = as_logits(model(rows[start : start + chunk]), transform).float()
-        classes = logits.shape[1]
-        probs = logits.softmax(dim=1)
-        out.append(probs.gather(1, targets[start : start + chunk, None]).squeeze(1))
-    return torch.cat(out), classes
 
 
 def _normalised_windows(images: Tensor, centres: Tensor, side: int, shift: int) -> Tensor:
@@ -309,7 +292,7 @@ def shortcut_scores(
         rows = rows.reshape(-1, *x.shape[1:])
         every = wanted[None, :, None].expand(len(named), n, 3).reshape(-1)
         chunk = batch_size or internal_batch_size(None, x)
-        probs, classes = _probabilities(model, rows, every, chunk, output_transform)
+        probs, classes = target_probabilities(model, rows, every, chunk, output_transform)
         perturbed = probs.reshape(len(named), n, 3)
         chance = 1.0 / max(classes, 1)
         out: dict[str, dict[str, Tensor]] = {}

@@ -13,21 +13,28 @@ from helpers import read_events, tiny_model, trainer
 from lightning_saliency import SaliencyCallback
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
+FSDP_SCRIPT = os.path.join(os.path.dirname(__file__), "fsdp_script.py")
+
+
+def run_ranks(script, *args):
+    """Run a 2-process script (bounded: a hang fails the test) and read each rank's record."""
+    proc = subprocess.run(
+        [sys.executable, script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out_dir = args[1] if script == SCRIPT else args[0]
+    ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return proc, ranks
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 def test_ddp_two_cpu_processes(tmp_path, strategy):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, strategy, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    proc, ranks = run_ranks(SCRIPT, strategy, tmp_path)
     assert ranks[0]["written"] > 0 and ranks[1]["written"] == 0  # exactly one writer
     for record in ranks:  # every rank explained and has the same scores for EarlyStopping
         assert record["explained"] == ["gradcam", "guided_gradcam", "integrated_gradients"]
@@ -65,15 +72,7 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
 def test_a_method_failing_on_one_rank_is_skipped_by_every_rank(tmp_path):
     """Integrated Gradients raises on rank 1 only, mid-run: both ranks switch it off together
     (the flag travels with the gathered shares), the other methods go on, nobody hangs."""
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, "ddp", str(tmp_path), "fail"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    proc, ranks = run_ranks(SCRIPT, "ddp", tmp_path, "fail")
     for record in ranks:
         assert record["switched_off"] == ["integrated_gradients"]
         assert record["explained"] == ["gradcam", "guided_gradcam"]
@@ -82,24 +81,13 @@ def test_a_method_failing_on_one_rank_is_skipped_by_every_rank(tmp_path):
     assert "integrated_gradients failed" in proc.stdout + proc.stderr
 
 
-FSDP_SCRIPT = os.path.join(os.path.dirname(__file__), "fsdp_script.py")
-
-
 @pytest.mark.slow
 def test_fsdp2_two_cpu_processes(tmp_path):
     """FSDP2 (fully_shard under ModelParallelStrategy): all ranks explain together; the maps
     equal explain() of an unsharded copy with the gathered weights; training is bitwise the
     same with and without the callback (and two runs without it agree: the control); the
     pictures land once."""
-    proc = subprocess.run(
-        [sys.executable, FSDP_SCRIPT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    _, ranks = run_ranks(FSDP_SCRIPT, tmp_path)
     for record in ranks:
         assert record["control_equal"], "two runs without the callback differ: no control"
         assert record["with_callback_equal"], record["differ"]
