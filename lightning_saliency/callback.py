@@ -21,7 +21,13 @@ from typing_extensions import override
 from lightning_saliency import arguments, console
 from lightning_saliency.dry_run import dry_run
 from lightning_saliency.errors import SaliencyConfigError
-from lightning_saliency.explain import Explanations, explain, normalize_methods
+from lightning_saliency.explain import (
+    Explanations,
+    explain,
+    explanation_context,
+    layer_activations,
+    normalize_methods,
+)
 from lightning_saliency.faithfulness import FaithfulnessReport, faithfulness
 from lightning_saliency.figures import EpochFigures, Timeline, first_map_method
 from lightning_saliency.layers import LAYOUTS, Layout, Reshape
@@ -41,7 +47,13 @@ from lightning_saliency.samples import (
 from lightning_saliency.sanity import SanityReport
 from lightning_saliency.sanity import sanity_check as randomisation_test
 from lightning_saliency.scores import pointing_tolerance
-from lightning_saliency.sharing import gather_explanations, merge, share_of, shareable
+from lightning_saliency.sharing import (
+    gather_activations,
+    gather_explanations,
+    merge,
+    share_of,
+    shareable,
+)
 from lightning_saliency.shortcut_scores import shortcut_scores
 from lightning_saliency.watchers import StaleCheckGuard, watching
 
@@ -964,9 +976,9 @@ class SaliencyCallback(L.Callback):
     ) -> tuple[Explanations | None, dict[str, BaseException]]:
         """Under DDP, each rank explains its share of the samples (``samples[rank::world]``)
         and the shares are gathered (:mod:`lightning_saliency.sharing`): W ranks, 1/W of the
-        work each. Concept methods (DFF) factorise all samples jointly and are explained whole
-        on every rank. One process, fewer samples than ranks, or another strategy: every
-        rank explains all samples."""
+        work each. Methods that factorise all samples jointly (DFF) share the forward and
+        factorise the gathered activations on every rank. One process, fewer samples than
+        ranks, or another strategy: every rank explains all samples."""
         world, rank = trainer.world_size, trainer.global_rank
         if world == 1 or not isinstance(trainer.strategy, DDPStrategy) or len(samples) < world:
             return self._explain(pl_module, samples, active)
@@ -988,11 +1000,71 @@ class SaliencyCallback(L.Callback):
                 (int(h), int(w)),
                 samples.images.device,
             )
+        joint = [m for m in whole if METHODS[m].joint is not None] if shared is not None else []
+        if joint:
+            assert shared is not None
+            found = self._explain_joint(trainer, pl_module, samples, joint, shared)
+            errors.update(found)
         rest: Explanations | None = None
-        if whole:
-            rest, rest_errors = self._explain(pl_module, samples, whole)
+        alone = [m for m in whole if m not in joint]
+        if alone:
+            rest, rest_errors = self._explain(pl_module, samples, alone)
             errors.update(rest_errors)
         return merge(shared, rest), errors
+
+    def _explain_joint(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        samples: FixedSamples,
+        joint: Sequence[str],
+        shared: Explanations,
+    ) -> dict[str, BaseException]:
+        """Methods that factorise all samples jointly (DFF) under DDP: each rank takes its
+        share's layer activations, they are gathered, and every rank factorises all of them
+        alike; the maps join ``shared``. Returns the failures (the same on every rank)."""
+        world, rank = trainer.world_size, trainer.global_rank
+        mine = samples.subset(share_of(len(samples), rank, world))
+        local: Tensor | None = None
+        failure: BaseException | None = None
+        try:
+            local, _ = layer_activations(
+                pl_module,
+                mine.images,
+                self.target_layer or self._layer_name,
+                layout=self.layout,
+                reshape=self.reshape,
+                output_transform=self.output_transform,
+            )
+        except Exception as err:
+            failure = err
+        everything = gather_activations(
+            trainer.strategy, local, len(samples), rank, world, samples.images.device
+        )
+        if everything is None:
+            error = failure or RuntimeError("the layer's activations failed on another rank")
+            return {m: error for m in joint}
+        errors: dict[str, BaseException] = {}
+        size = (int(samples.images.shape[-2]), int(samples.images.shape[-1]))
+        for method in joint:
+            compute = METHODS[method].joint
+            assert compute is not None
+            try:
+                options = resolve_options([method], {method: self.method_options[method]})
+                with explanation_context(pl_module):
+                    maps, extras = compute(
+                        everything,
+                        pl_module,
+                        size,
+                        options[method],
+                        self._warm_start.setdefault(method, {}),
+                    )
+            except Exception as err:  # the same inputs on every rank: the same outcome
+                errors[method] = err
+                continue
+            shared.maps[method] = maps.detach().float()
+            shared.extras.update(extras)
+        return errors
 
     def _agree_and_switch_off(
         self,

@@ -293,3 +293,46 @@ def explain(
             extras=session.extras,
             errors=errors,
         )
+
+
+def layer_activations(
+    model: nn.Module,
+    images: Tensor,
+    target_layer: LayerSpec = None,
+    *,
+    layout: Layout = "auto",
+    reshape: Reshape | None = None,
+    output_transform: OutputTransform | None = None,
+) -> tuple[Tensor, str]:
+    """The target layer's output for ``images``, read as :func:`explain` reads it: float32
+    ``(N, C, h, w)`` whatever the layout, and the layer's name. One forward, in the same
+    safety context.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+        >>> acts, name = layer_activations(net, torch.rand(2, 3, 16, 16))
+        >>> acts.shape, name
+        (torch.Size([2, 8, 16, 16]), '1')
+    """
+    model = eager_module(model)
+    with explanation_context(model):
+        x = images.detach().clone().to(model_dtype(model))
+
+        def scores(output: Any) -> Tensor:
+            return as_logits(output, output_transform)
+
+        name, layer = choose_layer(model, x, target_layer, scores)
+        session = ExplainSession(
+            model,
+            x,
+            None,
+            layer,
+            (),
+            0,
+            None,
+            layout=layout,
+            reshape=reshape,
+            output_transform=output_transform,
+        )
+        return session.layer_activations(), name

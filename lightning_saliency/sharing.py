@@ -8,8 +8,10 @@ included), so every rank computes the same scores and EarlyStopping agrees acros
 the strategy's own ``all_gather`` is used; no communication of our own.
 
 Per-sample extras (``ig_completeness_error``, ``ig_steps`` with ``"auto"``) are gathered with
-the maps; other extras are taken from the local run. Methods of kind ``"concepts"`` (DFF)
-factorise the samples jointly, so they are not shared: each rank explains them on all samples.
+the maps; other extras are taken from the local run. Methods that factorise all samples jointly
+(DFF, whose registry record has a ``joint`` function) share the forward: each rank computes its
+share's layer activations, they are gathered (:func:`gather_activations`), and every rank
+factorises all of them alike, so the concepts are those of a single-device run.
 """
 
 from __future__ import annotations
@@ -150,6 +152,38 @@ def gather_explanations(
         ),
         merged_errors,
     )
+
+
+def gather_activations(
+    strategy: Gathers,
+    local: Tensor | None,
+    n: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> Tensor | None:
+    """Every rank's share of the target layer's ``(rows, C, h, w)`` activations, gathered into
+    ``(n, C, h, w)`` in sample order; ``None`` on every rank when any rank has none (its
+    forward failed), so that all ranks skip the joint methods together.
+
+    A header (this rank's flag and shape) goes first, so every rank knows the shape to gather
+    before it gathers; every rank enters the same two collectives whatever happened.
+    """
+    rows = -(-n // world)
+    mine = len(share_of(n, rank, world))
+    shape = list(local.shape[1:]) if local is not None and local.dim() == 4 else [0, 0, 0]
+    header = torch.tensor([float(local is not None and local.dim() == 4), *map(float, shape)])
+    with warnings.catch_warnings():  # Lightning's all_gather calls a deprecated torch API
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+        everyone = strategy.all_gather(header.to(device)).reshape(world, -1).cpu()
+        if not bool(everyone[:, 0].all()):
+            return None
+        c, h, w = (int(v) for v in everyone[:, 1:].amax(dim=0).tolist())
+        padded = torch.zeros(rows, c, h, w, device=device)
+        if local is not None:
+            padded[:mine] = local.to(device).float()
+        gathered = strategy.all_gather(padded)
+    return _interleave(gathered, n)
 
 
 def merge(shared: Explanations | None, whole: Explanations | None) -> Explanations | None:

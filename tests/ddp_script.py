@@ -38,6 +38,16 @@ def counting_explain(model, images, *args, **kwargs):
 
 
 callback_module.explain = counting_explain
+_activations = callback_module.layer_activations
+
+
+def counting_activations(model, images, *args, **kwargs):
+    """Counts the samples whose layer activations the callback takes for DFF, per process."""
+    EXPLAINED.append((int(images.shape[0]), ["dff"]))
+    return _activations(model, images, *args, **kwargs)
+
+
+callback_module.layer_activations = counting_activations
 
 if len(sys.argv) > 3 and sys.argv[3] == "fail":
     _ig = METHODS["integrated_gradients"]
@@ -71,7 +81,7 @@ class CountingCallback(SaliencyCallback):
 
     def last_run_rows(self):
         """Rows this rank explained per method in the last logged run (the two last calls:
-        the shared map methods on this rank's share, DFF on all samples)."""
+        the shared map methods and DFF's layer activations, both on this rank's share)."""
         rows = {}
         for count, methods in EXPLAINED[-2:]:
             for method in methods:
@@ -82,13 +92,17 @@ class CountingCallback(SaliencyCallback):
         """The gathered maps of the last logged run against explain() of all the samples on
         the same weights (nothing trains after the last validation)."""
         samples = self.fixed_samples.to(pl_module.device)
-        shared = [m for m in self.explanations.maps if METHODS[m].kind == "map"]
+        methods = list(self.explanations.maps)
         fresh = explain(
-            pl_module, samples.images, samples.labels, shared, self.layer_name, ig_steps=8
+            pl_module, samples.images, samples.labels, methods, self.layer_name, ig_steps=8
         )
-        return {m: float((fresh[m] - self.explanations[m]).abs().max()) for m in shared} | {
-            "logits": float((fresh.logits - self.explanations.logits).abs().max())
-        }
+        diffs = {m: float((fresh[m] - self.explanations[m]).abs().max()) for m in methods}
+        if "dff" in methods:  # concepts keep their order across epochs: compare the sets
+            diffs["dff"] = float(
+                (fresh["dff"].sum(1) - self.explanations["dff"].sum(1)).abs().max()
+            )
+        logits = float((fresh.logits - self.explanations.logits).abs().max())
+        return diffs | {"logits": logits}
 
     def on_fit_end(self, trainer, pl_module):
         super().on_fit_end(trainer, pl_module)

@@ -128,3 +128,44 @@ def test_a_rank_whose_whole_pass_failed_still_gathers():
         t.join(timeout=60)
     for out, errors in results:
         assert set(errors) == set(METHODS) and out is not None and not out.maps
+
+
+def _gather_activations_on_threads(pieces, n):
+    from lightning_saliency.sharing import gather_activations
+
+    gather = ThreadGather(len(pieces))
+    results: list = [None] * len(pieces)
+
+    def rank_main(rank: int) -> None:
+        results[rank] = gather_activations(
+            gather.for_rank(rank), pieces[rank], n, rank, len(pieces), torch.device("cpu")
+        )
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(len(pieces))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def test_layer_activations_are_gathered_in_sample_order_or_skipped_by_all():
+    acts = torch.rand(5, 4, 3, 3)
+    pieces = [acts[share_of(5, r, 2)] for r in range(2)]
+    for gathered in _gather_activations_on_threads(pieces, 5):
+        assert torch.equal(gathered, acts)
+    assert _gather_activations_on_threads([pieces[0], None], 5) == [None, None]
+
+
+def test_dff_of_gathered_activations_is_the_single_device_dff():
+    from lightning_saliency.explain import layer_activations
+    from lightning_saliency.methods import METHODS
+    from lightning_saliency.methods.dff import DFFOptions
+
+    model, images = _model(), torch.rand(6, 3, 12, 12)
+    whole = explain(model, images, None, ("dff",))
+    pieces = [layer_activations(model, images[share_of(6, r, 2)])[0] for r in range(2)]
+    gathered = _gather_activations_on_threads(pieces, 6)[0]
+    maps, extras = METHODS["dff"].joint(gathered, model, (12, 12), DFFOptions(), {})
+    torch.testing.assert_close(maps, whole["dff"])
+    torch.testing.assert_close(extras["dff_concept_scores"], whole.extras["dff_concept_scores"])

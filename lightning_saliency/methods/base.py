@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_saliency.errors import SaliencyConfigError
 
@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 Kind = Literal["map", "concepts"]
 Sign = Literal["non_negative", "signed"]
 Cost = Literal["cheap", "moderate", "expensive"]
+JointFunction = Callable[
+    [Tensor, "nn.Module", tuple[int, int], Any, dict[str, Any]], tuple[Tensor, dict[str, Any]]
+]
+"""``(activations, model, size, options, memory) -> (maps, extras)``: see ``joint``."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ class SaliencyMethod:
         extras: keys the method writes in ``Explanations.extras``, with their meaning.
         concept_scores: for ``kind="concepts"``, the extra holding ``(K, num_classes)`` scores.
         aliases: other accepted spellings.
+        joint: for a method that factorises all samples jointly (``kind="concepts"``):
+            ``(activations, model, size, options, memory) -> (maps, extras)`` from the target
+            layer's ``(N, C, h, w)`` activations of all samples. Under DDP each rank computes
+            its share's activations, they are gathered, and every rank runs this alike.
     """
 
     name: str
@@ -102,6 +110,7 @@ class SaliencyMethod:
     extras: Mapping[str, str] = field(default_factory=dict)
     concept_scores: str | None = None
     aliases: tuple[str, ...] = ()
+    joint: JointFunction | None = None
 
     def option_fields(self) -> dict[str, dataclasses.Field[Any]]:
         """The declared options, by name."""

@@ -12,9 +12,10 @@ concepts are the same for activations x 1e-6 and x 1e6 (the updates' epsilon is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_saliency.layers import find_classifier_head
 from lightning_saliency.methods.base import MethodOptions, SaliencyMethod, register
@@ -130,8 +131,25 @@ class DFFOptions(MethodOptions):
 
 def dff(session: ExplainSession, options: DFFOptions) -> Tensor:
     """``(N, K, H, W)`` concept maps; concept class scores go to ``session.extras``."""
+    acts = session.layer_activations()
+    maps, extras = factorise(acts, session.model, session.size, options, session.warm_start("dff"))
+    session.extras.update(extras)
+    return maps
+
+
+def factorise(
+    activations: Tensor,
+    model: nn.Module,
+    size: tuple[int, int],
+    options: DFFOptions,
+    memory: dict[str, Any],
+) -> tuple[Tensor, dict[str, Any]]:
+    """DFF from the layer's ``(N, C, h, w)`` activations of all samples: ``(N, K, H, W)``
+    concept maps at ``size`` and the extras (concept class scores through ``model``'s head).
+    Under DDP each rank gathers the activations of every rank's share and factorises them
+    alike (:mod:`lightning_saliency.sharing`): the concepts are those of all samples."""
     k = options.components
-    acts = torch.nan_to_num(session.layer_activations())
+    acts = torch.nan_to_num(activations.float())
     n, c, hh, ww = acts.shape
     v = acts.permute(1, 0, 2, 3).reshape(c, -1)
     offset = v.min(dim=1, keepdim=True).values
@@ -142,21 +160,21 @@ def dff(session: ExplainSession, options: DFFOptions) -> Tensor:
     w, h = nmf(shifted / scale, k)
     w = w * scale
     order = (h.sum(dim=1) * w.norm(dim=0)).argsort(descending=True)
-    memory = session.warm_start("dff")
     previous = memory.get("concepts")
     if isinstance(previous, list) and len(previous) == k and len(previous[0]) == c:
         order = order[match_concepts(torch.tensor(previous, device=w.device), w[:, order].T)]
     w, h = w[:, order], h[order]
     memory["concepts"] = w.T.detach().float().cpu().tolist()  # plain numbers: checkpointable
     concepts = (w + offset).T  # (K, C): each concept as a feature vector, as pytorch-grad-cam
-    head = find_classifier_head(session.model, c)
+    extras: dict[str, Any] = {}
+    head = find_classifier_head(model, c)
     if head is not None:
         weight = next(head.parameters())
         with torch.no_grad():  # FSDP2: the head's shards are gathered (all ranks, in order)
             scores = call_with_full_weights(head, concepts.to(weight.dtype))
-            session.extras["dff_concept_scores"] = scores.float()
+            extras["dff_concept_scores"] = scores.float()
     maps = h.reshape(k, n, hh, ww).permute(1, 0, 2, 3)
-    return upsample(maps, session.size)
+    return upsample(maps, size), extras
 
 
 register(
@@ -171,5 +189,6 @@ register(
         extras={"dff_concept_scores": "(K, num_classes) scores of each concept through the head"},
         concept_scores="dff_concept_scores",
         aliases=("deep_feature_factorization",),
+        joint=factorise,
     )
 )
