@@ -26,30 +26,48 @@ from lightning_saliency.loggers import Publisher  # noqa: E402
 from lightning_saliency.methods import METHODS  # noqa: E402
 
 WRITTEN = {"pictures": 0}
-EXPLAINED: list[tuple[int, list[str]]] = []  # (rows, methods) of each explain() call
+# (samples, methods, rows through the model's forward) of each explanation call
+EXPLAINED: list[tuple[int, list[str], int]] = []
 _publish = Publisher.images
 
 
+def forward_rows(model, call):
+    """``call()``'s result and the rows it sent through ``model``'s forward."""
+    rows = [0]
+
+    def count(module, args):
+        rows[0] += int(args[0].shape[0])
+
+    handle = model.register_forward_pre_hook(count)
+    try:
+        return call(), rows[0]
+    finally:
+        handle.remove()
+
+
 def counting_explain(model, images, *args, **kwargs):
-    """Counts, per process, the samples each explain() call of the callback gets."""
+    """Counts, per process, the samples and forward rows of each explain() call."""
     methods = args[1] if len(args) > 1 else kwargs.get("methods")
-    EXPLAINED.append((int(images.shape[0]), list(methods)))
-    return explain(model, images, *args, **kwargs)
+    out, rows = forward_rows(model, lambda: explain(model, images, *args, **kwargs))
+    EXPLAINED.append((int(images.shape[0]), list(methods), rows))
+    return out
 
 
-callback_module.explain = counting_explain
 _activations = callback_module.layer_activations
 
 
 def counting_activations(model, images, *args, **kwargs):
     """Counts the samples whose layer activations the callback takes for DFF, per process."""
-    EXPLAINED.append((int(images.shape[0]), ["dff"]))
-    return _activations(model, images, *args, **kwargs)
+    out, rows = forward_rows(model, lambda: _activations(model, images, *args, **kwargs))
+    EXPLAINED.append((int(images.shape[0]), ["dff"], rows))
+    return out
 
 
-callback_module.layer_activations = counting_activations
+if __name__ in ("__main__", "__mp_main__"):  # run as the script (or its spawned children)
+    callback_module.explain = counting_explain
+    callback_module.layer_activations = counting_activations
 
-if len(sys.argv) > 3 and sys.argv[3] == "fail":
+if __name__ in ("__main__", "__mp_main__") and len(sys.argv) > 3 and sys.argv[3] == "fail":
     _ig = METHODS["integrated_gradients"]
 
     CALLS = {"ig": 0}
@@ -83,9 +101,10 @@ class CountingCallback(SaliencyCallback):
         """Rows this rank explained per method in the last logged run (the two last calls:
         the shared map methods and DFF's layer activations, both on this rank's share)."""
         rows = {}
-        for count, methods in EXPLAINED[-2:]:
+        for count, methods, forwards in EXPLAINED[-2:]:
             for method in methods:
                 rows[method] = count
+            rows["forward_rows"] = rows.get("forward_rows", 0) + forwards
         return rows
 
     def maps_match_explain(self, pl_module):

@@ -8,9 +8,10 @@ import sys
 import ddp_script
 import lightning as L
 import pytest
+import torch
 from helpers import read_events, tiny_model, trainer
 
-from lightning_saliency import SaliencyCallback
+from lightning_saliency import SaliencyCallback, explain
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
 FSDP_SCRIPT = os.path.join(os.path.dirname(__file__), "fsdp_script.py")
@@ -31,6 +32,24 @@ def run_ranks(script, *args):
     return proc, ranks
 
 
+def single_device_forward_rows():
+    """The forward rows of one device's explanation of the script's 4 samples (the same
+    methods and options, as the callback calls them)."""
+    from lightning_saliency.explain import layer_activations
+
+    model = tiny_model()
+    images = torch.rand(4, 3, 32, 32)
+    methods = ["gradcam", "guided_gradcam", "integrated_gradients"]
+    _, maps_rows = ddp_script.forward_rows(
+        model,
+        lambda: explain(model, images, None, methods, "features", ig_steps=8, on_error="collect"),
+    )
+    _, dff_rows = ddp_script.forward_rows(
+        model, lambda: layer_activations(model, images, "features")
+    )
+    return maps_rows + dff_rows
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 def test_ddp_two_cpu_processes(tmp_path, strategy):
@@ -39,13 +58,12 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
     for record in ranks:  # every rank explained and has the same scores for EarlyStopping
         assert record["explained"] == ["gradcam", "guided_gradcam", "integrated_gradients"]
         # each rank explained half of the 4 samples; DFF takes the layer's activations of its
-        # half and factorises the gathered activations of all 4
-        assert record["last_run_rows"] == {
-            "gradcam": 2,
-            "guided_gradcam": 2,
-            "integrated_gradients": 2,
-            "dff": 2,
-        }
+        # half and factorises the gathered activations of all 4; half the forward rows of one
+        # device's explanation went through each rank's model
+        rows = dict(record["last_run_rows"])
+        forwards = rows.pop("forward_rows")
+        assert rows == {"gradcam": 2, "guided_gradcam": 2, "integrated_gradients": 2, "dff": 2}
+        assert forwards * 2 == single_device_forward_rows(), forwards
         assert "dff" in record["maps_match_explain"]
         # the gathered maps are those of explain() on all samples and the same weights
         assert all(diff < 1e-5 for diff in record["maps_match_explain"].values()), record
