@@ -33,6 +33,7 @@ from lightning_saliency.explain import Explanations
 from lightning_saliency.methods import METHODS
 from lightning_saliency.samples import class_name
 from lightning_saliency.scores import (
+    SHORTCUT_SCORES,
     SignedMass,
     chance_levels,
     downsample_for_drift,
@@ -45,9 +46,7 @@ PER_CLASS_SCORES = (
     "pointing_game",
     "corner_enrichment",
     "dead_maps",
-    "small_cue_reliance",
-    "attended_consensus",
-    "background_reliance",
+    *SHORTCUT_SCORES,
 )
 AlarmState = Literal["raised", "cleared", "back"]
 CLEAR_AFTER = 2  # logged epochs in a row on the safe side before an alarm is cleared

@@ -45,6 +45,14 @@ from torch import Tensor
 _EPS = 1e-12
 
 
+SHORTCUT_SCORES: tuple[str, ...] = (
+    "small_cue_reliance",
+    "attended_consensus",
+    "background_reliance",
+)
+"""The mask-free probes' scores (:mod:`lightning_saliency.shortcut_scores`): they need the
+model, so they are computed there and handed to the monitor."""
+
 SignedMass = Literal["positive", "absolute"]
 """How a signed map's mass is counted: its positive part (default) or its magnitude."""
 
@@ -166,15 +174,29 @@ def pointing_game(
     if tolerance > 0:
         grown = F.max_pool2d(grown, 2 * tolerance + 1, stride=1, padding=tolerance)
     mass = relevance(maps, signed_mass)
+    row, col = hottest_points(mass).unbind(1)
+    hottest = row * mass.shape[-1] + col
+    return grown.flatten(1).gather(1, hottest[:, None]).squeeze(1)
+
+
+def hottest_points(mass: Tensor, tie: float = 0.0) -> Tensor:
+    """``(N, 2)`` row and column of each ``(N, H, W)`` map's maximum; where several pixels
+    are within ``tie`` of it, the centre of those maxima (never the first in raster order).
+
+    Example:
+        >>> m = torch.zeros(1, 5, 5); m[0, 1:4, 1:4] = 1
+        >>> hottest_points(m).tolist()
+        [[2, 2]]
+    """
     h, w = mass.shape[-2:]
     flat = mass.flatten(1)
-    top = (flat == flat.amax(dim=1, keepdim=True)).float()
+    peak = flat.amax(dim=1, keepdim=True)
+    top = (flat >= peak - tie if tie > 0 else flat == peak).float()
     count = top.sum(1).clamp(min=1)
     index = torch.arange(h * w, device=flat.device)
     row = ((top * (index // w)).sum(1) / count).round().long()
     col = ((top * (index % w)).sum(1) / count).round().long()
-    hottest = row * w + col
-    return grown.flatten(1).gather(1, hottest[:, None]).squeeze(1)
+    return torch.stack([row, col], dim=1)
 
 
 def pointing_tolerance(size: tuple[int, int], cells: tuple[int, int] | None) -> int:
@@ -309,8 +331,7 @@ def chance_levels(masks: Tensor | None, n: int, device: torch.device) -> dict[st
     """
     ones, zeros = torch.ones(n, device=device), torch.zeros(n, device=device)
     levels = {"corner_enrichment": ones, "border_enrichment": ones}
-    # the mask-free probes (lightning_saliency.shortcut_scores) when nothing was judged
-    levels.update(small_cue_reliance=zeros, attended_consensus=zeros, background_reliance=zeros)
+    levels.update({name: zeros for name in SHORTCUT_SCORES})  # the probes judged nothing
     if masks is not None:
         area = masks.to(device).float().flatten(1).mean(1)
         levels.update(

@@ -69,16 +69,10 @@ from lightning_saliency.explain import eager_module, explanation_context, model_
 from lightning_saliency.faithfulness import blurred, target_probabilities
 from lightning_saliency.methods.integrated_gradients import internal_batch_size
 from lightning_saliency.methods.session import OutputTransform
-from lightning_saliency.scores import SignedMass, relevance
+from lightning_saliency.scores import SHORTCUT_SCORES, SignedMass, hottest_points, relevance
 
 _EPS = 1e-12
 CHANCE_PLACES = 8  # random crops per image for attended consensus's chance level
-
-SHORTCUT_SCORES: tuple[str, ...] = (
-    "small_cue_reliance",
-    "attended_consensus",
-    "background_reliance",
-)
 
 
 @dataclass(frozen=True)
@@ -120,6 +114,21 @@ def smoothed_mass(maps: Tensor, fraction: float, signed_mass: SignedMass = "posi
     return F.avg_pool2d(mass, side, 1, side // 2, count_include_pad=False)[:, 0]
 
 
+def pixel_ranks(mass: Tensor) -> Tensor:
+    """``(N, H, W)``: each pixel's place in its map's descending order (0 = the hottest; ties
+    in raster order).
+
+    Example:
+        >>> pixel_ranks(torch.tensor([[[1.0, 3.0], [2.0, 3.0]]])).tolist()
+        [[[3, 0], [2, 1]]]
+    """
+    n, h, w = mass.shape
+    order = mass.flatten(1).argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(h * w, device=mass.device).expand(n, -1))
+    return ranks.reshape(n, h, w)
+
+
 def top_region(mass: Tensor, counts: Tensor) -> Tensor:
     """Boolean ``(N, H, W)``: each map's ``counts[i]`` hottest pixels (ties in raster order).
 
@@ -128,11 +137,7 @@ def top_region(mass: Tensor, counts: Tensor) -> Tensor:
         >>> top_region(m, torch.tensor([2])).int().tolist()
         [[[0, 0, 0], [0, 1, 1]]]
     """
-    n, h, w = mass.shape
-    order = mass.flatten(1).argsort(dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(h * w, device=mass.device).expand(n, -1))
-    return (ranks < counts.to(mass.device)[:, None]).reshape(n, h, w)
+    return pixel_ranks(mass) < counts.to(mass.device)[:, None, None]
 
 
 def _normalised_windows(images: Tensor, centres: Tensor, side: int, shift: int) -> Tensor:
@@ -165,18 +170,6 @@ def _crop_similarity(images: Tensor, centres: Tensor, side: int, shift: int) -> 
     return (similarity + similarity.T) / 2
 
 
-def _hottest_points(mass: Tensor) -> Tensor:
-    """``(N, 2)`` row, col of each map's maximum (the centre of tied maxima)."""
-    n, h, w = mass.shape
-    flat = mass.flatten(1)
-    top = (flat >= flat.amax(dim=1, keepdim=True) - _EPS).float()
-    count = top.sum(1).clamp(min=1)
-    index = torch.arange(h * w, device=mass.device)
-    row = ((top * (index // w)).sum(1) / count).round().long()
-    col = ((top * (index % w)).sum(1) / count).round().long()
-    return torch.stack([row, col], dim=1)
-
-
 def attended_consensus(
     images: Tensor,
     maps: Tensor,
@@ -197,26 +190,49 @@ def attended_consensus(
         True
     """
     settings = settings or ProbeSettings()
-    n, _, h, w = images.shape
-    side = max(3, round(min(h, w) * settings.crop_fraction))
-    shift = max(1, side // 3)
     x = images.float()
     mass = smoothed_mass(maps.to(x.device), settings.smooth_fraction, signed_mass)
-    attended = _crop_similarity(x, _hottest_points(mass), side, shift)
-    # chance: crops at random places (the same places for every index), all pairs of images
+    return _consensus(x, mass, groups, peers, settings, _chance_similarity(x, settings))
+
+
+def _crop_geometry(images: Tensor, settings: ProbeSettings) -> tuple[int, int]:
+    """The crop's side and the largest shift tried, in pixels."""
+    side = max(3, round(min(images.shape[-2:]) * settings.crop_fraction))
+    return side, max(1, side // 3)
+
+
+def _chance_similarity(images: Tensor, settings: ProbeSettings) -> Tensor:
+    """Attended consensus's chance level: the mean similarity of crops at random places (the
+    same places for every index) over all pairs of different images."""
+    n, _, h, w = images.shape
+    side, shift = _crop_geometry(images, settings)
     generator = torch.Generator().manual_seed(settings.seed + 1)
     limits = torch.tensor([h - 1, w - 1], dtype=torch.float32)
     levels = []
     for _ in range(CHANCE_PLACES):
-        places = (torch.rand(n, 2, generator=generator) * limits).round().long().to(x.device)
-        levels.append(_crop_similarity(x, places, side, shift))
-    others = ~torch.eye(n, dtype=torch.bool, device=x.device)
-    chance = torch.stack(levels)[:, others].mean() if n > 1 else x.new_zeros(())
-    groups = groups.to(x.device)
+        places = (torch.rand(n, 2, generator=generator) * limits).round().long()
+        levels.append(_crop_similarity(images, places.to(images.device), side, shift))
+    others = ~torch.eye(n, dtype=torch.bool, device=images.device)
+    return torch.stack(levels)[:, others].mean() if n > 1 else images.new_zeros(())
+
+
+def _consensus(
+    images: Tensor,
+    mass: Tensor,
+    groups: Tensor,
+    peers: Tensor | None,
+    settings: ProbeSettings,
+    chance: Tensor,
+) -> Tensor:
+    """Attended consensus from the smoothed ``mass`` and the ``chance`` level."""
+    n = images.shape[0]
+    side, shift = _crop_geometry(images, settings)
+    attended = _crop_similarity(images, hottest_points(mass, tie=_EPS), side, shift)
+    groups = groups.to(images.device)
     same = groups[:, None] == groups[None, :]
     if peers is not None:
-        same &= peers.to(x.device)[None, :].bool()
-    same &= ~torch.eye(n, dtype=torch.bool, device=x.device)
+        same &= peers.to(images.device)[None, :].bool()
+    same &= ~torch.eye(n, dtype=torch.bool, device=images.device)
     count = same.sum(1)
     excess = (attended * same).sum(1) / count.clamp(min=1) - chance
     return torch.where(count > 0, excess, torch.full_like(excess, math.nan))
@@ -275,17 +291,16 @@ def shortcut_scores(
         )  # (2, N, C, H, W): what removed pixels become, per probe
         which_fill = torch.tensor([0, 0, 1], device=x.device)  # hot, ring: cue; region: background
         cue = max(1, round(settings.cue_fraction * h * w))
-        counts = [torch.full((n,), c) for c in (cue, 2 * cue)]
-        region_count = torch.full((n,), max(1, round(settings.background_fraction * h * w)))
-        regions = []
+        region_count = max(1, round(settings.background_fraction * h * w))
+        regions, masses = [], []
         for method, m in named.items():
             if m.shape != (n, h, w):
                 raise ValueError(f"{method}: maps must be {(n, h, w)}, got {tuple(m.shape)}")
             mass = smoothed_mass(m.to(x.device), settings.smooth_fraction, signed_mass)
-            hot = top_region(mass, counts[0])
-            ring = top_region(mass, counts[1]) & ~hot
-            region = top_region(mass, region_count)
-            regions.append(torch.stack([hot, ring, region], dim=1))  # (N, 3, H, W)
+            ranks = pixel_ranks(mass)  # one sort cuts all three regions
+            hot, ring = ranks < cue, (ranks >= cue) & (ranks < 2 * cue)
+            regions.append(torch.stack([hot, ring, ranks < region_count], dim=1))  # (N,3,H,W)
+            masses.append(mass)
         removed = torch.stack(regions)  # (M, N, 3, H, W)
         fill = fills[which_fill].transpose(0, 1)  # (N, 3, C, H, W)
         rows = torch.where(removed[:, :, :, None], fill[None], x[None, :, None])
@@ -298,12 +313,14 @@ def shortcut_scores(
         out: dict[str, dict[str, Tensor]] = {}
         group_of = wanted if groups is None else groups.to(x.device)
         judged = peers is None or float(peers.float().mean()) >= settings.min_peers
-        for i, (method, m) in enumerate(named.items()):
+        images = x.float()
+        crops_by_chance = _chance_similarity(images, settings)  # the same for every method
+        for i, method in enumerate(named):
             hot, ring, region = perturbed[i].unbind(1)
             scores = {
                 "small_cue_reliance": ((ring - hot) / (1 - chance)).clamp(-1, 1),
-                "attended_consensus": attended_consensus(
-                    x, m, group_of, peers, settings, signed_mass
+                "attended_consensus": _consensus(
+                    images, masses[i], group_of, peers, settings, crops_by_chance
                 ),
                 "background_reliance": ((region - chance) / (1 - chance)).clamp(0, 1),
             }
@@ -317,6 +334,7 @@ __all__ = [
     "SHORTCUT_SCORES",
     "ProbeSettings",
     "attended_consensus",
+    "pixel_ranks",
     "shortcut_scores",
     "smoothed_mass",
     "top_region",
