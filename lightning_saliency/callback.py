@@ -960,11 +960,7 @@ class SaliencyCallback(L.Callback):
                 errors[method] = err
                 continue
             errors.update(alone.errors)
-            if kept is None:
-                kept = alone
-            else:
-                kept.maps.update(alone.maps)
-                kept.extras.update(alone.extras)
+            kept = merge(kept, alone)
         return kept, errors
 
     def _explain_shared(
@@ -983,12 +979,12 @@ class SaliencyCallback(L.Callback):
         if world == 1 or not isinstance(trainer.strategy, DDPStrategy) or len(samples) < world:
             return self._explain(pl_module, samples, active)
         split, whole = shareable(active)
+        mine = samples.subset(share_of(len(samples), rank, world))
+        size = (int(samples.images.shape[-2]), int(samples.images.shape[-1]))
         shared: Explanations | None = None
         errors: dict[str, BaseException] = {}
         if split:
-            mine = samples.subset(share_of(len(samples), rank, world))
             local, local_errors = self._explain(pl_module, mine, split)
-            h, w = samples.images.shape[-2:]
             shared, errors = gather_explanations(
                 trainer.strategy,
                 local,
@@ -997,13 +993,13 @@ class SaliencyCallback(L.Callback):
                 len(samples),
                 rank,
                 world,
-                (int(h), int(w)),
+                size,
                 samples.images.device,
             )
         joint = [m for m in whole if METHODS[m].joint is not None] if shared is not None else []
         if joint:
             assert shared is not None
-            found = self._explain_joint(trainer, pl_module, samples, joint, shared)
+            found = self._explain_joint(trainer, pl_module, samples, mine, size, joint, shared)
             errors.update(found)
         rest: Explanations | None = None
         alone = [m for m in whole if m not in joint]
@@ -1017,14 +1013,16 @@ class SaliencyCallback(L.Callback):
         trainer: L.Trainer,
         pl_module: L.LightningModule,
         samples: FixedSamples,
+        mine: FixedSamples,
+        size: tuple[int, int],
         joint: Sequence[str],
         shared: Explanations,
     ) -> dict[str, BaseException]:
         """Methods that factorise all samples jointly (DFF) under DDP: each rank takes its
-        share's layer activations, they are gathered, and every rank factorises all of them
-        alike; the maps join ``shared``. Returns the failures (the same on every rank)."""
+        share's (``mine``) layer activations, they are gathered, and every rank factorises all
+        of them alike; the maps join ``shared``. Returns the failures (the same on every
+        rank)."""
         world, rank = trainer.world_size, trainer.global_rank
-        mine = samples.subset(share_of(len(samples), rank, world))
         local: Tensor | None = None
         failure: BaseException | None = None
         try:
@@ -1045,7 +1043,6 @@ class SaliencyCallback(L.Callback):
             error = failure or RuntimeError("the layer's activations failed on another rank")
             return {m: error for m in joint}
         errors: dict[str, BaseException] = {}
-        size = (int(samples.images.shape[-2]), int(samples.images.shape[-1]))
         for method in joint:
             compute = METHODS[method].joint
             assert compute is not None

@@ -64,6 +64,24 @@ def _interleave(gathered: Tensor, n: int) -> Tensor:
     return gathered[order % world, order // world]
 
 
+def _all_gather(strategy: Gathers, value: Tensor) -> Tensor:
+    """``strategy.all_gather``, without the deprecation warning Lightning's implementation
+    triggers in torch at every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+        return strategy.all_gather(value)
+
+
+def _gather_shares(
+    strategy: Gathers, value: Tensor, n: int, rank: int, world: int, device: torch.device
+) -> Tensor:
+    """This rank's ``(share, ...)`` rows, padded to the largest share, gathered from every
+    rank and put back in sample order: ``(n, ...)``."""
+    padded = torch.zeros((-(-n // world), *value.shape[1:]), dtype=value.dtype, device=device)
+    padded[: len(share_of(n, rank, world))] = value.to(device)
+    return _interleave(_all_gather(strategy, padded), n)
+
+
 def gather_explanations(
     strategy: Gathers,
     local: Explanations | None,
@@ -90,25 +108,17 @@ def gather_explanations(
         failures: a method that failed on any rank fails everywhere, with the local exception
         or one that names the other rank.
     """
-    rows = -(-n // world)
     mine = len(share_of(n, rank, world))
 
-    def all_gather(value: Tensor) -> Tensor:
-        with warnings.catch_warnings():  # Lightning's all_gather calls a deprecated torch API
-            warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
-            return strategy.all_gather(value)
-
     def gather(value: Tensor) -> Tensor:
-        padded = torch.zeros((rows, *value.shape[1:]), dtype=value.dtype, device=device)
-        padded[:mine] = value
-        return _interleave(all_gather(padded), n)
+        return _gather_shares(strategy, value, n, rank, world, device)
 
     # what this rank has: a flag per method, the class count and the layer grid
     ok = [local is not None and m in local.maps and m not in errors for m in methods]
     classes = local.logits.shape[1] if local is not None else 0
     cells = local.layer_cells if local is not None and local.layer_cells else (-1, -1)
     header = torch.tensor([*[float(f) for f in ok], float(classes), *map(float, cells)])
-    everyone = all_gather(header.to(device)).reshape(world, -1).cpu()
+    everyone = _all_gather(strategy, header.to(device)).reshape(world, -1).cpu()
     failed_anywhere = {m for i, m in enumerate(methods) if not bool(everyone[:, i].all())}
     classes = int(everyone[:, len(methods)].max())
     grid = everyone[:, len(methods) + 1 :].amax(dim=0).long().tolist()
@@ -132,7 +142,7 @@ def gather_explanations(
             value = extras.get(key) if ok[i] else None
             per_sample = isinstance(value, Tensor) and value.dim() == 1 and len(value) == mine
             flag = torch.tensor([float(per_sample)], device=device)
-            any_per_sample = bool(all_gather(flag).max() > 0)
+            any_per_sample = bool(_all_gather(strategy, flag).max() > 0)
             if any_per_sample:
                 sent = value.float() if per_sample and isinstance(value, Tensor) else None
                 if sent is None:
@@ -169,25 +179,20 @@ def gather_activations(
     A header (this rank's flag and shape) goes first, so every rank knows the shape to gather
     before it gathers; every rank enters the same two collectives whatever happened.
     """
-    rows = -(-n // world)
     mine = len(share_of(n, rank, world))
     shape = list(local.shape[1:]) if local is not None and local.dim() == 4 else [0, 0, 0]
     header = torch.tensor([float(local is not None and local.dim() == 4), *map(float, shape)])
-    with warnings.catch_warnings():  # Lightning's all_gather calls a deprecated torch API
-        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
-        everyone = strategy.all_gather(header.to(device)).reshape(world, -1).cpu()
-        if not bool(everyone[:, 0].all()):
-            return None
-        c, h, w = (int(v) for v in everyone[:, 1:].amax(dim=0).tolist())
-        padded = torch.zeros(rows, c, h, w, device=device)
-        if local is not None:
-            padded[:mine] = local.to(device).float()
-        gathered = strategy.all_gather(padded)
-    return _interleave(gathered, n)
+    everyone = _all_gather(strategy, header.to(device)).reshape(world, -1).cpu()
+    if not bool(everyone[:, 0].all()):
+        return None
+    c, h, w = (int(v) for v in everyone[:, 1:].amax(dim=0).tolist())
+    piece = local.float() if local is not None else torch.zeros(mine, c, h, w)
+    return _gather_shares(strategy, piece, n, rank, world, device)
 
 
 def merge(shared: Explanations | None, whole: Explanations | None) -> Explanations | None:
-    """The gathered shared methods and the unshared ones (explained on all samples) as one."""
+    """Two explanations of the same samples as one: ``shared`` extended by ``whole``'s maps,
+    extras and errors (either may be ``None``)."""
     if shared is None or whole is None:
         return shared if whole is None else whole
     shared.maps.update(whole.maps)
