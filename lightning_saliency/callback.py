@@ -760,8 +760,7 @@ class SaliencyCallback(L.Callback):
             k: v for k, v in report.metrics.items() if self._method_of(k) not in self._switched_off
         }
         metrics.update({f"{self.alarm_prefix}/switched_off/{m}": 1.0 for m in self._switched_off})
-        per_class = self.monitor.per_class_prefix + "/"
-        details = {k: v for k, v in metrics.items() if k.startswith(per_class)}
+        details = {k: v for k, v in metrics.items() if self._chart_only(k)}
         watched = {k: v for k, v in metrics.items() if k not in details}
         self._log_metrics(pl_module, watched)  # EarlyStopping and checkpoints may watch these
         self._keep_metrics(trainer, pl_module, set(watched))
@@ -897,6 +896,17 @@ class SaliencyCallback(L.Callback):
                 self._publisher.drawn(f"{self.prefix}/sanity", report.picture, step)
             except Exception as err:
                 self._warn_once("loggers", "writing to the loggers", err, "training goes on")
+
+    def _chart_only(self, key: str) -> bool:
+        """Keys that go to the loggers' charts only, not through ``self.log``: per-class
+        means and each alarm's state (``self.log`` costs about a millisecond a key; what a
+        rule may watch, the scores and ``saliency_alarms/count``, stays in
+        ``callback_metrics``)."""
+        if key.startswith(self.monitor.per_class_prefix + "/"):
+            return True
+        alarm = self.alarm_prefix + "/"
+        rest = key[len(alarm) :] if key.startswith(alarm) else None
+        return rest is not None and rest != "count" and not rest.startswith("switched_off/")
 
     def _method_of(self, tag: str) -> str | None:
         """The method a logged tag belongs to (under any of the callback's prefixes)."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
-from torchmetrics.functional.regression import spearman_corrcoef
 
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.explain import Explanations, explain, normalize_methods
 from lightning_saliency.methods import DEFAULT_METHODS, METHODS
+from lightning_saliency.scores import rank_correlation
 from lightning_saliency.sharded import is_sharded, reshard
 
 if TYPE_CHECKING:
@@ -89,13 +88,7 @@ def cascade_depths(layers: int, depths: int | Sequence[int] | None) -> list[int]
 
 def _spearman(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample Spearman of ``(N, H, W)`` maps; 0 where either map is constant."""
-    x, y = a.flatten(1).double(), b.flatten(1).double()
-    flat = (x.amax(1) == x.amin(1)) | (y.amax(1) == y.amin(1))
-    with warnings.catch_warnings():  # torchmetrics warns on constant inputs: they count 0
-        warnings.simplefilter("ignore")
-        rho = spearman_corrcoef(x.T.contiguous(), y.T.contiguous())
-    rho = torch.as_tensor(rho).float().reshape(-1)
-    return torch.where(flat | rho.isnan(), torch.zeros_like(rho), rho)
+    return rank_correlation(a.flatten(1).double(), b.flatten(1).double())
 
 
 def _ssim(a: Tensor, b: Tensor) -> Tensor:

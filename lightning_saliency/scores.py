@@ -101,8 +101,21 @@ def _pearson(a: Tensor, b: Tensor) -> Tensor:
     )
 
 
+def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row Spearman rank correlation of two ``(N, D)`` stacks at full resolution, ties
+    at their mean rank as scipy's ``spearmanr`` (0 where a row is constant). One sort per
+    stack: torchmetrics' ``spearman_corrcoef`` loops over the ties in Python.
+
+    Example:
+        >>> rank_correlation(torch.tensor([[1.0, 2, 2, 5]]), torch.tensor([[0.0, 1, 1, 9]]))
+        tensor([1.])
+    """
+    return _pearson(_ranks(a).double(), _ranks(b).double()).float()
+
+
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample Spearman rank correlation of two ``(N, H, W)`` map stacks (0 if constant).
+    """Per-sample Spearman rank correlation of two ``(N, H, W)`` map stacks (0 if constant),
+    at most 32 pixels a side (what drift compares).
 
     Example:
         >>> m = torch.rand(2, 8, 8)

@@ -103,6 +103,12 @@ def test_tensorboard_receives_grids_overview_and_scalars(logged_run):
     assert len(drift) == 3  # from the first logged epoch on, where it compares with itself
     assert drift[0].value == pytest.approx(1.0, abs=1e-4)
     assert "saliency_alarms/count" in tr.callback_metrics
+    # what a rule may watch goes through self.log; each alarm's state and the per-class
+    # means go to the charts only (self.log costs about a millisecond a key)
+    assert "saliency/gradcam/corner_enrichment" in tr.callback_metrics
+    assert "saliency_alarms/gradcam/corner_enrichment" in scalar_tags
+    assert "saliency_alarms/gradcam/corner_enrichment" not in tr.callback_metrics
+    assert not any(k.startswith("saliency_per_class/") for k in tr.callback_metrics)
 
 
 def test_event_file_bytes_per_epoch_stay_small(logged_run):
