@@ -534,9 +534,11 @@ class SaliencyCallback(L.Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """The end of ``fit``, ``validate`` or ``test``: every picture is written before
-        Lightning closes the loggers."""
+        Lightning closes the loggers; the writer's thread stops (a later run starts one)."""
         self._drop_guard(trainer)
         self._flush()
+        if self._publisher is not None:
+            self._publisher.close()
 
     @override
     def on_exception(

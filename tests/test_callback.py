@@ -111,6 +111,12 @@ def test_tensorboard_receives_grids_overview_and_scalars(logged_run):
     assert not any(k.startswith("saliency_per_class/") for k in tr.callback_metrics)
 
 
+def test_no_writer_thread_outlives_the_fit(logged_run):
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("lightning-saliency")]
+
+
 def test_event_file_bytes_per_epoch_stay_small(logged_run):
     import glob
     import os
