@@ -7,6 +7,7 @@ writer thread when asked (:mod:`lightning_saliency.writer`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
+from lightning_saliency import event_checksum
 from lightning_saliency.writer import BackgroundWriter
 
 
@@ -193,7 +195,9 @@ class Publisher:
     ``background=True`` the rest (PNG encoding, event writes, logger API calls) runs on a
     :class:`~lightning_saliency.writer.BackgroundWriter`, in order, and :meth:`flush` waits for
     it. A logger whose call fails stops receiving pictures; :meth:`failures` returns each such
-    failure once, for the caller's warning.
+    failure once, for the caller's warning. With a TensorBoard logger, TensorBoard's event
+    records are checksummed by :mod:`lightning_saliency.event_checksum` (the same bytes, ~20x
+    faster than its pure-Python loop) until :meth:`close`.
 
     Example:
         >>> publisher = Publisher([])
@@ -209,6 +213,9 @@ class Publisher:
         self.stopped: dict[int, BaseException] = {}  # id(sink) -> the error that stopped it
         self._unsaid: list[tuple[str, BaseException]] = []
         self._lock = threading.Lock()
+        self._checksum = contextlib.ExitStack()
+        if any(isinstance(sink, TensorBoardSink) for sink in self.sinks):
+            self._checksum.enter_context(event_checksum.installed())
 
     def _each_sink(self, call: Callable[[ImageSink], object]) -> None:
         def job() -> None:
@@ -301,8 +308,12 @@ class Publisher:
         return unsaid
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Flush and stop the writer's thread; TensorBoard gets its own checksum back."""
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        finally:
+            self._checksum.close()
 
 
 def log_dir_of(sinks: Sequence[ImageSink]) -> str | None:

@@ -138,3 +138,57 @@ def test_two_named_callbacks_merge_their_custom_scalars_layouts(tmp_path):
     categories = {c.title: [chart.title for chart in c.chart] for c in layout.category}
     assert {"saliency/deep", "saliency/early"} <= set(categories)
     assert "gradcam corner_enrichment" in categories["saliency/early"]
+
+
+# -- TensorBoard's event checksum: the same bytes, without TensorBoard's pure-Python loop ------
+def test_event_checksum_equals_tensorboards_own_at_every_length():
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    from lightning_saliency.event_checksum import ROW, masked
+
+    rng = np.random.default_rng(0)
+    lengths = [0, 1, 8, 12, ROW - 1, ROW, ROW + 1, 2 * ROW - 1, 2 * ROW, 2 * ROW + 3, 5000]
+    lengths += [int(n) for n in rng.integers(1, 20_000, 12)]
+    for n in lengths:
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert masked(data) == masked_crc32c(data), n
+
+
+def test_the_fit_writes_tensorboard_records_with_the_fast_checksum_and_restores_it(tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.summary.writer import record_writer
+
+    from lightning_saliency import event_checksum
+
+    tensorboards_own = record_writer.masked_crc32c
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(record_writer.masked_crc32c)
+
+    tr = trainer(str(tmp_path), [SaliencyCallback(methods=("gradcam",)), Look()])
+    tr.fit(tiny_model(), tiny_datamodule())
+    assert seen and all(f is event_checksum.masked for f in seen)  # during the fit
+    assert record_writer.masked_crc32c is tensorboards_own  # and TensorBoard's own after it
+    # every record of the event files passes TensorBoard's own check of its checksums
+    files = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert files
+    records = 0
+    for path in files:
+        with open(path, "rb") as f:
+            raw = f.read()
+        offset = 0
+        while offset < len(raw):
+            header = raw[offset : offset + 8]
+            (length,) = np.frombuffer(header, dtype="<u8")
+            (header_crc,) = np.frombuffer(raw[offset + 8 : offset + 12], dtype="<u4")
+            data = raw[offset + 12 : offset + 12 + int(length)]
+            end = offset + 12 + int(length)
+            (data_crc,) = np.frombuffer(raw[end : end + 4], dtype="<u4")
+            assert pywrap_tensorflow.masked_crc32c(header) == header_crc
+            assert pywrap_tensorflow.masked_crc32c(data) == data_crc
+            offset, records = end + 4, records + 1
+        assert sum(1 for _ in RawEventFileLoader(str(path)).Load()) > 0
+    assert records > 10
