@@ -454,9 +454,6 @@ class SaliencyCallback(L.Callback):
                 "SaliencyCallback needs a logger to write images to; pass "
                 "Trainer(logger=TensorBoardLogger('logs')) (or CSVLogger for PNG files)."
             )
-        if self._publisher is not None:
-            self._publisher.close()
-        self._publisher = Publisher(trainer.loggers, background=True)
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy:  # FSDP1; FSDP2 is ModelParallelStrategy with fully_shard
             raise SaliencyConfigError(
@@ -472,6 +469,9 @@ class SaliencyCallback(L.Callback):
                 "parameters frozen. Use FSDP2 (strategy=ModelParallelStrategy() and fully_shard() "
                 "in configure_model()) or strategy='ddp'."
             )
+        if self._publisher is not None:
+            self._publisher.close()
+        self._publisher = Publisher(trainer.loggers, background=True)
         if stage == "fit":
             self._fresh_state()
             has_val = is_overridden("validation_step", pl_module)
@@ -544,8 +544,11 @@ class SaliencyCallback(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        """Training failed: write what was queued before Lightning closes the loggers."""
+        """Training failed: write what was queued before Lightning closes the loggers, and
+        stop the writer (Lightning calls no ``teardown`` after an exception)."""
         self._flush()
+        if self._publisher is not None:
+            self._publisher.close()
 
     def flush(self) -> None:
         """Wait until every picture and text queued so far has reached the loggers (the

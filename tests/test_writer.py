@@ -113,6 +113,15 @@ def test_pictures_queued_before_a_crash_are_written(tmp_path, slow_tensorboard):
     events = read_events(str(tmp_path))
     assert len(events.Images("saliency/gradcam")) == 2
     assert len(events.Images("saliency/overview")) == 2
+    # Lightning calls no teardown after an exception: the writer stopped at on_exception,
+    # and TensorBoard has its own event checksum back
+    import threading
+
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.summary.writer import record_writer
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("lightning-saliency")]
+    assert record_writer.masked_crc32c is pywrap_tensorflow.masked_crc32c
 
 
 def test_a_failing_logger_is_said_once_and_only_it_stops(tmp_path, monkeypatch, caplog):
