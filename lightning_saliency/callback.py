@@ -296,6 +296,7 @@ class SaliencyCallback(L.Callback):
         self._guard: StaleCheckGuard | None = None
         self._publisher: Publisher | None = None
         self._enabled = True
+        self._in_run = False  # between setup and teardown (or on_exception)
         self._explain_at_train_epoch_end = False
 
     # -- the public record ---------------------------------------------------------------------
@@ -443,6 +444,7 @@ class SaliencyCallback(L.Callback):
             SaliencyConfigError: no logger, FSDP1 or DeepSpeed (FSDP2 and DDP are supported).
         """
         self._enabled = stage in ("fit", "validate")
+        self._in_run = True
         if not self._enabled:
             return  # test() and predict() get no saliency, and need no logger for it
         if getattr(trainer, "fast_dev_run", False):
@@ -536,6 +538,7 @@ class SaliencyCallback(L.Callback):
         """The end of ``fit``, ``validate`` or ``test``: every picture is written before
         Lightning closes the loggers; the writer's thread stops (a later run starts one)."""
         self._drop_guard(trainer)
+        self._in_run = False
         self._flush()
         if self._publisher is not None:
             self._publisher.close()
@@ -546,6 +549,7 @@ class SaliencyCallback(L.Callback):
     ) -> None:
         """Training failed: write what was queued before Lightning closes the loggers, and
         stop the writer (Lightning calls no ``teardown`` after an exception)."""
+        self._in_run = False
         self._flush()
         if self._publisher is not None:
             self._publisher.close()
@@ -821,6 +825,9 @@ class SaliencyCallback(L.Callback):
             )
         samples = self._samples.to(pl_module.device)
         self._check_sanity(trainer, pl_module, samples, None)
+        if not self._in_run and self._publisher is not None:  # after the fit: written now
+            self._flush()
+            self._publisher.close()
         return self.sanity
 
     def _check_sanity(
