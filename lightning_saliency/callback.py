@@ -538,10 +538,7 @@ class SaliencyCallback(L.Callback):
         """The end of ``fit``, ``validate`` or ``test``: every picture is written before
         Lightning closes the loggers; the writer's thread stops (a later run starts one)."""
         self._drop_guard(trainer)
-        self._in_run = False
-        self._flush()
-        if self._publisher is not None:
-            self._publisher.close()
+        self._end_run()
 
     @override
     def on_exception(
@@ -549,6 +546,11 @@ class SaliencyCallback(L.Callback):
     ) -> None:
         """Training failed: write what was queued before Lightning closes the loggers, and
         stop the writer (Lightning calls no ``teardown`` after an exception)."""
+        self._end_run()
+
+    def _end_run(self) -> None:
+        """The run is over: every queued picture written, the writer's thread stopped and
+        TensorBoard's own event checksum put back (:meth:`Publisher.close`)."""
         self._in_run = False
         self._flush()
         if self._publisher is not None:
@@ -825,9 +827,8 @@ class SaliencyCallback(L.Callback):
             )
         samples = self._samples.to(pl_module.device)
         self._check_sanity(trainer, pl_module, samples, None)
-        if not self._in_run and self._publisher is not None:  # after the fit: written now
-            self._flush()
-            self._publisher.close()
+        if not self._in_run:  # after the fit: written before it returns
+            self._end_run()
         return self.sanity
 
     def _check_sanity(

@@ -53,7 +53,8 @@ _TABLE_LIST = [int(v) for v in _TABLE]
 
 
 def _run(registers: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """Each register run over its row of ``columns`` (``(rows, n)`` uint8), no init/xorout."""
+    """Each register run over its row of ``columns`` (``(rows, n)`` byte values as uint32),
+    no init/xorout."""
     for j in range(columns.shape[1]):
         registers = _TABLE[(registers ^ columns[:, j]) & 0xFF] ^ (registers >> 8)
     return registers

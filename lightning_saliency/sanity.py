@@ -88,7 +88,7 @@ def cascade_depths(layers: int, depths: int | Sequence[int] | None) -> list[int]
 
 def _spearman(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample Spearman of ``(N, H, W)`` maps; 0 where either map is constant."""
-    return rank_correlation(a.flatten(1).double(), b.flatten(1).double())
+    return rank_correlation(a.flatten(1), b.flatten(1))
 
 
 def _ssim(a: Tensor, b: Tensor) -> Tensor:
