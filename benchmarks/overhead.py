@@ -42,12 +42,23 @@ from lightning_saliency.explain import explanation_context
 METHODS = DEFAULT_METHODS
 
 
+def settle() -> None:
+    """Wait for the GPU's queued work (CUDA runs asynchronously: without this, a time is the
+    time to launch the kernels, not to run them); nothing on the CPU."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object], repeat: int = 1) -> float:
+    """The fastest of ``repeat`` calls of ``fn`` after one warm-up, in seconds, each timed
+    from a settled device to a settled device."""
     fn()  # warm-up (allocator, kernels)
     best = float("inf")
     for _ in range(repeat):
+        settle()
         start = time.perf_counter()
         fn()
+        settle()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -57,7 +68,7 @@ def floor_passes(
 ) -> dict[str, Callable[[], object]]:
     """The passes the four methods need when they share work, with parameters frozen."""
     layer = model.layer4
-    index = torch.arange(x.shape[0])
+    index = torch.arange(x.shape[0], device=x.device)  # every tensor on the model's device
 
     def shared() -> None:  # one forward; one backward to the layer, one to the input
         kept = {}
@@ -86,11 +97,12 @@ def floor_passes(
 
     def ig() -> None:  # N x steps images, forward and input-gradient backward, in chunks
         per = max(1, chunk // x.shape[0])
-        alphas = torch.linspace(0, 1, steps)
+        alphas = torch.linspace(0, 1, steps, device=x.device)
         for start in range(0, steps, per):
             a = alphas[start : start + per]
             batch = (a[:, None, None, None, None] * x[None]).flatten(0, 1).requires_grad_(True)
-            out = model(batch)[torch.arange(batch.shape[0]), targets.repeat(len(a))].sum()
+            rows = torch.arange(batch.shape[0], device=x.device)
+            out = model(batch)[rows, targets.repeat(len(a))].sum()
             torch.autograd.grad(out, batch)
 
     return {"shared": shared, "gradcam": forward_layer, "dff": forward_only, "ig": ig}
@@ -204,6 +216,7 @@ def fit_overhead(device: torch.device, epochs: int = 10, repeats: int = 3) -> di
             self.start: float | None = None
 
         def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            settle()
             now = time.perf_counter()
             if self.start is not None and trainer.current_epoch >= 2:
                 self.into.append(now - self.start)
@@ -229,6 +242,7 @@ def fit_overhead(device: torch.device, epochs: int = 10, repeats: int = 3) -> di
             )
             start = time.perf_counter()
             trainer.fit(model, ShortcutDataModule())  # the callback's final flush included
+            settle()
             return time.perf_counter() - start, model
 
     run([], 1)  # warm-up
