@@ -40,6 +40,8 @@ from lightning_saliency import DEFAULT_METHODS, explain
 from lightning_saliency.explain import explanation_context
 
 METHODS = DEFAULT_METHODS
+# (what, measured, goal as text, met: True / False, or None when shown but not judged)
+Targets = list[tuple[str, float, str, bool | None]]
 
 
 def settle() -> None:
@@ -357,21 +359,20 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning_saliency").setLevel(logging.ERROR)
     device = torch.device(args.device)
-    targets_met: list[tuple[str, float, str, bool]] = []
+    targets_met: Targets = []
     if not (args.fit_only or args.ddp):
         engine(args, device, targets_met)
     if args.fit or args.fit_only:
         fit_section(device, targets_met)
     if args.ddp:
         ddp_section(args.n, targets_met)
-    print(f"\n{'target':<40}{'measured':>10}  {'goal':<10}met")
+    print(f"\n{'target':<40}{'measured':>10}  {'goal':<12}met")
     for name, value, goal_text, met in targets_met:
-        print(f"{name:<40}{value:>10.3f}  {goal_text:<10}{'yes' if met else 'NO'}")
+        verdict = "-" if met is None else "yes" if met else "NO"  # None: shown, not judged
+        print(f"{name:<40}{value:>10.3f}  {goal_text:<12}{verdict}")
 
 
-def engine(
-    args: argparse.Namespace, device: torch.device, targets_met: list[tuple[str, float, str, bool]]
-) -> None:
+def engine(args: argparse.Namespace, device: torch.device, targets_met: Targets) -> None:
     """resnet18 on ``args.n`` images: each method against its floor and the naive loop, IG
     against captum and the floor, ``auto``'s evaluations, IG memory by chunk."""
     torch.manual_seed(0)
@@ -444,7 +445,7 @@ def engine(
             "IG speed vs captum (x)",
             versus_captum,
             ">= 1.0" if gpu else "(GPU goal)",
-            versus_captum >= 1.0 or not gpu,
+            versus_captum >= 1.0 if gpu else None,
         )
     )
     targets_met.append(("IG time vs floor (x)", versus_floor, "<= 1.15", versus_floor <= 1.15))
@@ -481,7 +482,7 @@ def engine(
             )
 
 
-def fit_section(device: torch.device, targets_met: list[tuple[str, float, str, bool]]) -> None:
+def fit_section(device: torch.device, targets_met: Targets) -> None:
     """The demo fit with and without the callback: its cost per logged epoch."""
     res = fit_overhead(device)
     logged = res["epochs"]
@@ -536,7 +537,7 @@ def fit_section(device: torch.device, targets_met: list[tuple[str, float, str, b
     # the once-per-fit trust work spread over the fit's logged epochs (here 10)
     per_epoch_trust = res["sanity"] / logged
     targets_met.append(
-        ("  sanity check per logged epoch / budget", per_epoch_trust / budget, "(info)", True)
+        ("  sanity check per logged epoch / budget", per_epoch_trust / budget, "(info)", None)
     )
     overhead = res["every_1"] / res["plain"] - 1
     goal = 0.25 if device.type == "cuda" else 0.15
@@ -631,7 +632,7 @@ def ddp_child(world: int, n: int) -> None:
         )
 
 
-def ddp_section(n: int, targets_met: list[tuple[str, float, str, bool]]) -> None:
+def ddp_section(n: int, targets_met: Targets) -> None:
     """The callback's time per logged epoch at W=1 and W=2 (one thread per process): the
     samples are shared across ranks, so W=2 should take about half, plus the gather."""
     result = {}
@@ -657,8 +658,8 @@ def ddp_section(n: int, targets_met: list[tuple[str, float, str, bool]]) -> None
         f"hook (scores, probes, pictures on rank zero): W=1 {result[1]['seconds']:.3f} s, "
         f"W=2 {result[2]['seconds']:.3f} s ({whole:.2f})"
     )
-    targets_met.append(("DDP explanation W=2 / W=1", ratio, "(info)", ratio < 1.0))
-    targets_met.append(("DDP whole hook W=2 / W=1", whole, "(info)", whole < 1.0))
+    targets_met.append(("DDP explanation W=2 / W=1", ratio, "< 1.0", ratio < 1.0))
+    targets_met.append(("DDP whole hook W=2 / W=1", whole, "< 1.0", whole < 1.0))
 
 
 def ig_speed(
