@@ -122,23 +122,23 @@ def test_checkpointing_without_reentrancy_gives_the_same_maps():
         assert torch.allclose(ours[method], ref[method], atol=1e-5), method
 
 
-def test_reentrant_checkpointing_is_refused_never_zero():
+def test_reentrant_checkpointing_is_refused_never_zero(tmp_path):
     model = Checkpointed(reentrant=True).eval()
     out = explain(model, IMAGES, methods=METHODS, ig_steps=4, on_error="collect")
     assert set(out.errors) == set(METHODS) and not out.maps
     assert "use_reentrant=False" in str(out.errors["gradcam"])
     with pytest.raises(SaliencyConfigError, match="use_reentrant"):
-        _fit_with(model, methods=("gradcam",))
+        _fit_with(model, ("gradcam",), tmp_path)
 
 
-def test_linear_probe_explains_the_layers_after_no_grad():
+def test_linear_probe_explains_the_layers_after_no_grad(tmp_path):
     model = LinearProbe().eval()
     auto = explain(model, IMAGES, methods=("gradcam", "dff"))
     assert auto.layer_name == "adapter"
     with pytest.raises(SaliencyConfigError, match="no_grad"):
         explain(model, IMAGES, methods=("gradcam",), target_layer="backbone")
     with pytest.raises(SaliencyConfigError, match="no_grad"):
-        _fit_with(model, methods=("integrated_gradients",))
+        _fit_with(model, ("integrated_gradients",), tmp_path)
 
 
 def test_compiled_and_channels_last_models_match_eager():
@@ -244,8 +244,9 @@ def test_the_callback_takes_output_transform_and_layout(tmp_path):
     assert sorted(callback.history[0].means) == ["gradcam", "integrated_gradients"]
 
 
-def _fit_with(model: nn.Module, methods):
-    """A short fit of ``model`` wrapped in a LightningModule: the callback's dry run."""
+def _fit_with(model: nn.Module, methods, log_dir):
+    """A short fit of ``model`` wrapped in a LightningModule, logging under ``log_dir``: the
+    callback's dry run."""
     import lightning as L
 
     class Wrapped(L.LightningModule):
@@ -265,8 +266,6 @@ def _fit_with(model: nn.Module, methods):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    import tempfile
-
     callback = SaliencyCallback(methods=methods, num_samples=2, ig_steps=4)
-    tr = trainer(tempfile.mkdtemp(), [callback], max_epochs=1, limit_train_batches=1)
+    tr = trainer(str(log_dir), [callback], max_epochs=1, limit_train_batches=1)
     tr.fit(Wrapped(), tiny_datamodule(size=16, n_train=8, n_val=8, num_classes=3))
