@@ -78,6 +78,13 @@ def per_image_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-12)
 
 
+def writer_threads() -> list[str]:
+    """The callback's writer threads alive now (one runs from setup to teardown)."""
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("lightning-saliency")]
+
+
 def hook_count(model: torch.nn.Module) -> int:
     """Hooks registered on the model's modules. torch has no public way to count them, so this
     reads its hook dictionaries (the one private read the tests allow)."""

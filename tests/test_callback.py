@@ -10,7 +10,15 @@ from dataclasses import replace
 import lightning as L
 import pytest
 import torch
-from helpers import hook_count, read_events, state_of, tiny_datamodule, tiny_model, trainer
+from helpers import (
+    hook_count,
+    read_events,
+    state_of,
+    tiny_datamodule,
+    tiny_model,
+    trainer,
+    writer_threads,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
@@ -112,9 +120,7 @@ def test_tensorboard_receives_grids_overview_and_scalars(logged_run):
 
 
 def test_no_writer_thread_outlives_the_fit(logged_run):
-    import threading
-
-    assert not [t for t in threading.enumerate() if t.name.startswith("lightning-saliency")]
+    assert not writer_threads()
 
 
 def test_event_file_bytes_per_epoch_stay_small(logged_run):

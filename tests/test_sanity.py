@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same, snapshot
+from helpers import assert_same, snapshot, writer_threads
 from models import SmallCNN, seeded
 
 from lightning_saliency import explain
@@ -218,9 +218,7 @@ def test_check_sanity_on_demand_explains_once_and_logs(tmp_path, monkeypatch):
     ]
     assert callback.faithfulness is not None
     # after the fit, on demand: written before check_sanity returns, and no writer thread left
-    import threading
-
-    assert not [t for t in threading.enumerate() if t.name.startswith("lightning-saliency")]
+    assert not writer_threads()
     events = read_events(str(tmp_path / "run"))
     assert len(events.Tensors("saliency/sanity/text_summary")) == 1
     assert len(events.Images("saliency/sanity")) == 1

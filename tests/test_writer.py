@@ -9,7 +9,7 @@ import time
 import lightning as L
 import pytest
 import torch
-from helpers import read_events, tiny_datamodule, tiny_model, trainer
+from helpers import read_events, tiny_datamodule, tiny_model, trainer, writer_threads
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_saliency import SaliencyCallback
@@ -115,12 +115,10 @@ def test_pictures_queued_before_a_crash_are_written(tmp_path, slow_tensorboard):
     assert len(events.Images("saliency/overview")) == 2
     # Lightning calls no teardown after an exception: the writer stopped at on_exception,
     # and TensorBoard has its own event checksum back
-    import threading
-
     from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
     from tensorboard.summary.writer import record_writer
 
-    assert not [t for t in threading.enumerate() if t.name.startswith("lightning-saliency")]
+    assert not writer_threads()
     assert record_writer.masked_crc32c is pywrap_tensorflow.masked_crc32c
 
 
