@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from lightning_saliency import explain
-from lightning_saliency.methods import DEFAULT_METHODS, METHODS
+from lightning_saliency.engine.methods import DEFAULT_METHODS, METHODS
 
 
 def main() -> None:

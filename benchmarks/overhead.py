@@ -37,7 +37,7 @@ import torch
 import torchvision
 
 from lightning_saliency import DEFAULT_METHODS, explain
-from lightning_saliency.explain import explanation_context
+from lightning_saliency.engine.explanations import explanation_context
 
 METHODS = DEFAULT_METHODS
 # (what, measured, goal as text, met: True / False, or None when shown but not judged)
@@ -203,8 +203,8 @@ def fit_overhead(device: torch.device, epochs: int = 10, repeats: int = 3) -> di
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_saliency import SaliencyCallback
-    from lightning_saliency.data import ShortcutDataModule
-    from lightning_saliency.demo import ShapesClassifier
+    from lightning_saliency.demos import ShortcutDataModule
+    from lightning_saliency.demos.classifier import ShapesClassifier
 
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     epoch_seconds: dict[str, list[float]] = {"plain": [], "every_1": []}
@@ -273,8 +273,8 @@ def sanity_seconds(callback: Any, model: torch.nn.Module, device: torch.device) 
     """What the callback's once-per-fit sanity check and faithfulness test cost on its samples
     and map methods (its settings: 4 depths, 8 faithfulness steps, 2 random maps)."""
     from lightning_saliency import faithfulness, sanity_check
-    from lightning_saliency.callback import FAITHFULNESS_RANDOM_MAPS, FAITHFULNESS_STEPS
-    from lightning_saliency.methods import METHODS
+    from lightning_saliency.callback.callback import FAITHFULNESS_RANDOM_MAPS, FAITHFULNESS_STEPS
+    from lightning_saliency.engine.methods import METHODS
 
     samples = callback.fixed_samples
     model = model.to(device).eval()
@@ -302,7 +302,7 @@ def probe_seconds(callback: Any, model: torch.nn.Module, device: torch.device) -
     """What the mask-free shortcut probes cost per logged epoch on the callback's samples and
     map methods (three extra forwards per sample and method, and the crops)."""
     from lightning_saliency import shortcut_scores
-    from lightning_saliency.methods import METHODS
+    from lightning_saliency.engine.methods import METHODS
 
     samples = callback.fixed_samples
     model = model.to(device).eval()
@@ -558,11 +558,11 @@ def ddp_child(world: int, n: int) -> None:
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    import lightning_saliency.callback as callback_module
+    import lightning_saliency.callback.callback as callback_module
     from lightning_saliency import SaliencyCallback
-    from lightning_saliency.data import ShortcutDataModule
-    from lightning_saliency.demo import ShapesClassifier
-    from lightning_saliency.methods import METHODS
+    from lightning_saliency.demos import ShortcutDataModule
+    from lightning_saliency.demos.classifier import ShapesClassifier
+    from lightning_saliency.engine.methods import METHODS
 
     torch.set_num_threads(1)
     rows: list[int] = []
@@ -670,7 +670,7 @@ def ig_speed(
     in the largest chunk: all rows at once on a GPU, our CPU chunk on the CPU)."""
     from captum.attr import IntegratedGradients
 
-    from lightning_saliency.methods.integrated_gradients import internal_batch_size
+    from lightning_saliency.engine.batching import internal_batch_size
 
     rows = x.shape[0] * steps
     ours_rows = rows if device.type == "cuda" else internal_batch_size(None, x)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_saliency import explain, faithfulness, sanity_check
-from lightning_saliency.data.shortcut import ShortcutShapes
-from lightning_saliency.demo import ShapesClassifier
+from lightning_saliency.demos.classifier import ShapesClassifier
+from lightning_saliency.demos.shapes import ShortcutShapes
 
 METHODS = (
     "gradcam",

@@ -133,7 +133,7 @@ def first_alarm(
     """The first epoch at which a method's judged ``score`` is past its threshold, and the
     value (the most alarming over methods). Read from the judged means, so the thresholds set
     here apply without a second sweep; a method gated by the sanity check has none."""
-    from lightning_saliency.alarms import tripped
+    from lightning_saliency.evaluate.alarms import tripped
 
     for epoch in range(len(record["judged"])):
         found = [v for v in values(record, score, epoch) if tripped(v, score, limits[score])]
@@ -148,7 +148,7 @@ def table(records: list[dict[str, Any]], thresholds: dict[str, float]) -> str:
     and the worst value of the kind's clean control over the threshold (in the direction that
     fires). ``attended_consensus`` has no default threshold: its values are shown as they are.
     ``object_enrichment`` needs masks; the other scores do not."""
-    from lightning_saliency.alarms import default_thresholds
+    from lightning_saliency.evaluate.alarms import default_thresholds
 
     limits = {**default_thresholds(), **thresholds}
     lines = [

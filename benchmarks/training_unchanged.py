@@ -24,8 +24,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_saliency import SaliencyCallback
-from lightning_saliency.data import ShortcutDataModule
-from lightning_saliency.demo import ShapesClassifier
+from lightning_saliency.demos import ShortcutDataModule
+from lightning_saliency.demos.classifier import ShapesClassifier
 
 
 def fit(device: torch.device, precision: str, epochs: int, with_callback: bool) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def main() -> None:
     images, out = run()
     from PIL import Image
 
-    from lightning_saliency.figures import comparison_figure
+    from lightning_saliency.viz.figures import comparison_figure
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     picture = comparison_figure(images, out, None, mean, std)

@@ -28,8 +28,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lightning_saliency import SaliencyCallback
-from lightning_saliency.data import SHORTCUT_KINDS, ShortcutDataModule
-from lightning_saliency.demo import ShapesClassifier
+from lightning_saliency.demos import SHORTCUT_KINDS, ShortcutDataModule
+from lightning_saliency.demos.classifier import ShapesClassifier
 
 TABLE_SCORES = (
     "object_enrichment",

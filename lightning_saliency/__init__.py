@@ -1,79 +1,104 @@
 """lightning-saliency: watch where an image classifier looks while it trains.
 
+Every name a user or a plugin author imports lives here, on the face of the package; the
+subpackages behind it are ``engine`` (``explain()`` and the methods), ``evaluate`` (scores,
+probes, sanity check, alarms), ``viz`` (pictures), ``publish`` (loggers), ``callback`` and
+``cli``.
+
 Example:
     >>> from lightning_saliency import SaliencyCallback, explain
+    >>> from lightning_saliency import MethodOptions, cam_method, register
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_saliency.callback import SaliencyCallback
+    from lightning_saliency.callback.callback import SaliencyCallback
+    from lightning_saliency.engine.explanations import Explanations, explain
+    from lightning_saliency.engine.methods import (
+        DEFAULT_METHODS,
+        METHODS,
+        ExplainSession,
+        MethodOptions,
+        MethodScore,
+        NoOptions,
+        SaliencyMethod,
+        available_methods,
+        available_options,
+        cam_method,
+        register,
+        register_input_method,
+        unregister,
+    )
     from lightning_saliency.errors import SaliencyConfigError
-    from lightning_saliency.explain import Explanations, explain
-    from lightning_saliency.faithfulness import FaithfulnessReport, faithfulness
-    from lightning_saliency.methods import DEFAULT_METHODS, available_methods, available_options
-    from lightning_saliency.monitor import AlarmEvent, EpochScores
-    from lightning_saliency.sanity import SanityReport, sanity_check
-    from lightning_saliency.shortcut_scores import shortcut_scores
+    from lightning_saliency.evaluate.deletion import FaithfulnessReport, faithfulness
+    from lightning_saliency.evaluate.monitor import AlarmEvent, EpochScores
+    from lightning_saliency.evaluate.sanity import SanityReport, sanity_check
+    from lightning_saliency.evaluate.shortcut_probes import shortcut_scores
 
+_METHODS = "lightning_saliency.engine.methods"
 # Public names are imported on first use (PEP 562), so `lightning-saliency --help` and
 # `import lightning_saliency.cli` import neither torch nor Lightning.
 _WHERE = {
-    "SaliencyCallback": "callback",
-    "SaliencyConfigError": "errors",
-    "Explanations": "explain",
-    "explain": "explain",
-    "DEFAULT_METHODS": "methods",
-    "available_methods": "methods",
-    "available_options": "methods",
-    "AlarmEvent": "monitor",
-    "EpochScores": "monitor",
-    "sanity_check": "sanity",
-    "SanityReport": "sanity",
-    "faithfulness": "faithfulness",
-    "FaithfulnessReport": "faithfulness",
-    "shortcut_scores": "shortcut_scores",
+    "SaliencyCallback": "lightning_saliency.callback.callback",
+    "SaliencyConfigError": "lightning_saliency.errors",
+    "Explanations": "lightning_saliency.engine.explanations",
+    "explain": "lightning_saliency.engine.explanations",
+    "DEFAULT_METHODS": _METHODS,
+    "METHODS": _METHODS,
+    "available_methods": _METHODS,
+    "available_options": _METHODS,
+    "ExplainSession": _METHODS,
+    "MethodOptions": _METHODS,
+    "MethodScore": _METHODS,
+    "NoOptions": _METHODS,
+    "SaliencyMethod": _METHODS,
+    "cam_method": _METHODS,
+    "register": _METHODS,
+    "register_input_method": _METHODS,
+    "unregister": _METHODS,
+    "AlarmEvent": "lightning_saliency.evaluate.monitor",
+    "EpochScores": "lightning_saliency.evaluate.monitor",
+    "sanity_check": "lightning_saliency.evaluate.sanity",
+    "SanityReport": "lightning_saliency.evaluate.sanity",
+    "faithfulness": "lightning_saliency.evaluate.deletion",
+    "FaithfulnessReport": "lightning_saliency.evaluate.deletion",
+    "shortcut_scores": "lightning_saliency.evaluate.shortcut_probes",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
-        return getattr(importlib.import_module(f"lightning_saliency.{_WHERE[name]}"), name)
+        return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'lightning_saliency' has no attribute {name!r}")
 
 
-class _Package(types.ModuleType):
-    """Importing the submodule ``lightning_saliency.explain`` must not replace the public
-    function ``lightning_saliency.explain`` (the import system binds submodules as attributes
-    of their package)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _WHERE and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 __all__ = [
-    "DEFAULT_METHODS",
     "AlarmEvent",
+    "DEFAULT_METHODS",
     "EpochScores",
+    "ExplainSession",
     "Explanations",
     "FaithfulnessReport",
+    "METHODS",
+    "MethodOptions",
+    "MethodScore",
+    "NoOptions",
     "SaliencyCallback",
     "SaliencyConfigError",
+    "SaliencyMethod",
     "SanityReport",
     "available_methods",
     "available_options",
+    "cam_method",
     "explain",
     "faithfulness",
+    "register",
+    "register_input_method",
     "sanity_check",
     "shortcut_scores",
+    "unregister",
 ]

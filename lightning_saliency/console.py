@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -47,3 +48,22 @@ def warn(message: str) -> None:
 def info(message: str) -> None:
     """One ``INFO`` line, from rank zero."""
     LOGGER.info(message)
+
+
+def moved(old: str, new: str) -> None:
+    """Say that the module ``old`` moved to ``new`` (a ``FutureWarning``: the old path keeps
+    working for one release).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     moved("lightning_saliency.figures", "lightning_saliency.viz.figures")
+        >>> str(caught[0].message).split(";")[0]
+        'lightning_saliency.figures moved to lightning_saliency.viz.figures'
+    """
+    warnings.warn(
+        f"{old} moved to {new}; import it from there (the old path goes in 0.3).",
+        FutureWarning,
+        stacklevel=3,
+    )

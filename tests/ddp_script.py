@@ -19,11 +19,11 @@ import dataclasses  # noqa: E402
 from helpers import tiny_model  # noqa: E402
 from torch.utils.data import DataLoader, SubsetRandomSampler  # noqa: E402
 
-import lightning_saliency.callback as callback_module  # noqa: E402
+import lightning_saliency.callback.callback as callback_module  # noqa: E402
 from lightning_saliency import SaliencyCallback, explain  # noqa: E402
-from lightning_saliency.data import ShortcutDataModule  # noqa: E402
-from lightning_saliency.loggers import Publisher  # noqa: E402
-from lightning_saliency.methods import METHODS  # noqa: E402
+from lightning_saliency.demos import ShortcutDataModule  # noqa: E402
+from lightning_saliency.engine.methods import METHODS  # noqa: E402
+from lightning_saliency.publish.publisher import Publisher  # noqa: E402
 
 WRITTEN = {"pictures": 0}
 # (samples, methods, rows through the model's forward) of each explanation call

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_datamodule  # noqa: E402
 
 from lightning_saliency import SaliencyCallback, explain  # noqa: E402
-from lightning_saliency.demo import ShapesClassifier  # noqa: E402
-from lightning_saliency.loggers import Publisher  # noqa: E402
+from lightning_saliency.demos.classifier import ShapesClassifier  # noqa: E402
+from lightning_saliency.publish.publisher import Publisher  # noqa: E402
 
 WRITTEN = {"pictures": 0}
 _publish = Publisher.images

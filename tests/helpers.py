@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_saliency.data import ShortcutDataModule
-from lightning_saliency.demo import ShapesClassifier
+from lightning_saliency.demos import ShortcutDataModule
+from lightning_saliency.demos.classifier import ShapesClassifier
 
 
 def tiny_datamodule(**kwargs: Any) -> ShortcutDataModule:
@@ -127,3 +127,15 @@ def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
     assert torch.equal(before["rng"][0], after["rng"][0])
     assert before["rng"][1] == after["rng"][1]
     assert np.array_equal(before["rng"][2], after["rng"][2])
+
+
+def options_table() -> Any:
+    """``docs/options_table.py``, the generator of the README's options table, as a module."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "options_table.py")
+    spec = importlib.util.spec_from_file_location("options_table", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lightning_saliency import SaliencyConfigError
-from lightning_saliency.alarms import check, default_thresholds, merge_thresholds
-from lightning_saliency.explain import Explanations
-from lightning_saliency.monitor import AlarmEvent, ScoreMonitor
+from lightning_saliency.engine.explanations import Explanations
+from lightning_saliency.evaluate.alarms import check, default_thresholds, merge_thresholds
+from lightning_saliency.evaluate.monitor import AlarmEvent, ScoreMonitor
 
 LABELS = torch.tensor([0, 1, 0, 1])
 
@@ -170,7 +170,7 @@ def test_alarm_text_of_every_logged_epoch_reaches_tensorboard_and_csv(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from lightning_saliency import SaliencyCallback
-    from lightning_saliency.methods import METHODS, register, unregister
+    from lightning_saliency.engine.methods import METHODS, register, unregister
 
     # the dry run, then epochs 0..3
     script = iter([corner_maps(), corner_maps(), moving_maps(), moving_maps(), corner_maps()])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_saliency.explain import explanation_context
+from lightning_saliency.engine.explanations import explanation_context
 
 OVERHEAD = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
 

@@ -23,7 +23,8 @@ import torch
 from helpers import tiny_datamodule, tiny_model, trainer
 from PIL import Image
 
-from lightning_saliency import SaliencyCallback, render
+from lightning_saliency import SaliencyCallback
+from lightning_saliency.viz import render
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -22,8 +22,9 @@ from helpers import (
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
-from lightning_saliency import DEFAULT_METHODS, SaliencyCallback, SaliencyConfigError, render
-from lightning_saliency.methods import METHODS
+from lightning_saliency import DEFAULT_METHODS, SaliencyCallback, SaliencyConfigError
+from lightning_saliency.engine.methods import METHODS
+from lightning_saliency.viz import render
 
 
 def _fit(tmp_path, callbacks, seed=0, model=None, dm=None, **kwargs):
@@ -208,7 +209,7 @@ def test_every_n_epochs_and_method_cadence(tmp_path):
 
 
 def test_explicit_samples_with_masks(tmp_path):
-    from lightning_saliency.data import make_shortcut_images
+    from lightning_saliency.demos import make_shortcut_images
 
     data = make_shortcut_images(5, size=32, shortcut_p=1.0, seed=9)
     callback = SaliencyCallback(
@@ -274,7 +275,7 @@ def test_failure_mid_run_warns_once_and_skips_the_method(tmp_path, monkeypatch, 
 def test_failure_of_the_whole_pass_warns_once(tmp_path, monkeypatch, caplog):
     import importlib
 
-    module = importlib.import_module("lightning_saliency.callback")
+    module = importlib.import_module("lightning_saliency.callback.callback")
 
     def broken(*args, **kwargs):
         raise RuntimeError("device lost (simulated)")

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from lightning_saliency.demo import ShapesClassifier
+from lightning_saliency.demos.classifier import ShapesClassifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +91,7 @@ def test_lightning_checkpoint_loads_safely(tmp_path, photos):
     proc = _cli(
         "explain",
         "--model",
-        "lightning_saliency.demo:ShapesClassifier",
+        "lightning_saliency.demos.classifier:ShapesClassifier",
         "--checkpoint",
         str(ckpt),
         "--image",
@@ -335,7 +335,7 @@ def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path):
     """A 0..65535 ramp reads as 0..1, not 98 % white."""
     import numpy as np
 
-    from lightning_saliency.explain_command import load_images
+    from lightning_saliency.cli.explain_command import load_images
 
     ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (256, 1))  # square: no pad
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
@@ -349,7 +349,7 @@ def test_photos_keep_their_aspect_and_rows_their_file_names(tmp_path, photos):
     """A wide photo is resized and padded (zeros: the mean colour), not squashed; the figure
     labels each row with its file name and shows the DFF legend."""
     from lightning_saliency.cli import main
-    from lightning_saliency.explain_command import load_images
+    from lightning_saliency.cli.explain_command import load_images
 
     wide = tmp_path / "wide.png"
     Image.fromarray((np.ones((20, 80, 3)) * 255).astype(np.uint8)).save(wide)

@@ -35,7 +35,7 @@ def run_ranks(script, *args):
 def single_device_forward_rows():
     """The forward rows of one device's explanation of the script's 4 samples (the same
     methods and options, as the callback calls them)."""
-    from lightning_saliency.explain import layer_activations
+    from lightning_saliency.engine.explanations import layer_activations
 
     model = tiny_model()
     images = torch.rand(4, 3, 32, 32)

@@ -10,7 +10,7 @@ from models import FunctionalCNN, SmallCNN, seeded
 from torch import nn
 
 from lightning_saliency import DEFAULT_METHODS, SaliencyConfigError, explain
-from lightning_saliency.methods import METHODS
+from lightning_saliency.engine.methods import METHODS
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from captum.attr import (
 from models import FunctionalCNN, ModuleCNN, seeded
 
 from lightning_saliency import SaliencyConfigError, explain
-from lightning_saliency.methods import METHODS
-from lightning_saliency.methods.gradients import gradient_shap_draws
+from lightning_saliency.engine.methods import METHODS
+from lightning_saliency.engine.methods.gradients import gradient_shap_draws
 
 TARGETS = [0, 1, 2, 3]
 CAPTUM = {

@@ -11,7 +11,7 @@ from models import SmallCNN, seeded
 from torch import nn
 
 from lightning_saliency import explain
-from lightning_saliency.methods import integrated_gradients as ig_module
+from lightning_saliency.engine.methods import integrated_gradients as ig_module
 
 TARGETS = [0, 1, 2, 3, 0, 1, 2, 3]
 

@@ -6,7 +6,7 @@ from models import MLP, SmallCNN
 from torch import nn
 
 from lightning_saliency import SaliencyConfigError, explain
-from lightning_saliency.layers import find_classifier_head, read_layout, resolve_layer
+from lightning_saliency.engine.layers import find_classifier_head, read_layout, resolve_layer
 
 
 def test_layer_auto_detection_resnet18_and_plain_cnn():

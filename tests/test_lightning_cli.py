@@ -9,8 +9,8 @@ from helpers import read_events
 
 SCRIPT = """
 from lightning.pytorch.cli import LightningCLI
-from lightning_saliency.data import ShortcutDataModule
-from lightning_saliency.demo import ShapesClassifier
+from lightning_saliency.demos import ShortcutDataModule
+from lightning_saliency.demos.classifier import ShapesClassifier
 LightningCLI(ShapesClassifier, ShortcutDataModule)
 """
 

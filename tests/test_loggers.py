@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 
 from lightning_saliency import SaliencyCallback
-from lightning_saliency.loggers import FileSink, MLFlowSink, WandbSink, sink_for
+from lightning_saliency.publish.sinks import FileSink, MLFlowSink, WandbSink, sink_for
 
 
 class Offline:
@@ -144,7 +144,7 @@ def test_two_named_callbacks_merge_their_custom_scalars_layouts(tmp_path):
 def test_event_checksum_equals_tensorboards_own_at_every_length():
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-    from lightning_saliency.event_checksum import ROW, masked
+    from lightning_saliency.publish.event_checksum import ROW, masked
 
     rng = np.random.default_rng(0)
     lengths = [0, 1, 8, 12, ROW - 1, ROW, ROW + 1, 2 * ROW - 1, 2 * ROW, 2 * ROW + 3, 5000]
@@ -159,7 +159,7 @@ def test_the_fit_writes_tensorboard_records_with_the_fast_checksum_and_restores_
     from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
     from tensorboard.summary.writer import record_writer
 
-    from lightning_saliency import event_checksum
+    from lightning_saliency.publish import event_checksum
 
     tensorboards_own = record_writer.masked_crc32c
     seen = []

@@ -13,8 +13,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from lightning_saliency import SaliencyCallback, available_methods, explain
-from lightning_saliency.methods import METHODS
-from lightning_saliency.methods.dff import nmf
+from lightning_saliency.engine.methods import METHODS
+from lightning_saliency.engine.methods.dff import nmf
 
 TARGETS = [0, 1, 2, 3]
 
@@ -186,7 +186,7 @@ def test_dff_concepts_keep_their_place_from_one_call_to_the_next(monkeypatch):
     so its colour."""
     import importlib
 
-    dff_module = importlib.import_module("lightning_saliency.methods.dff")
+    dff_module = importlib.import_module("lightning_saliency.engine.methods.dff")
     real, calls = dff_module.nmf, {"n": 0}
 
     def reweighted(v, k, *args, **kwargs):

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_saliency import SaliencyCallback, SaliencyConfigError, explain
-from lightning_saliency.demo import ShapesClassifier
+from lightning_saliency.demos.classifier import ShapesClassifier
 
 METHODS = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
 IMAGES = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -9,8 +9,8 @@ from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 from models import SmallCNN, seeded
 
 from lightning_saliency import available_methods, explain
-from lightning_saliency.methods import METHODS
-from lightning_saliency.methods import smoothgrad as noise_methods
+from lightning_saliency.engine.methods import METHODS
+from lightning_saliency.engine.methods import smoothgrad as noise_methods
 
 TARGETS = [0, 1, 2, 3]
 

@@ -15,7 +15,7 @@ import torch
 
 quantus = pytest.importorskip("quantus")
 
-from lightning_saliency.scores import object_energy, pointing_game, rank_accuracy  # noqa: E402
+from lightning_saliency.evaluate.scores import object_energy, pointing_game, rank_accuracy  # noqa: E402
 
 
 def shapes_masks(n: int, size: int, generator: torch.Generator) -> torch.Tensor:

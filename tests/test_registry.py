@@ -21,7 +21,7 @@ from PIL import Image
 
 from lightning_saliency import SaliencyCallback, SaliencyConfigError, available_options, explain
 from lightning_saliency.cli import main as cli_main
-from lightning_saliency.methods import (
+from lightning_saliency.engine.methods import (
     METHODS,
     MethodOptions,
     cam_method,
@@ -159,8 +159,8 @@ model: {width: 8}
 def _yaml_fit(tmp_path, callback_args):
     from lightning.pytorch.cli import LightningCLI
 
-    from lightning_saliency.data import ShortcutDataModule
-    from lightning_saliency.demo import ShapesClassifier
+    from lightning_saliency.demos import ShortcutDataModule
+    from lightning_saliency.demos.classifier import ShapesClassifier
 
     config = yaml.safe_load(YAML.replace("LOGS", str(tmp_path / "logs")))
     config["trainer"]["callbacks"] = [
@@ -290,7 +290,7 @@ def test_the_readme_example_of_adding_a_method_works(images, tmp_path, monkeypat
     """The README's "Adding a method" snippet, run as written."""
     from pathlib import Path
 
-    from lightning_saliency.methods.base import option_docs
+    from helpers import options_table
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("### Adding a method") :]
@@ -301,7 +301,7 @@ def test_the_readme_example_of_adding_a_method_works(images, tmp_path, monkeypat
         importlib.import_module("powercam_example")
         out = explain(tiny_model().eval(), images, methods=("powercam",))
         assert out["powercam"].shape == (4, 32, 32)
-        assert option_docs(METHODS["powercam"]) == {
+        assert options_table().option_docs(METHODS["powercam"]) == {
             "power": "the gradient weights are raised to this power."
         }
         SaliencyCallback(methods=["gradcam", "powercam"], method_options={"powercam": {"power": 2}})

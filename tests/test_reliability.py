@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler
 
 from lightning_saliency import SaliencyCallback, SaliencyConfigError
-from lightning_saliency.data import ShortcutDataModule
+from lightning_saliency.demos import ShortcutDataModule
 
 FAST = dict(methods=("gradcam", "ig"), num_samples=4, ig_steps=4)
 SHORT = dict(limit_train_batches=2, limit_val_batches=1, max_epochs=1)
@@ -201,7 +201,7 @@ def test_several_validations_per_epoch_each_count(tmp_path, every, logged):
 def test_one_failing_layer_leaves_the_other_methods_on(tmp_path, monkeypatch, caplog):
     """A target layer that breaks mid-run switches off the layer methods only; said once on
     the logger and shown in TensorBoard."""
-    engine = importlib.import_module("lightning_saliency.explain")
+    engine = importlib.import_module("lightning_saliency.engine.explanations")
 
     real, calls = engine.choose_layer, {"n": 0}
 
@@ -233,7 +233,7 @@ def test_a_method_whose_scoring_fails_is_the_only_one_switched_off(tmp_path):
     scoring; the other methods are scored and logged."""
     from dataclasses import replace
 
-    from lightning_saliency.methods import METHODS, MethodScore, register, unregister
+    from lightning_saliency.engine.methods import METHODS, MethodScore, register, unregister
 
     gradcam, calls = METHODS["gradcam"], {"n": 0}
 
@@ -348,7 +348,7 @@ def test_a_legacy_state_key_still_loads(tmp_path):
 
 
 def test_the_timeline_keeps_the_early_epochs():
-    from lightning_saliency.figures import Timeline
+    from lightning_saliency.viz.figures import Timeline
 
     timeline = Timeline()
     for epoch in range(70):

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torchvision.transforms import Normalize
 
-from lightning_saliency import explain, figures, render
-from lightning_saliency.explain import Explanations
-from lightning_saliency.figures import (
+from lightning_saliency import explain
+from lightning_saliency.engine.explanations import Explanations
+from lightning_saliency.viz import figures, render
+from lightning_saliency.viz.figures import (
     EpochFigures,
     Timeline,
     captions,
@@ -238,7 +239,7 @@ def test_grey_background_can_be_turned_off_and_dff_legend_gives_area_shares():
     assert torch.allclose(tiles, picture)
     legend = grey.grids()["dff"]
     assert legend.shape[1] > grey.grids()["gradcam"].shape[1] - 32  # legend lines below
-    from lightning_saliency.figures import concept_legend
+    from lightning_saliency.viz.figures import concept_legend
 
     lines = concept_legend(None, 2, None, _explanations()["dff"])
     assert all("% of area" in line for line in lines)
@@ -249,7 +250,7 @@ def test_grey_background_can_be_turned_off_and_dff_legend_gives_area_shares():
 def test_concept_colours_stay_clear_of_the_demo_patches_and_each_other():
     """The DFF palette avoids the pure red, green, blue and yellow of the demo's corner patches
     (a concept on the patch must not look like the patch), and its colours are distinct."""
-    from lightning_saliency.data.shortcut import PATCH_COLORS
+    from lightning_saliency.demos.shapes import PATCH_COLORS
 
     palette = render.concept_palette(8, torch.device("cpu"))
     assert torch.cdist(palette, PATCH_COLORS).min() > 0.25

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision import transforms
 
 from lightning_saliency import SaliencyConfigError
-from lightning_saliency.samples import (
+from lightning_saliency.callback.samples import (
     BatchKeys,
     FixedSamples,
     choose_indices,

@@ -12,10 +12,10 @@ from helpers import assert_same, snapshot, writer_threads
 from models import SmallCNN, seeded
 
 from lightning_saliency import explain
-from lightning_saliency.data.shortcut import ShortcutShapes
-from lightning_saliency.demo import ShapesClassifier
-from lightning_saliency.faithfulness import faithfulness
-from lightning_saliency.sanity import cascade_depths, randomisation_order, sanity_check
+from lightning_saliency.demos.classifier import ShapesClassifier
+from lightning_saliency.demos.shapes import ShortcutShapes
+from lightning_saliency.evaluate.deletion import faithfulness
+from lightning_saliency.evaluate.sanity import cascade_depths, randomisation_order, sanity_check
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_the_callback_logs_the_check_once_and_gates_a_method_that_ignores_the_mo
     from helpers import read_events, tiny_datamodule, tiny_model, trainer
 
     from lightning_saliency import SaliencyCallback
-    from lightning_saliency.methods import METHODS, register, unregister
+    from lightning_saliency.engine.methods import METHODS, register, unregister
 
     register(replace(METHODS["saliency"], name="input_only", compute=_input_only, aliases=()))
     try:
@@ -200,7 +200,7 @@ def test_check_sanity_on_demand_explains_once_and_logs(tmp_path, monkeypatch):
     import importlib
 
     calls = []
-    for name in ("lightning_saliency.callback", "lightning_saliency.sanity"):
+    for name in ("lightning_saliency.callback.callback", "lightning_saliency.evaluate.sanity"):
         module = importlib.import_module(name)
         real = module.explain
 

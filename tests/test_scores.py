@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-from lightning_saliency.scores import (
+from lightning_saliency.evaluate.scores import (
     border_enrichment,
     consensus,
     corner_enrichment,
@@ -130,10 +130,10 @@ def test_dead_maps_are_left_out_of_localisation_scores():
 def test_the_docstring_table_gives_the_default_thresholds():
     """Bug: scores.py's docstring gave the corner and consensus thresholds as 5 and 0.5 while
     the defaults were 3.0 and 0.8."""
-    import lightning_saliency.scores as scores
+    import lightning_saliency.evaluate.scores as scores
 
-    shortcut_scores = importlib.import_module("lightning_saliency.shortcut_scores")
-    from lightning_saliency.alarms import LOW_IS_BAD, default_thresholds
+    shortcut_scores = importlib.import_module("lightning_saliency.evaluate.shortcut_probes")
+    from lightning_saliency.evaluate.alarms import LOW_IS_BAD, default_thresholds
 
     lines = [
         line

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_saliency import explain
-from lightning_saliency.sharing import gather_explanations, share_of
+from lightning_saliency.callback.sharing import gather_explanations, share_of
 
 
 class ThreadGather:
@@ -131,7 +131,7 @@ def test_a_rank_whose_whole_pass_failed_still_gathers():
 
 
 def _gather_activations_on_threads(pieces, n):
-    from lightning_saliency.sharing import gather_activations
+    from lightning_saliency.callback.sharing import gather_activations
 
     gather = ThreadGather(len(pieces))
     results: list = [None] * len(pieces)
@@ -158,9 +158,9 @@ def test_layer_activations_are_gathered_in_sample_order_or_skipped_by_all():
 
 
 def test_dff_of_gathered_activations_is_the_single_device_dff():
-    from lightning_saliency.explain import layer_activations
-    from lightning_saliency.methods import METHODS
-    from lightning_saliency.methods.dff import DFFOptions
+    from lightning_saliency.engine.explanations import layer_activations
+    from lightning_saliency.engine.methods import METHODS
+    from lightning_saliency.engine.methods.dff import DFFOptions
 
     model, images = _model(), torch.rand(6, 3, 12, 12)
     whole = explain(model, images, None, ("dff",))

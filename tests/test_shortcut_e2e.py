@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_saliency.data import ShortcutDataModule, make_shortcut_images
+from lightning_saliency.demos import ShortcutDataModule, make_shortcut_images
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "examples", "shortcut_demo.py")
 
@@ -146,7 +146,7 @@ def kinds():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(NAMED_SCORE))
 def test_each_kind_alarms_from_its_score_by_the_collapse_without_masks(kinds, kind):
-    from lightning_saliency.alarms import default_thresholds
+    from lightning_saliency.evaluate.alarms import default_thresholds
 
     sweep, runs = kinds
     record = runs[(kind, False)]
@@ -165,7 +165,7 @@ def test_each_kind_alarms_from_its_score_by_the_collapse_without_masks(kinds, ki
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(NAMED_SCORE))
 def test_each_clean_control_stays_quiet_with_a_margin(kinds, kind):
-    from lightning_saliency.alarms import LOW_IS_BAD, default_thresholds
+    from lightning_saliency.evaluate.alarms import LOW_IS_BAD, default_thresholds
 
     sweep, runs = kinds
     record = runs[(kind, True)]

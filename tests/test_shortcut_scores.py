@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_saliency import shortcut_scores
-from lightning_saliency.shortcut_scores import ProbeSettings, attended_consensus
+from lightning_saliency.evaluate.shortcut_probes import ProbeSettings, attended_consensus
 
 SIZE = 40
 
@@ -205,7 +205,7 @@ def test_the_callback_logs_the_probes_and_can_leave_them_out(tmp_path):
 def test_a_failing_probe_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
     import logging
 
-    import lightning_saliency.callback as callback_module
+    import lightning_saliency.callback.callback as callback_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("probe exploded")
@@ -226,8 +226,8 @@ def test_bad_shortcut_probes_argument_is_refused():
 
 
 def test_probe_scores_are_aggregated_judged_and_attended_consensus_alarms_on_request():
-    from lightning_saliency.explain import Explanations
-    from lightning_saliency.monitor import ScoreMonitor
+    from lightning_saliency.engine.explanations import Explanations
+    from lightning_saliency.evaluate.monitor import ScoreMonitor
 
     maps = torch.rand(4, 12, 12)
     out = Explanations({"gradcam": maps}, logits=torch.eye(4), targets=torch.arange(4))

@@ -10,8 +10,8 @@ from helpers import per_image_corr
 from models import MLP, SmallCNN, seeded
 
 from lightning_saliency import SaliencyConfigError, explain
-from lightning_saliency.methods import smoothgrad as noise_methods
-from lightning_saliency.methods.torchcam_family import SSCAMOptions, sscam_noise
+from lightning_saliency.engine.methods import smoothgrad as noise_methods
+from lightning_saliency.engine.methods.torchcam_family import SSCAMOptions, sscam_noise
 
 torchcam = pytest.importorskip("torchcam.methods")  # Python >= 3.11 (its own requirement)
 

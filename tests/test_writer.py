@@ -13,8 +13,8 @@ from helpers import read_events, tiny_datamodule, tiny_model, trainer, writer_th
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_saliency import SaliencyCallback
-from lightning_saliency.loggers import TensorBoardSink
-from lightning_saliency.writer import BackgroundWriter
+from lightning_saliency.publish.sinks import TensorBoardSink
+from lightning_saliency.publish.writer import BackgroundWriter
 
 
 def test_jobs_run_in_order_off_the_calling_thread():

@@ -23,7 +23,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from lightning_saliency import explain
-from lightning_saliency.layers import prefix_tokens_of, read_layout, resolve_layer
+from lightning_saliency.engine.layers import prefix_tokens_of, read_layout, resolve_layer
 
 METHODS = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
 

@@ -1,17 +1,8 @@
-"""Generated data sets (no downloads)."""
+"""Moved to :mod:`lightning_saliency.demos` in 0.2; this old path still works, with a
+``FutureWarning``, until 0.3.
+"""
 
-from lightning_saliency.data.shortcut import (
-    SHAPES,
-    SHORTCUT_KINDS,
-    ShortcutDataModule,
-    ShortcutShapes,
-    make_shortcut_images,
-)
+from lightning_saliency.console import moved
+from lightning_saliency.demos import *  # noqa: F403
 
-__all__ = [
-    "SHAPES",
-    "SHORTCUT_KINDS",
-    "ShortcutDataModule",
-    "ShortcutShapes",
-    "make_shortcut_images",
-]
+moved(__name__, "lightning_saliency.demos")

@@ -1,0 +1,10 @@
+"""``SaliencyCallback`` and its parts: the checked configuration, the pre-flight dry run, the
+fixed samples, one logged run, the failure policy, DDP sharing, and ``SaliencyEarlyStopping``.
+
+Example:
+    >>> from lightning_saliency.callback import SaliencyCallback
+"""
+
+from lightning_saliency.callback.callback import SaliencyCallback
+
+__all__ = ["SaliencyCallback"]

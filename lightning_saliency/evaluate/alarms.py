@@ -1,0 +1,164 @@
+"""Alarm thresholds on the scores, and the sentences a user reads when one trips.
+
+Map scores (:mod:`.scores`) have their thresholds here; scores that a method
+measures about its own maps (IG's completeness error) bring theirs in the method's record
+(``SaliencyMethod.scores``), so :func:`default_thresholds` is the union of both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from lightning_saliency.engine.methods import METHODS
+from lightning_saliency.errors import SaliencyConfigError
+
+# object_enrichment, consensus and dead_maps were chosen on the demo set not to cry wolf (clean
+# runs stay at object_enrichment >= 2, consensus <= 0.5). corner_enrichment, small_cue_reliance
+# and background_reliance are set by benchmarks/shortcut_kinds.py on seeds 0-2 of the planted
+# kinds (corner patch, tinted background, random mark, each with its clean control), in the
+# middle of the interval that keeps clean runs at <= 0.67 x and learnt shortcuts at >= 1.5 x,
+# and checked on seeds 3-5 (README, "Shortcuts without masks").
+MAP_SCORE_THRESHOLDS: dict[str, float] = {
+    "object_enrichment": 1.0,
+    "corner_enrichment": 3.8,
+    "consensus": 0.8,
+    "dead_maps": 0.5,
+    # mask-free shortcut probes (lightning_saliency.shortcut_scores)
+    "small_cue_reliance": 0.085,
+    "background_reliance": 0.43,
+}
+# Scores that alarm only when the user gives a threshold. attended_consensus reads where the
+# maps point, not what the model uses: on the generated set, clean controls whose maps rest on
+# an uninformative stamped mark (or on the image border) reached 0.98 x the threshold that
+# kept seeds 0-2 quiet, so a default alarm would cry wolf (benchmarks/shortcut_kinds.py).
+OPT_IN_ALARMS = frozenset({"attended_consensus"})
+LOW_IS_BAD = frozenset({"object_enrichment"})
+# Per-class alarms: only for a score where one class can hide in the mean. A class coded by the
+# *absence* of the others' features gets maps that point nowhere, so its object_enrichment is low
+# while the other classes keep the mean high. The other scores alarm on the mean only.
+PER_CLASS_ALARMS = frozenset({"object_enrichment"})
+MAP_SCORE_MEANING: dict[str, str] = {
+    "object_enrichment": "attention left the object: the map puts less mass on the labelled "
+    "object than an even spread would; the model likely uses background or a planted cue",
+    "corner_enrichment": "attention piles up in an image corner: a watermark, logo or patch "
+    "shortcut is likely",
+    "consensus": "maps of different images agree on one fixed place: objects move, a "
+    "shortcut at a fixed location does not",
+    "dead_maps": "most maps are zero: the target layer carries no class evidence (dead or "
+    "saturated units, or a class coded by the absence of features)",
+    "small_cue_reliance": "the decision collapses when the hottest 2 % of the pixels are "
+    "blurred away, and not when the pixels around them are: the model reads a small mark "
+    "(a watermark, a tag, a logo), not an object",
+    "attended_consensus": "the hottest regions of one class hold the same content in every "
+    "image: a stamped mark repeats, real objects vary",
+    "background_reliance": "the decision survives blurring away the hottest 30 % of the image: "
+    "the model reads the context (background, colour, texture), not the object",
+}
+
+
+def default_thresholds() -> dict[str, float]:
+    """Thresholds of the map scores and of every registered method's own scores.
+
+    Example:
+        >>> default_thresholds()["corner_enrichment"]
+        3.8
+    """
+    merged = dict(MAP_SCORE_THRESHOLDS)
+    for method in METHODS.values():
+        for score in method.scores:
+            if score.threshold is not None:
+                merged.setdefault(score.name, score.threshold)
+    return merged
+
+
+def meaning(score: str) -> str:
+    """What a tripped score means, in a sentence."""
+    if score in MAP_SCORE_MEANING:
+        return MAP_SCORE_MEANING[score]
+    for method in METHODS.values():
+        for declared in method.scores:
+            if declared.name == score:
+                return declared.meaning
+    return ""
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A score past its threshold at one logged epoch (for one class, or the mean)."""
+
+    method: str
+    score: str
+    value: float
+    threshold: float
+    class_name: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.method, self.score)
+
+
+def merge_thresholds(user: Mapping[str, float] | None) -> dict[str, float]:
+    """Defaults overridden by the user's; unknown score names are refused.
+
+    Scores in :data:`OPT_IN_ALARMS` alarm only when given a threshold here.
+
+    Example:
+        >>> merge_thresholds({"consensus": 0.9})["consensus"]
+        0.9
+        >>> "attended_consensus" in merge_thresholds(None)
+        False
+        >>> merge_thresholds({"attended_consensus": 0.8})["attended_consensus"]
+        0.8
+    """
+    merged = default_thresholds()
+    if user is not None and not isinstance(user, Mapping):
+        raise SaliencyConfigError(f"thresholds must be a dict of score -> number, got {user!r}.")
+    for name, value in (user or {}).items():
+        if name not in merged and name not in OPT_IN_ALARMS:
+            raise SaliencyConfigError(
+                f"thresholds names {name!r}, a score with no alarm; alarms exist for: "
+                f"{', '.join([*merged, *sorted(OPT_IN_ALARMS)])}."
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise SaliencyConfigError(f"thresholds[{name!r}] must be a number, got {value!r}.")
+        merged[name] = float(value)
+    return merged
+
+
+def tripped(value: float, score: str, threshold: float) -> bool:
+    return value < threshold if score in LOW_IS_BAD else value > threshold
+
+
+def check(
+    method: str,
+    means: Mapping[str, float],
+    per_class: Mapping[str, Mapping[str, float]],
+    thresholds: Mapping[str, float],
+) -> list[Alarm]:
+    """Alarms for one method: every score on its mean over samples; the scores in
+    :data:`PER_CLASS_ALARMS` also on each class's mean (the worst class is reported).
+
+    Example:
+        >>> thresholds = default_thresholds()
+        >>> [a.score for a in check("gradcam", {"corner_enrichment": 6.0}, {}, thresholds)]
+        ['corner_enrichment']
+        >>> check("gradcam", {}, {"cat": {"object_enrichment": 0.4}}, thresholds)[0].class_name
+        'cat'
+    """
+    alarms = []
+    for score, threshold in thresholds.items():
+        if score in means and tripped(means[score], score, threshold):
+            alarms.append(Alarm(method, score, means[score], threshold))
+            continue
+        if score not in PER_CLASS_ALARMS:
+            continue
+        worst: tuple[str, float] | None = None
+        for class_name, values in per_class.items():
+            if score in values and tripped(values[score], score, threshold):
+                value = values[score]
+                if worst is None or (value < worst[1] if score in LOW_IS_BAD else value > worst[1]):
+                    worst = (class_name, value)
+        if worst is not None:
+            alarms.append(Alarm(method, score, worst[1], threshold, worst[0]))
+    return alarms

@@ -1,0 +1,346 @@
+"""Mask-free shortcut scores: the map proposes a cue, the model (or the images) confirm it.
+
+Most users have no object masks. ``corner_enrichment`` and ``consensus``
+(:mod:`lightning_saliency.evaluate.scores`) see a cue only where it sits at one fixed place. These
+three read cues that move, or that are everywhere:
+
+=======================  =====  ================================================  ========
+score                    range  meaning                                           alarming
+=======================  =====  ================================================  ========
+``small_cue_reliance``   -1..1  the class's probability lost when the hottest 2   > 0.085
+                                % of the pixels are blurred away, beyond the loss
+                                when the next-hottest 2 % (the same area around
+                                them) go, in units of the range above chance
+``attended_consensus``   -1..1  how alike the hottest regions' contents are       opt-in
+                                across images of one class (correlation), above
+                                the chance level of crops at random places
+``background_reliance``  0..1   the probability above chance left when the        > 0.43
+                                hottest 30 % of the image (the attended region)
+                                is blurred away, in units of the range above
+                                chance (``1 - 1/K`` for K classes)
+=======================  =====  ================================================  ========
+
+- **Small-cue reliance** is a counterfactual: the map proposes, the model confirms. A model
+  that reads an object spreads its evidence over the object, so blurring the hottest 2 % costs
+  about what blurring the next 2 % around them costs. A model that reads a mark loses its
+  decision with the mark, and nothing with the ring around it. The control is that ring, not a
+  region at a random place: measured on the generated set (40 px, 2 % of the pixels is a fifth
+  of an object), a random place let clean models score up to 0.36 against 0.15 for a learnt
+  mark, as the hottest 2 % of an object is also its most telling part; the ring brought clean
+  runs down to 0.07 and kept marks at 0.14 or more (``benchmarks/shortcut_kinds.py``).
+- **Attended-content consensus** crops each image around its map's hottest point and
+  correlates the crop with those of the other images of its class (zero-mean colour patterns,
+  best over shifts of a third of the crop). A stamped mark is the same crop every time; real
+  objects vary in size, colour and pose. Crops at random places give the chance level. It
+  reads where the maps point, not what the model uses, so it alarms only when given a
+  threshold (``thresholds={"attended_consensus": 0.8}``): clean controls whose maps rest on
+  a stamped but uninformative mark score as high as learnt marks.
+- **Background reliance** blurs away the hottest 30 % of the image and asks how much
+  confidence survives. An object-reading model loses it with the object; one that reads a
+  tinted or textured background keeps it, since the background is still there. This reads
+  the model, not where the map points: a map that shows the object of a background-reading
+  model still fires it.
+
+The model must have a decision to probe: when it is right on fewer than half of the compared
+images (``peers``), every score is NaN (not judged; a model right by chance loses and keeps
+evidence at random). Removed pixels take a Gaussian blur of the image (sigma 1/8 of the side
+for the small cue, 1/4 for the background): colours and context stay, shapes and marks go.
+Maps are smoothed (box filter, 1/10 of the side) before regions are picked, so a speckled
+gradient map proposes blobs, not scattered pixels. Random crops come from a private generator,
+the same for every image index. Forwards only, on the images' device, under the same safety
+context as :func:`~lightning_saliency.explain`: three extra images per sample and method, in
+one chunked pass.
+
+Why our own: no library scores these. Quantus's ``RegionPerturbation``/``ROAD`` are deletion
+curves on numpy (see :mod:`lightning_saliency.faithfulness`), not cue detectors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_saliency.engine.batching import internal_batch_size
+from lightning_saliency.engine.explanations import eager_module, explanation_context, model_dtype
+from lightning_saliency.engine.methods.session import OutputTransform
+from lightning_saliency.evaluate.deletion import blurred, target_probabilities
+from lightning_saliency.evaluate.scores import (
+    SHORTCUT_SCORES,
+    SignedMass,
+    hottest_points,
+    relevance,
+)
+
+_EPS = 1e-12
+CHANCE_PLACES = 8  # random crops per image for attended consensus's chance level
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the probes cut regions; the defaults are those the thresholds were set with.
+
+    Attributes:
+        cue_fraction: share of the pixels removed for small-cue reliance (the hottest ones,
+            against the next-hottest as many).
+        background_fraction: share of the pixels the background probe removes.
+        crop_fraction: side of the attended-content crop, as a share of the image side.
+        smooth_fraction: the box filter's side, as a share of the image side.
+        cue_blur, background_blur: the blurs' sigma, as a share of the image side.
+        min_peers: the share of correctly classified images below which nothing is judged.
+        seed: the random crops' seed.
+    """
+
+    cue_fraction: float = 0.02
+    background_fraction: float = 0.3
+    crop_fraction: float = 1 / 6
+    smooth_fraction: float = 1 / 10
+    cue_blur: float = 1 / 8
+    background_blur: float = 1 / 4
+    min_peers: float = 0.5
+    seed: int = 0
+
+
+def smoothed_mass(maps: Tensor, fraction: float, signed_mass: SignedMass = "positive") -> Tensor:
+    """:func:`~.scores.relevance` under a box filter of ``fraction`` of the
+    side (odd, at least 3 pixels): the blobs regions are cut from.
+
+    Example:
+        >>> m = torch.zeros(1, 10, 10); m[0, 5, 5] = 9.0
+        >>> smoothed_mass(m, 0.3)[0, 4:7, 4:7].tolist() == [[1.0] * 3] * 3
+        True
+    """
+    side = max(3, int(min(maps.shape[-2:]) * fraction) | 1)
+    mass = relevance(maps, signed_mass)[:, None]
+    return F.avg_pool2d(mass, side, 1, side // 2, count_include_pad=False)[:, 0]
+
+
+def pixel_ranks(mass: Tensor) -> Tensor:
+    """``(N, H, W)``: each pixel's place in its map's descending order (0 = the hottest; ties
+    in raster order).
+
+    Example:
+        >>> pixel_ranks(torch.tensor([[[1.0, 3.0], [2.0, 3.0]]])).tolist()
+        [[[3, 0], [2, 1]]]
+    """
+    n, h, w = mass.shape
+    order = mass.flatten(1).argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(h * w, device=mass.device).expand(n, -1))
+    return ranks.reshape(n, h, w)
+
+
+def top_region(mass: Tensor, counts: Tensor) -> Tensor:
+    """Boolean ``(N, H, W)``: each map's ``counts[i]`` hottest pixels (ties in raster order).
+
+    Example:
+        >>> m = torch.arange(6.0).reshape(1, 2, 3)
+        >>> top_region(m, torch.tensor([2])).int().tolist()
+        [[[0, 0, 0], [0, 1, 1]]]
+    """
+    return pixel_ranks(mass) < counts.to(mass.device)[:, None, None]
+
+
+def _normalised_windows(images: Tensor, centres: Tensor, side: int, shift: int) -> Tensor:
+    """``(N, (2*shift+1)**2, C*side*side)`` zero-mean unit-norm crops of ``side`` pixels
+    around ``centres`` ``(N, 2)`` (row, col), at every offset up to ``shift``."""
+    n, c, h, w = images.shape
+    big = side + 2 * shift
+    pad = big
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    top = (centres[:, 0] - big // 2 + pad).clamp(0, h + 2 * pad - big)
+    left = (centres[:, 1] - big // 2 + pad).clamp(0, w + 2 * pad - big)
+    rows = top[:, None] + torch.arange(big, device=images.device)[None]
+    cols = left[:, None] + torch.arange(big, device=images.device)[None]
+    index = torch.arange(n, device=images.device)
+    crops = padded[index[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # N,big,big,C
+    crops = crops.permute(0, 3, 1, 2)
+    windows = F.unfold(crops, side)  # (N, C*side*side, offsets)
+    windows = windows.reshape(n, c, side * side, -1)
+    windows = windows - windows.mean(2, keepdim=True)  # each channel's pattern, not its colour
+    windows = windows.reshape(n, c * side * side, -1).transpose(1, 2)
+    normalised: Tensor = windows / windows.norm(dim=2, keepdim=True).clamp(min=_EPS)
+    return normalised
+
+
+def _crop_similarity(images: Tensor, centres: Tensor, side: int, shift: int) -> Tensor:
+    """``(N, N)``: the best correlation of image i's crop with image j's crop over shifts."""
+    windows = _normalised_windows(images, centres, side, shift)  # (N, S, D)
+    middle = windows[:, windows.shape[1] // 2]  # the unshifted crop (N, D)
+    similarity = torch.einsum("id,jsd->ijs", middle, windows).amax(dim=2)
+    return (similarity + similarity.T) / 2
+
+
+def attended_consensus(
+    images: Tensor,
+    maps: Tensor,
+    groups: Tensor,
+    peers: Tensor | None = None,
+    settings: ProbeSettings | None = None,
+    signed_mass: SignedMass = "positive",
+) -> Tensor:
+    """Per sample ``(N,)``: the mean similarity of its attended crop with those of the other
+    ``peers`` of its group, minus the same for crops at random places (NaN without a peer).
+
+    Example:
+        >>> images = torch.rand(4, 3, 32, 32)
+        >>> images[:, :, 10:15, 10:15] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+        >>> images[:, :, 11:14, 11:14] = 0.0                        # the same mark everywhere
+        >>> maps = torch.zeros(4, 32, 32); maps[:, 10:15, 10:15] = 1
+        >>> bool((attended_consensus(images, maps, torch.zeros(4)) > 0.5).all())
+        True
+    """
+    settings = settings or ProbeSettings()
+    x = images.float()
+    mass = smoothed_mass(maps.to(x.device), settings.smooth_fraction, signed_mass)
+    return _consensus(x, mass, groups, peers, settings, _chance_similarity(x, settings))
+
+
+def _crop_geometry(images: Tensor, settings: ProbeSettings) -> tuple[int, int]:
+    """The crop's side and the largest shift tried, in pixels."""
+    side = max(3, round(min(images.shape[-2:]) * settings.crop_fraction))
+    return side, max(1, side // 3)
+
+
+def _chance_similarity(images: Tensor, settings: ProbeSettings) -> Tensor:
+    """Attended consensus's chance level: the mean similarity of crops at random places (the
+    same places for every index) over all pairs of different images."""
+    n, _, h, w = images.shape
+    side, shift = _crop_geometry(images, settings)
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    limits = torch.tensor([h - 1, w - 1], dtype=torch.float32)
+    levels = []
+    for _ in range(CHANCE_PLACES):
+        places = (torch.rand(n, 2, generator=generator) * limits).round().long()
+        levels.append(_crop_similarity(images, places.to(images.device), side, shift))
+    others = ~torch.eye(n, dtype=torch.bool, device=images.device)
+    return torch.stack(levels)[:, others].mean() if n > 1 else images.new_zeros(())
+
+
+def _consensus(
+    images: Tensor,
+    mass: Tensor,
+    groups: Tensor,
+    peers: Tensor | None,
+    settings: ProbeSettings,
+    chance: Tensor,
+) -> Tensor:
+    """Attended consensus from the smoothed ``mass`` and the ``chance`` level."""
+    n = images.shape[0]
+    side, shift = _crop_geometry(images, settings)
+    attended = _crop_similarity(images, hottest_points(mass, tie=_EPS), side, shift)
+    groups = groups.to(images.device)
+    same = groups[:, None] == groups[None, :]
+    if peers is not None:
+        same &= peers.to(images.device)[None, :].bool()
+    same &= ~torch.eye(n, dtype=torch.bool, device=images.device)
+    count = same.sum(1)
+    excess = (attended * same).sum(1) / count.clamp(min=1) - chance
+    return torch.where(count > 0, excess, torch.full_like(excess, math.nan))
+
+
+def shortcut_scores(
+    model: nn.Module,
+    images: Tensor,
+    maps: Mapping[str, Tensor],
+    targets: Tensor,
+    groups: Tensor | None = None,
+    peers: Tensor | None = None,
+    *,
+    settings: ProbeSettings | None = None,
+    signed_mass: SignedMass = "positive",
+    batch_size: int | None = None,
+    output_transform: OutputTransform | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """The mask-free shortcut scores of each method's maps, ``{method: {score: (N,)}}``.
+
+    Args:
+        model: the classifier the maps explain (eval mode and frozen inside, put back as
+            found; the global RNG is untouched).
+        images: ``(N, C, H, W)`` model inputs.
+        maps: method -> ``(N, H, W)`` maps (an :class:`~lightning_saliency.Explanations`).
+        targets: ``(N,)`` the class each map explains.
+        groups: ``(N,)`` what makes images comparable for attended consensus (labels; the
+            targets when ``None``).
+        peers: ``(N,)`` bool, the images attended consensus compares with (the correctly
+            classified ones; all when ``None``).
+        settings: region sizes and the seed (:class:`ProbeSettings`).
+        signed_mass: how a signed map's mass counts (:func:`~.scores.relevance`).
+        batch_size: perturbed images per forward (``None``: the memory of 16 images at 224 px).
+        output_transform: as :func:`~lightning_saliency.explain`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> out = shortcut_scores(net, torch.rand(2, 3, 16, 16), {"m": torch.rand(2, 16, 16)},
+        ...                       torch.tensor([0, 1]))
+        >>> sorted(out["m"]), out["m"]["small_cue_reliance"].shape
+        (['attended_consensus', 'background_reliance', 'small_cue_reliance'], torch.Size([2]))
+    """
+    settings = settings or ProbeSettings()
+    model = eager_module(model)
+    named = {k: v for k, v in maps.items() if v.dim() == 3}
+    if not named:
+        return {}
+    with explanation_context(model), torch.no_grad():
+        x = images.detach().to(model_dtype(model))
+        n, _, h, w = x.shape
+        wanted = targets.to(x.device).long().reshape(n)
+        side = min(h, w)
+        fills = torch.stack(
+            [blurred(x, max(1.0, side * b)) for b in (settings.cue_blur, settings.background_blur)]
+        )  # (2, N, C, H, W): what removed pixels become, per probe
+        which_fill = torch.tensor([0, 0, 1], device=x.device)  # hot, ring: cue; region: background
+        cue = max(1, round(settings.cue_fraction * h * w))
+        region_count = max(1, round(settings.background_fraction * h * w))
+        regions, masses = [], []
+        for method, m in named.items():
+            if m.shape != (n, h, w):
+                raise ValueError(f"{method}: maps must be {(n, h, w)}, got {tuple(m.shape)}")
+            mass = smoothed_mass(m.to(x.device), settings.smooth_fraction, signed_mass)
+            ranks = pixel_ranks(mass)  # one sort cuts all three regions
+            hot, ring = ranks < cue, (ranks >= cue) & (ranks < 2 * cue)
+            regions.append(torch.stack([hot, ring, ranks < region_count], dim=1))  # (N,3,H,W)
+            masses.append(mass)
+        removed = torch.stack(regions)  # (M, N, 3, H, W)
+        fill = fills[which_fill].transpose(0, 1)  # (N, 3, C, H, W)
+        rows = torch.where(removed[:, :, :, None], fill[None], x[None, :, None])
+        rows = rows.reshape(-1, *x.shape[1:])
+        every = wanted[None, :, None].expand(len(named), n, 3).reshape(-1)
+        chunk = batch_size or internal_batch_size(None, x)
+        probs, classes = target_probabilities(model, rows, every, chunk, output_transform)
+        perturbed = probs.reshape(len(named), n, 3)
+        chance = 1.0 / max(classes, 1)
+        out: dict[str, dict[str, Tensor]] = {}
+        group_of = wanted if groups is None else groups.to(x.device)
+        judged = peers is None or float(peers.float().mean()) >= settings.min_peers
+        images = x.float()
+        crops_by_chance = _chance_similarity(images, settings)  # the same for every method
+        for i, method in enumerate(named):
+            hot, ring, region = perturbed[i].unbind(1)
+            scores = {
+                "small_cue_reliance": ((ring - hot) / (1 - chance)).clamp(-1, 1),
+                "attended_consensus": _consensus(
+                    images, masses[i], group_of, peers, settings, crops_by_chance
+                ),
+                "background_reliance": ((region - chance) / (1 - chance)).clamp(0, 1),
+            }
+            if not judged:  # no decision to probe: nothing is judged
+                scores = {k: torch.full_like(v, math.nan) for k, v in scores.items()}
+            out[method] = scores
+        return out
+
+
+__all__ = [
+    "SHORTCUT_SCORES",
+    "ProbeSettings",
+    "attended_consensus",
+    "pixel_ranks",
+    "shortcut_scores",
+    "smoothed_mass",
+    "top_region",
+]
