@@ -2,6 +2,7 @@
 
 import lightning as L
 import numpy as np
+import pytest
 from helpers import tiny_datamodule, tiny_model, trainer
 from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from lightning.pytorch.loggers.logger import DummyLogger
@@ -144,23 +145,33 @@ def test_two_named_callbacks_merge_their_custom_scalars_layouts(tmp_path):
 def test_event_checksum_equals_tensorboards_own_at_every_length():
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-    from lightning_saliency.publish.event_checksum import ROW, masked
+    from lightning_saliency.publish.event_checksum import masked
 
     rng = np.random.default_rng(0)
-    lengths = [0, 1, 8, 12, ROW - 1, ROW, ROW + 1, 2 * ROW - 1, 2 * ROW, 2 * ROW + 3, 5000]
+    lengths = [0, 1, 3, 4, 7, 8, 12, 15, 16, 17, 63, 64, 65, 255, 256, 257, 4096, 5000]
     lengths += [int(n) for n in rng.integers(1, 20_000, 12)]
     for n in lengths:
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         assert masked(data) == masked_crc32c(data), n
 
 
-def test_the_fit_writes_tensorboard_records_with_the_fast_checksum_and_restores_it(tmp_path):
+@pytest.mark.parametrize("implementation", ["c", "python"])
+def test_the_fit_writes_tensorboard_records_with_the_fast_checksum_and_restores_it(
+    tmp_path, monkeypatch, implementation
+):
+    """With google-crc32c's C implementation the fit checksums in C and puts TensorBoard's own
+    function back after; with only its pure-Python fallback TensorBoard's function is left
+    alone. The files pass TensorBoard's own check either way."""
+    import google_crc32c
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
     from tensorboard.summary.writer import record_writer
 
     from lightning_saliency.publish import event_checksum
 
+    if implementation == "c" and google_crc32c.implementation != "c":
+        pytest.fail("google-crc32c has no C implementation here: its wheel should bring one")
+    monkeypatch.setattr(google_crc32c, "implementation", implementation)
     tensorboards_own = record_writer.masked_crc32c
     seen = []
 
@@ -170,7 +181,8 @@ def test_the_fit_writes_tensorboard_records_with_the_fast_checksum_and_restores_
 
     tr = trainer(str(tmp_path), [SaliencyCallback(methods=("gradcam",)), Look()])
     tr.fit(tiny_model(), tiny_datamodule())
-    assert seen and all(f is event_checksum.masked for f in seen)  # during the fit
+    during = event_checksum.masked if implementation == "c" else tensorboards_own
+    assert seen and all(f is during for f in seen)  # during the fit
     assert record_writer.masked_crc32c is tensorboards_own  # and TensorBoard's own after it
     # every record of the event files passes TensorBoard's own check of its checksums
     files = list(tmp_path.rglob("events.out.tfevents.*"))
