@@ -4,6 +4,7 @@ No GPU is needed: the ``meta`` device refuses a CPU tensor as a GPU would, and t
 of the clock are recorded."""
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -45,4 +46,12 @@ def test_the_clock_waits_for_the_gpu_before_and_after_each_timed_call(overhead, 
 def test_the_clock_leaves_the_cpu_alone(overhead, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: pytest.fail("synchronised"))
-    assert overhead.timed(lambda: None, repeat=2) >= 0.0
+    calls: list[float] = []
+
+    def twenty_milliseconds() -> None:
+        calls.append(time.perf_counter())
+        time.sleep(0.02)
+
+    seconds = overhead.timed(twenty_milliseconds, repeat=2)
+    assert len(calls) == 3  # one warm-up, then the two timed calls
+    assert 0.02 <= seconds < 0.5  # one call's time, not a sum and not the warm-up's
