@@ -273,7 +273,7 @@ def sanity_seconds(callback: Any, model: torch.nn.Module, device: torch.device) 
     """What the callback's once-per-fit sanity check and faithfulness test cost on its samples
     and map methods (its settings: 4 depths, 8 faithfulness steps, 2 random maps)."""
     from lightning_saliency import faithfulness, sanity_check
-    from lightning_saliency.callback.callback import FAITHFULNESS_RANDOM_MAPS, FAITHFULNESS_STEPS
+    from lightning_saliency.callback.trust import FAITHFULNESS_RANDOM_MAPS, FAITHFULNESS_STEPS
     from lightning_saliency.engine.methods import METHODS
 
     samples = callback.fixed_samples
@@ -558,7 +558,8 @@ def ddp_child(world: int, n: int) -> None:
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    import lightning_saliency.callback.callback as callback_module
+    import lightning_saliency.callback.explainer as explainer_module
+    import lightning_saliency.callback.sharing as sharing_module
     from lightning_saliency import SaliencyCallback
     from lightning_saliency.demos import ShortcutDataModule
     from lightning_saliency.demos.classifier import ShapesClassifier
@@ -581,10 +582,11 @@ def ddp_child(world: int, n: int) -> None:
         return wrapper
 
     # every step of a rank's explanation: explain() of its share, DFF's layer activations,
-    # the gathers and the joint factorisation (the callback module's own names)
-    callback_module.explain = timed_step(explain, count_rows=True)  # type: ignore[attr-defined]
-    for name in ("layer_activations", "gather_explanations", "gather_activations"):
-        setattr(callback_module, name, timed_step(getattr(callback_module, name)))
+    # the gathers and the joint factorisation (the names the callback's modules call)
+    explainer_module.explain = timed_step(explain, count_rows=True)  # type: ignore[attr-defined]
+    explainer_module.layer_activations = timed_step(explainer_module.layer_activations)
+    for name in ("gather_explanations", "gather_activations"):
+        setattr(sharing_module, name, timed_step(getattr(sharing_module, name)))
     for method, spec in list(METHODS.items()):
         if spec.joint is not None:
             METHODS[method] = dataclasses.replace(spec, joint=timed_step(spec.joint))

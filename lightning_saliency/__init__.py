@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_saliency.callback.callback import SaliencyCallback
+    from lightning_saliency.callback.early_stopping import SaliencyEarlyStopping
     from lightning_saliency.engine.explanations import Explanations, explain
     from lightning_saliency.engine.methods import (
         DEFAULT_METHODS,
@@ -44,6 +45,7 @@ _METHODS = "lightning_saliency.engine.methods"
 # `import lightning_saliency.cli` import neither torch nor Lightning.
 _WHERE = {
     "SaliencyCallback": "lightning_saliency.callback.callback",
+    "SaliencyEarlyStopping": "lightning_saliency.callback.early_stopping",
     "SaliencyConfigError": "lightning_saliency.errors",
     "Explanations": "lightning_saliency.engine.explanations",
     "explain": "lightning_saliency.engine.explanations",
@@ -89,6 +91,7 @@ __all__ = [
     "NoOptions",
     "SaliencyCallback",
     "SaliencyConfigError",
+    "SaliencyEarlyStopping",
     "SaliencyMethod",
     "SanityReport",
     "available_methods",

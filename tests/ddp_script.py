@@ -1,8 +1,10 @@
 """Run by tests/test_distributed.py: 2 CPU processes (gloo) with SaliencyCallback.
 
-Usage: python tests/ddp_script.py STRATEGY OUT_DIR [fail]
+Usage: python tests/ddp_script.py STRATEGY OUT_DIR [fail|figure]
 
-With ``fail``, Integrated Gradients raises on rank 1 only, mid-run (after the setup's dry run).
+With ``fail``, Integrated Gradients raises on rank 1 only, mid-run (after the setup's dry run);
+with ``figure``, Grad-CAM's pictures fail on rank 0 (the only rank that draws), from the
+second logged run on.
 """
 
 import json
@@ -19,7 +21,7 @@ import dataclasses  # noqa: E402
 from helpers import tiny_model  # noqa: E402
 from torch.utils.data import DataLoader, SubsetRandomSampler  # noqa: E402
 
-import lightning_saliency.callback.callback as callback_module  # noqa: E402
+import lightning_saliency.callback.explainer as explainer_module  # noqa: E402
 from lightning_saliency import SaliencyCallback, explain  # noqa: E402
 from lightning_saliency.demos import ShortcutDataModule  # noqa: E402
 from lightning_saliency.engine.methods import METHODS  # noqa: E402
@@ -53,7 +55,7 @@ def counting_explain(model, images, *args, **kwargs):
     return out
 
 
-_activations = callback_module.layer_activations
+_activations = explainer_module.layer_activations
 
 
 def counting_activations(model, images, *args, **kwargs):
@@ -64,8 +66,8 @@ def counting_activations(model, images, *args, **kwargs):
 
 
 if __name__ in ("__main__", "__mp_main__"):  # run as the script (or its spawned children)
-    callback_module.explain = counting_explain
-    callback_module.layer_activations = counting_activations
+    explainer_module.explain = counting_explain
+    explainer_module.layer_activations = counting_activations
 
 if __name__ in ("__main__", "__mp_main__") and len(sys.argv) > 3 and sys.argv[3] == "fail":
     _ig = METHODS["integrated_gradients"]
@@ -79,6 +81,24 @@ if __name__ in ("__main__", "__mp_main__") and len(sys.argv) > 3 and sys.argv[3]
         return _ig.compute(session, options)
 
     METHODS["integrated_gradients"] = dataclasses.replace(_ig, compute=failing_on_rank_one)
+
+
+if __name__ in ("__main__", "__mp_main__") and len(sys.argv) > 3 and sys.argv[3] == "figure":
+    # Grad-CAM's pictures fail, mid-run; pictures are drawn on rank zero only, so the failure
+    # happens there alone.
+    import lightning_saliency.viz.figures as figures_module
+
+    _tiles = figures_module.method_tiles
+    DRAWN = {"gradcam": 0}
+
+    def failing_gradcam_tiles(method, *args, **kwargs):
+        if method == "gradcam":
+            DRAWN["gradcam"] += 1
+            if DRAWN["gradcam"] > 1:
+                raise RuntimeError("Grad-CAM's picture broke on rank 0")
+        return _tiles(method, *args, **kwargs)
+
+    figures_module.method_tiles = failing_gradcam_tiles
 
 
 def counting_images(self, pictures, step):
@@ -168,7 +188,7 @@ def main() -> None:
         accelerator="cpu",
         devices=2,
         strategy=strategy,
-        max_epochs=2,
+        max_epochs=3 if sys.argv[3:] == ["figure"] else 2,
         logger=TensorBoardLogger(out_dir, name="ddp"),
         callbacks=[callback],
         enable_progress_bar=False,

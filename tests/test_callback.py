@@ -275,7 +275,7 @@ def test_failure_mid_run_warns_once_and_skips_the_method(tmp_path, monkeypatch, 
 def test_failure_of_the_whole_pass_warns_once(tmp_path, monkeypatch, caplog):
     import importlib
 
-    module = importlib.import_module("lightning_saliency.callback.callback")
+    module = importlib.import_module("lightning_saliency.callback.explainer")
 
     def broken(*args, **kwargs):
         raise RuntimeError("device lost (simulated)")

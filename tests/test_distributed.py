@@ -23,7 +23,7 @@ def run_ranks(script, *args):
         [sys.executable, script, *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=60,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,6 +99,24 @@ def test_a_method_failing_on_one_rank_is_skipped_by_every_rank(tmp_path):
         assert record["history"] == ranks[0]["history"]
         assert all(diff < 1e-5 for diff in record["maps_match_explain"].values()), record
     assert "integrated_gradients failed" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_method_whose_pictures_fail_on_rank_zero_is_switched_off_on_every_rank(tmp_path):
+    """Grad-CAM's pictures fail on rank zero (the only rank that draws) at the second logged
+    run: every rank switches it off together, so the ranks keep the same methods and enter
+    the same collectives at the third run (before, rank zero alone dropped it, and the next
+    run's collectives no longer matched: the run hung)."""
+    proc, ranks = run_ranks(SCRIPT, "ddp", tmp_path, "figure")
+    for record in ranks:
+        assert record["switched_off"] == ["gradcam"]
+        assert record["explained"] == ["guided_gradcam", "integrated_gradients"]
+        assert record["history"] == ranks[0]["history"]
+        assert len(record["history"]) == 3
+    assert "gradcam failed and is switched off" in proc.stdout + proc.stderr
+    events = read_events(str(tmp_path))
+    assert len(events.Images("saliency/gradcam")) == 1  # drawn at the first run only
+    assert len(events.Images("saliency/guided_gradcam")) == 3
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler
 
-from lightning_saliency import SaliencyCallback, SaliencyConfigError
+from lightning_saliency import SaliencyCallback, SaliencyConfigError, SaliencyEarlyStopping
 from lightning_saliency.demos import ShortcutDataModule
 
 FAST = dict(methods=("gradcam", "ig"), num_samples=4, ig_steps=4)
@@ -362,7 +362,7 @@ def test_the_timeline_keeps_the_early_epochs():
 # -- Lightning contracts ---------------------------------------------------------------------
 def test_early_stopping_on_dead_maps_does_not_kill_the_run(tmp_path):
     callback = SaliencyCallback(**FAST)
-    stop = EarlyStopping(monitor="saliency/gradcam/corner_enrichment", patience=5)
+    stop = SaliencyEarlyStopping(monitor="saliency/gradcam/corner_enrichment", patience=5)
     tr, _ = fit(tmp_path, [callback, stop], model=frozen_model(dead=True), max_epochs=2)
     assert tr.current_epoch == 2
     value = float(tr.callback_metrics["saliency/gradcam/corner_enrichment"])
@@ -379,11 +379,53 @@ def test_early_stopping_patience_counts_logged_epochs(tmp_path):
             seen.append(float(trainer.callback_metrics["saliency/gradcam/consensus"]))
 
     callback = SaliencyCallback(**FAST, every_n_epochs=2)
-    stop = EarlyStopping(monitor="saliency/gradcam/consensus", patience=2, mode="min")
+    stop = SaliencyEarlyStopping(monitor="saliency/gradcam/consensus", patience=2, mode="min")
     tr, _ = fit(tmp_path, [callback, stop, Watch()], model=frozen_model(), max_epochs=10)
     assert [h.epoch for h in callback.history] == [0, 2, 4]
     assert tr.current_epoch == 5 and stop.stopped_epoch == 4
     assert len(seen) == 5 and all(math.isfinite(v) for v in seen)  # present at every validation
+    assert [callback.logged_anew("saliency/gradcam/consensus"), callback.logged_anew("x")] == [
+        True,  # logged anew at the last validation (epoch 4)
+        None,  # not one of the callback's keys
+    ]
+
+
+@pytest.mark.parametrize(
+    "key", ["saliency/gradcam/consensus", "saliency_alarms/count", "saliency/deep/gradcam/x"]
+)
+def test_a_plain_early_stopping_on_a_saliency_key_is_refused_naming_the_fix(tmp_path, key):
+    """It would count the runs where the key's last value is held against its patience."""
+    stop = EarlyStopping(monitor=key, patience=2)
+    with pytest.raises(SaliencyConfigError, match="SaliencyEarlyStopping") as caught:
+        fit(tmp_path, [SaliencyCallback(**FAST), stop])
+    assert repr(key) in str(caught.value)
+    other = EarlyStopping(monitor="val_loss/dataloader_idx_0", patience=2)  # not a saliency key
+    tr, _ = fit(tmp_path, [SaliencyCallback(**FAST), other], max_epochs=2)
+    assert tr.current_epoch == 2
+
+
+def test_early_stopping_on_a_method_switched_off_mid_run_does_not_stop_the_run(
+    tmp_path, monkeypatch
+):
+    """Grad-CAM's layer breaks after epoch 0: its key keeps its last value from then on. With
+    patience 1, a plain EarlyStopping would stop at epoch 1 on that held value; the run goes
+    on to max_epochs."""
+    engine = importlib.import_module("lightning_saliency.engine.explanations")
+    real, calls = engine.choose_layer, {"n": 0}
+
+    def breaks_after_epoch_0(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the dry run and epoch 0
+            raise RuntimeError("the layer is gone")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "choose_layer", breaks_after_epoch_0)
+    callback = SaliencyCallback(**FAST)
+    stop = SaliencyEarlyStopping(monitor="saliency/gradcam/consensus", patience=1, mode="min")
+    tr, _ = fit(tmp_path, [callback, stop], model=frozen_model(), max_epochs=4)
+    assert set(callback.switched_off) == {"gradcam"}
+    assert tr.current_epoch == 4 and stop.stopped_epoch == 0 and stop.wait_count == 0
+    assert callback.logged_anew("saliency/gradcam/consensus") is False  # held, not logged anew
 
 
 def test_model_checkpoint_on_a_saliency_key_saves_at_logged_epochs(tmp_path):

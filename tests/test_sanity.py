@@ -200,7 +200,7 @@ def test_check_sanity_on_demand_explains_once_and_logs(tmp_path, monkeypatch):
     import importlib
 
     calls = []
-    for name in ("lightning_saliency.callback.callback", "lightning_saliency.evaluate.sanity"):
+    for name in ("lightning_saliency.callback.explainer", "lightning_saliency.evaluate.sanity"):
         module = importlib.import_module(name)
         real = module.explain
 

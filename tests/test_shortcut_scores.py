@@ -205,7 +205,7 @@ def test_the_callback_logs_the_probes_and_can_leave_them_out(tmp_path):
 def test_a_failing_probe_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
     import logging
 
-    import lightning_saliency.callback.callback as callback_module
+    import lightning_saliency.callback.logged_run as callback_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("probe exploded")

@@ -2,7 +2,6 @@
 reading a private attribute."""
 
 import ast
-import os
 import re
 from pathlib import Path
 
@@ -97,10 +96,16 @@ def test_no_test_reads_a_private_attribute():
 
 @pytest.mark.parametrize("checker", [method_names_in, private_reads_in])
 def test_the_checks_catch_what_they_look_for(checker):
+    def check(source: str) -> list[str]:
+        if checker is method_names_in:
+            return sorted(checker(source, {"gradcam", "dff"}))
+        return sorted(checker(source))
+
     planted = 'from x import y\nlabel = "saliency/gradcam" if y._secret else "dff"\n'
-    found = checker(planted, {"gradcam", "dff"}) if checker is method_names_in else checker(planted)
-    assert found, f"{checker.__name__} missed a planted offence"
-    assert os.path.basename(__file__) == "test_structure.py"
+    clean = 'from x import y\nlabel = f"saliency/{m}" if y.secret else y.__doc__\n'
+    expected = ["dff", "gradcam"] if checker is method_names_in else ["_secret"]
+    assert check(planted) == expected, f"{checker.__name__} missed a planted offence"
+    assert check(clean) == [], f"{checker.__name__} flags code that names nothing"
 
 
 def test_readme_tables_are_the_registry():
@@ -120,3 +125,81 @@ def test_readme_tables_are_the_registry():
     for name, method in METHODS.items():
         assert name in rows, f"README's methods table misses {name}"
         assert f"| {method.passes} | {method.cost} |" in rows[name], name
+
+
+# -- the house (DESIGN §5): subpackages by concern, each importing only from those below it ----
+FLOORS = {"callback": 3, "cli": 3, "evaluate": 2, "viz": 2, "publish": 2, "engine": 1}
+"""Each subpackage's floor; the face (``__init__.py``) and the old paths' shims are the roof,
+``errors.py``, ``console.py`` and ``demos/`` the ground."""
+
+
+def module_of(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of each import of a project module in ``path`` that runs (those
+    under ``if TYPE_CHECKING:`` do not), relative imports resolved."""
+    found = []
+    package = (
+        module_of(path).split(".")
+        if path.name == "__init__.py"
+        else module_of(path).split(".")[:-1]
+    )
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            found.append((base, [a.name for a in node.names]))
+    return [(m, names) for m, names in found if m.split(".")[0] == "lightning_saliency"]
+
+
+def floor_of(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1 or (
+        len(parts) == 2 and parts[1] not in FLOORS | {"errors": 0, "console": 0, "demos": 0}
+    ):
+        return 4  # the face and the old paths' shims
+    return FLOORS.get(parts[1], 0)
+
+
+def house_findings() -> list[str]:
+    modules = {module_of(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    findings = []
+    for module, path in modules.items():
+        for target, names in project_imports(path):
+            for name in names or [""]:
+                full = f"{target}.{name}" if f"{target}.{name}" in modules else target
+                if full in modules and full != module:
+                    graph[module].add(full)
+                if name.startswith("_") and not name.startswith("__") and full == target:
+                    findings.append(f"{module} imports the private {target}.{name}")
+                if floor_of(full) > floor_of(module) or (
+                    floor_of(full) == floor_of(module) == 2
+                    and full.split(".")[1] != module.split(".")[1]
+                ):
+                    findings.append(f"{module} imports {full}, which is not below it")
+    for start in graph:  # a cycle: a module that reaches itself
+        seen, todo = set(), list(graph[start])
+        while todo:
+            current = todo.pop()
+            if current == start:
+                findings.append(f"import cycle through {start}")
+                break
+            if current not in seen:
+                seen.add(current)
+                todo += graph[current]
+    return sorted(set(findings))
+
+
+def test_the_house_has_no_cycle_no_arrow_up_and_no_private_import():
+    assert house_findings() == []
+    lines = (PACKAGE / "callback" / "callback.py").read_text().count("\n")
+    assert lines <= 450, f"callback.py has {lines} lines: give the new concern its own module"

@@ -6,5 +6,6 @@ Example:
 """
 
 from lightning_saliency.callback.callback import SaliencyCallback
+from lightning_saliency.callback.early_stopping import SaliencyEarlyStopping
 
-__all__ = ["SaliencyCallback"]
+__all__ = ["SaliencyCallback", "SaliencyEarlyStopping"]

@@ -1,201 +1,142 @@
-"""DDP ranks share the fixed samples: rank r explains ``samples[r::W]``, the pieces are gathered.
+"""The ranks of a run, as one logged run sees them: :class:`Sharing`.
 
-Every rank enters the same collectives in the same order, whatever failed where: a method that
-failed on one rank sends zeros and a raised flag, and every rank then drops it together (the
-failure policy switches it off everywhere). After the gather every rank holds the same
-:class:`~lightning_saliency.engine.explanations.Explanations` as a single-device run (sample order
-included), so every rank computes the same scores and EarlyStopping agrees across ranks. Only
-the strategy's own ``all_gather`` is used; no communication of our own.
+The pipeline asks two things of the ranks and never looks at the world size itself:
 
-Per-sample extras (``ig_completeness_error``, ``ig_steps`` with ``"auto"``) are gathered with
-the maps; other extras are taken from the local run. Methods that factorise all samples jointly
-(DFF, whose registry record has a ``joint`` function) share the forward: each rank computes its
-share's layer activations, they are gathered (:func:`gather_activations`), and every rank
-factorises all of them alike, so the concepts are those of a single-device run.
+- :meth:`Sharing.explain`: under DDP each rank explains its share of the samples
+  (``samples[r::W]``) and the shares are gathered (:mod:`.gathering`), so W ranks do 1/W of
+  the work each and hold the explanations of a single-device run; methods that factorise all
+  samples jointly (DFF) share the forward: each rank takes its share's layer activations, they
+  are gathered, and every rank factorises all of them alike. One process, another strategy
+  (FSDP2: every rank must be in every forward) or fewer samples than ranks: every rank
+  explains all samples.
+- :meth:`Sharing.any_rank`: which flags are raised on any rank, in one collective (the failure
+  policy's agreement); one process answers alone.
+
+Example:
+    >>> Sharing().any_rank([True, False])
+    [True, False]
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from typing import Any, Protocol
 
+import lightning as L
 import torch
-from torch import Tensor
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+from torch import nn
 
+from lightning_saliency.callback.explainer import Explainer, Failures
+from lightning_saliency.callback.gathering import (
+    gather_activations,
+    gather_explanations,
+    merge,
+    share_of,
+    shareable,
+)
+from lightning_saliency.callback.samples import FixedSamples
 from lightning_saliency.engine.explanations import Explanations
 from lightning_saliency.engine.methods import METHODS
 
 
-class Gathers(Protocol):
-    """What sharing needs of a Lightning strategy."""
+class Sharing:
+    """The ranks of a run: ``strategy`` (``None``: one process), this ``rank`` of ``world``,
+    and whether the samples are split between them (``split``: plain DDP)."""
 
-    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
-        """``(W, *shape)``: every rank's tensor."""
-        ...
+    def __init__(
+        self,
+        strategy: Strategy | None = None,
+        rank: int = 0,
+        world: int = 1,
+        split: bool = False,
+    ) -> None:
+        self.strategy = strategy
+        self.rank = rank
+        self.world = world
+        self.split = split and world > 1
 
+    @classmethod
+    def of(cls, trainer: L.Trainer) -> Sharing:
+        """The trainer's ranks; the samples are split under DDP only."""
+        strategy = trainer.strategy
+        split = isinstance(strategy, DDPStrategy)
+        return cls(strategy, trainer.global_rank, trainer.world_size, split)
 
-def share_of(n: int, rank: int, world: int) -> list[int]:
-    """The sample indices rank ``rank`` of ``world`` explains.
+    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
+        """Flag ``i`` is raised if it is raised on any rank: one sum over the ranks, the same
+        answer on every rank."""
+        if self.world == 1 or self.strategy is None or not flags:
+            return list(flags)
+        raised = torch.tensor([float(f) for f in flags], device=self.strategy.root_device)
+        total = self.strategy.reduce(raised, reduce_op="sum")
+        return [bool(v > 0) for v in total.tolist()]
 
-    Example:
-        >>> share_of(5, 0, 2), share_of(5, 1, 2)
-        ([0, 2, 4], [1, 3])
-    """
-    return list(range(rank, n, world))
+    def explain(
+        self,
+        explainer: Explainer,
+        model: nn.Module,
+        samples: FixedSamples,
+        methods: Sequence[str],
+    ) -> tuple[Explanations | None, Failures]:
+        """The explanations of all ``samples`` by ``methods`` on every rank, and what failed
+        (on any rank, under DDP)."""
+        if not self.split or len(samples) < self.world:
+            return explainer.explain(model, samples, methods)
+        split, whole = shareable(methods)
+        mine = samples.subset(share_of(len(samples), self.rank, self.world))
+        size = (int(samples.images.shape[-2]), int(samples.images.shape[-1]))
+        shared: Explanations | None = None
+        errors: Failures = {}
+        if split:
+            local, local_errors = explainer.explain(model, mine, split)
+            shared, errors = gather_explanations(
+                self._gathers(),
+                local,
+                local_errors,
+                split,
+                len(samples),
+                self.rank,
+                self.world,
+                size,
+                samples.images.device,
+            )
+        joint = [m for m in whole if METHODS[m].joint is not None] if shared is not None else []
+        if joint:
+            assert shared is not None
+            errors.update(self._factorise(explainer, model, samples, mine, size, joint, shared))
+        rest: Explanations | None = None
+        alone = [m for m in whole if m not in joint]
+        if alone:
+            rest, rest_errors = explainer.explain(model, samples, alone)
+            errors.update(rest_errors)
+        return merge(shared, rest), errors
 
+    def _factorise(
+        self,
+        explainer: Explainer,
+        model: nn.Module,
+        samples: FixedSamples,
+        mine: FixedSamples,
+        size: tuple[int, int],
+        joint: Sequence[str],
+        shared: Explanations,
+    ) -> Failures:
+        """The joint methods under DDP: this rank's share (``mine``) of the layer's
+        activations, gathered, factorised alike on every rank into ``shared``."""
+        local = None
+        failure: BaseException | None = None
+        try:
+            local = explainer.activations(model, mine)
+        except Exception as err:
+            failure = err
+        everything = gather_activations(
+            self._gathers(), local, len(samples), self.rank, self.world, samples.images.device
+        )
+        if everything is None:
+            error = failure or RuntimeError("the layer's activations failed on another rank")
+            return {m: error for m in joint}
+        return explainer.factorise(model, everything, size, joint, shared)
 
-def shareable(methods: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The methods whose samples can be split across ranks, and the others (concepts).
-
-    Example:
-        >>> shareable(["gradcam", "dff", "integrated_gradients"])
-        (['gradcam', 'integrated_gradients'], ['dff'])
-    """
-    split = [m for m in methods if METHODS[m].kind == "map"]
-    return split, [m for m in methods if m not in split]
-
-
-def _interleave(gathered: Tensor, n: int) -> Tensor:
-    """``(W, rows, ...)`` padded shares -> ``(n, ...)`` in sample order (sample i is row
-    ``i // W`` of rank ``i % W``)."""
-    world = gathered.shape[0]
-    order = torch.arange(n)
-    return gathered[order % world, order // world]
-
-
-def _all_gather(strategy: Gathers, value: Tensor) -> Tensor:
-    """``strategy.all_gather``, without the deprecation warning Lightning's implementation
-    triggers in torch at every call."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
-        return strategy.all_gather(value)
-
-
-def _gather_shares(
-    strategy: Gathers, value: Tensor, n: int, rank: int, world: int, device: torch.device
-) -> Tensor:
-    """This rank's ``(share, ...)`` rows, padded to the largest share, gathered from every
-    rank and put back in sample order: ``(n, ...)``."""
-    padded = torch.zeros((-(-n // world), *value.shape[1:]), dtype=value.dtype, device=device)
-    padded[: len(share_of(n, rank, world))] = value.to(device)
-    return _interleave(_all_gather(strategy, padded), n)
-
-
-def gather_explanations(
-    strategy: Gathers,
-    local: Explanations | None,
-    errors: dict[str, BaseException],
-    methods: Sequence[str],
-    n: int,
-    rank: int,
-    world: int,
-    size: tuple[int, int],
-    device: torch.device,
-) -> tuple[Explanations | None, dict[str, BaseException]]:
-    """Gather every rank's share of ``methods`` into the explanations of all ``n`` samples.
-
-    Args:
-        strategy: the trainer's strategy (its ``all_gather``).
-        local: this rank's explanations of its share (``None`` if the whole pass failed).
-        errors: this rank's failures, method -> exception.
-        methods: the shared methods, in the same order on every rank.
-        n: the number of samples; rank, world: this rank and the world size.
-        size: the maps' ``(H, W)``; device: where the samples live.
-
-    Returns:
-        The gathered explanations (``None`` if every method failed on some rank) and the
-        failures: a method that failed on any rank fails everywhere, with the local exception
-        or one that names the other rank.
-    """
-    mine = len(share_of(n, rank, world))
-
-    def gather(value: Tensor) -> Tensor:
-        return _gather_shares(strategy, value, n, rank, world, device)
-
-    # what this rank has: a flag per method, the class count and the layer grid
-    ok = [local is not None and m in local.maps and m not in errors for m in methods]
-    classes = local.logits.shape[1] if local is not None else 0
-    cells = local.layer_cells if local is not None and local.layer_cells else (-1, -1)
-    header = torch.tensor([*[float(f) for f in ok], float(classes), *map(float, cells)])
-    everyone = _all_gather(strategy, header.to(device)).reshape(world, -1).cpu()
-    failed_anywhere = {m for i, m in enumerate(methods) if not bool(everyone[:, i].all())}
-    classes = int(everyone[:, len(methods)].max())
-    grid = everyone[:, len(methods) + 1 :].amax(dim=0).long().tolist()
-    merged_errors = dict(errors)
-    for method in failed_anywhere:
-        merged_errors.setdefault(method, RuntimeError(f"{method} failed on another rank"))
-    if classes == 0:  # no rank could run the model: nothing to gather
-        return None, merged_errors
-
-    h, w = size
-    logits = local.logits if local is not None else torch.zeros(mine, classes, device=device)
-    targets = local.targets if local is not None else torch.zeros(mine, device=device)
-    all_logits = gather(logits.float())
-    all_targets = gather(targets.float()).long()
-    maps: dict[str, Tensor] = {}
-    extras: dict[str, Any] = dict(local.extras) if local is not None else {}
-    for i, method in enumerate(methods):
-        piece = local.maps[method].float() if ok[i] and local is not None else None
-        all_maps = gather(piece if piece is not None else torch.zeros(mine, h, w, device=device))
-        for key in sorted(METHODS[method].extras):
-            value = extras.get(key) if ok[i] else None
-            per_sample = isinstance(value, Tensor) and value.dim() == 1 and len(value) == mine
-            flag = torch.tensor([float(per_sample)], device=device)
-            any_per_sample = bool(_all_gather(strategy, flag).max() > 0)
-            if any_per_sample:
-                sent = value.float() if per_sample and isinstance(value, Tensor) else None
-                if sent is None:
-                    sent = torch.full((mine,), float("nan"), device=device)
-                extras[key] = gather(sent)
-        if method not in failed_anywhere:
-            maps[method] = all_maps
-    return (
-        Explanations(
-            maps=maps,
-            logits=all_logits,
-            targets=all_targets,
-            layer_name=local.layer_name if local is not None else None,
-            layer_cells=None if grid[0] < 0 else (int(grid[0]), int(grid[1])),
-            extras=extras,
-            errors={m: merged_errors[m] for m in methods if m in merged_errors},
-        ),
-        merged_errors,
-    )
-
-
-def gather_activations(
-    strategy: Gathers,
-    local: Tensor | None,
-    n: int,
-    rank: int,
-    world: int,
-    device: torch.device,
-) -> Tensor | None:
-    """Every rank's share of the target layer's ``(rows, C, h, w)`` activations, gathered into
-    ``(n, C, h, w)`` in sample order; ``None`` on every rank when any rank has none (its
-    forward failed), so that all ranks skip the joint methods together.
-
-    A header (this rank's flag and shape) goes first, so every rank knows the shape to gather
-    before it gathers; every rank enters the same two collectives whatever happened.
-    """
-    mine = len(share_of(n, rank, world))
-    shape = list(local.shape[1:]) if local is not None and local.dim() == 4 else [0, 0, 0]
-    header = torch.tensor([float(local is not None and local.dim() == 4), *map(float, shape)])
-    everyone = _all_gather(strategy, header.to(device)).reshape(world, -1).cpu()
-    if not bool(everyone[:, 0].all()):
-        return None
-    c, h, w = (int(v) for v in everyone[:, 1:].amax(dim=0).tolist())
-    piece = local.float() if local is not None else torch.zeros(mine, c, h, w)
-    return _gather_shares(strategy, piece, n, rank, world, device)
-
-
-def merge(shared: Explanations | None, whole: Explanations | None) -> Explanations | None:
-    """Two explanations of the same samples as one: ``shared`` extended by ``whole``'s maps,
-    extras and errors (either may be ``None``)."""
-    if shared is None or whole is None:
-        return shared if whole is None else whole
-    shared.maps.update(whole.maps)
-    shared.extras.update(whole.extras)
-    shared.errors.update(whole.errors)
-    return shared
+    def _gathers(self) -> Strategy:
+        assert self.strategy is not None
+        return self.strategy
