@@ -198,11 +198,9 @@ def test_several_validations_per_epoch_each_count(tmp_path, every, logged):
     assert callback.timeline.labels == expected
 
 
-def test_one_failing_layer_leaves_the_other_methods_on(tmp_path, monkeypatch, caplog):
-    """A target layer that breaks mid-run switches off the layer methods only; said once on
-    the logger and shown in TensorBoard."""
+def layer_breaks_after_epoch_0(monkeypatch) -> None:
+    """The target layer breaks mid-run: after the dry run and epoch 0, choosing it raises."""
     engine = importlib.import_module("lightning_saliency.engine.explanations")
-
     real, calls = engine.choose_layer, {"n": 0}
 
     def breaks_after_epoch_0(*args, **kwargs):
@@ -212,6 +210,12 @@ def test_one_failing_layer_leaves_the_other_methods_on(tmp_path, monkeypatch, ca
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "choose_layer", breaks_after_epoch_0)
+
+
+def test_one_failing_layer_leaves_the_other_methods_on(tmp_path, monkeypatch, caplog):
+    """A target layer that breaks mid-run switches off the layer methods only; said once on
+    the logger and shown in TensorBoard."""
+    layer_breaks_after_epoch_0(monkeypatch)
     callback = SaliencyCallback(**FAST)
     with caplog.at_level(logging.WARNING, logger="lightning_saliency"):
         fit(tmp_path, [callback], max_epochs=3)
@@ -410,16 +414,7 @@ def test_early_stopping_on_a_method_switched_off_mid_run_does_not_stop_the_run(
     """Grad-CAM's layer breaks after epoch 0: its key keeps its last value from then on. With
     patience 1, a plain EarlyStopping would stop at epoch 1 on that held value; the run goes
     on to max_epochs."""
-    engine = importlib.import_module("lightning_saliency.engine.explanations")
-    real, calls = engine.choose_layer, {"n": 0}
-
-    def breaks_after_epoch_0(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2:  # the dry run and epoch 0
-            raise RuntimeError("the layer is gone")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "choose_layer", breaks_after_epoch_0)
+    layer_breaks_after_epoch_0(monkeypatch)
     callback = SaliencyCallback(**FAST)
     stop = SaliencyEarlyStopping(monitor="saliency/gradcam/consensus", patience=1, mode="min")
     tr, _ = fit(tmp_path, [callback, stop], model=frozen_model(), max_epochs=4)
