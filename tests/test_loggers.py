@@ -155,13 +155,13 @@ def test_event_checksum_equals_tensorboards_own_at_every_length():
         assert masked(data) == masked_crc32c(data), n
 
 
-@pytest.mark.parametrize("implementation", ["c", "python"])
+@pytest.mark.parametrize("implementation", ["c", "python", "not installed"])
 def test_the_fit_writes_tensorboard_records_with_the_fast_checksum_and_restores_it(
     tmp_path, monkeypatch, implementation
 ):
     """With google-crc32c's C implementation the fit checksums in C and puts TensorBoard's own
-    function back after; with only its pure-Python fallback TensorBoard's function is left
-    alone. The files pass TensorBoard's own check either way."""
+    function back after; with only its pure-Python fallback, or without the package,
+    TensorBoard's function is left alone. The files pass TensorBoard's own check either way."""
     import google_crc32c
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
@@ -171,7 +171,10 @@ def test_the_fit_writes_tensorboard_records_with_the_fast_checksum_and_restores_
 
     if implementation == "c" and google_crc32c.implementation != "c":
         pytest.fail("google-crc32c has no C implementation here: its wheel should bring one")
-    monkeypatch.setattr(google_crc32c, "implementation", implementation)
+    if implementation == "not installed":
+        monkeypatch.setattr(event_checksum, "google_crc32c", None)
+    else:
+        monkeypatch.setattr(google_crc32c, "implementation", implementation)
     tensorboards_own = record_writer.masked_crc32c
     seen = []
 

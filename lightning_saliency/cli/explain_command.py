@@ -2,7 +2,7 @@
 
 Everything here imports torch, so :mod:`lightning_saliency.cli` imports this module only once
 its arguments parse (``--help`` stays instant). Each mistake raises
-:class:`~lightning_saliency.cli.CliError`, which the entry point prints as one line.
+:class:`CliError`, which the entry point prints as one line.
 """
 
 from __future__ import annotations

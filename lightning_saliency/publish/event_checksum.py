@@ -11,7 +11,8 @@ in microseconds; :func:`masked` applies TensorBoard's mask to it.
 ``TensorBoardLogger`` and puts TensorBoard's own back after (nested uses count). The patch is
 process-wide: while it is in, every TensorBoard writer of the process uses it, writing the
 same bytes. Where ``google-crc32c`` has only its pure-Python fallback (no wheel for the
-platform), TensorBoard's function is left alone: the fallback is no faster.
+platform), or is not installed, TensorBoard's function is left alone: the fallback is no
+faster.
 
 Example:
     >>> from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
@@ -26,14 +27,17 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-import google_crc32c
+try:
+    import google_crc32c
+except ImportError:  # not installed (a run from a source tree without the dependencies)
+    google_crc32c = None  # type: ignore[assignment]
 
 _MASK = 0xFFFFFFFF
 
 
 def fast() -> bool:
-    """Whether ``google-crc32c`` runs its C implementation here."""
-    return google_crc32c.implementation == "c"
+    """Whether ``google-crc32c`` is installed and runs its C implementation here."""
+    return google_crc32c is not None and google_crc32c.implementation == "c"
 
 
 def masked(data: bytes) -> int:
