@@ -497,3 +497,14 @@ def test_a_checkpoint_of_0_1_0_still_loads():
     assert torch.equal(callback.fixed_samples.images, images)
     assert callback.layer_name == "features" and len(callback.timeline) == 2
     assert torch.equal(callback.monitor.references["gradcam"], old["first"]["gradcam"])
+
+
+def test_the_config_knows_every_argument_of_the_signature_with_its_default():
+    """LightningCLI reads the callback's signature; the config checks the same names, and
+    fills what is left out with the same defaults."""
+    import inspect
+
+    from lightning_saliency.callback.config import ARGUMENTS
+
+    signature = inspect.signature(SaliencyCallback.__init__).parameters.values()
+    assert {p.name: p.default for p in signature if p.name != "self"} == ARGUMENTS

@@ -103,10 +103,10 @@ class SaliencyConfig:
         Raises:
             SaliencyConfigError: naming the argument and how to fix it.
         """
-        unknown = set(given) - set(_DEFAULTS)
+        unknown = set(given) - set(ARGUMENTS)
         if unknown:
             raise SaliencyConfigError(f"SaliencyCallback has no argument {sorted(unknown)[0]!r}.")
-        raw = {**_DEFAULTS, **given}
+        raw = {**ARGUMENTS, **given}
         methods = normalize_methods(raw["methods"])
         samples = arguments.samples_tensor(raw["samples"])
         count = None if samples is None else samples.shape[0]
@@ -149,7 +149,7 @@ class SaliencyConfig:
         )
 
 
-_DEFAULTS: dict[str, Any] = {
+ARGUMENTS: dict[str, Any] = {
     "methods": DEFAULT_METHODS,
     "num_samples": 8,
     "every_n_epochs": 1,
@@ -187,7 +187,8 @@ _DEFAULTS: dict[str, Any] = {
     "reshape": None,
     "output_transform": None,
 }
-"""The callback's arguments and their defaults (its signature holds the same)."""
+"""The callback's arguments and their defaults: its signature holds the same (a test keeps them
+equal), and ``check`` fills what is left out from here."""
 
 _FLAT_OPTIONS = ("ig_steps", "ig_internal_batch_size", "dff_components")
 _SWITCHES = ("per_class", "grey_background", "sanity_check", "sanity_gate", "shortcut_probes")
