@@ -335,7 +335,8 @@ class SaliencyCallback(L.Callback):
                     "epochs instead, on samples from the training set (or samples=...)."
                 )
         self._run.sharing = Sharing.of(trainer)
-        self._run.publisher = Publisher(trainer.loggers, True) if trainer.is_global_zero else None
+        publisher = Publisher(trainer.loggers, background=True) if trainer.is_global_zero else None
+        self._run.publisher = publisher
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

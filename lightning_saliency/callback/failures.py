@@ -17,7 +17,8 @@ Example:
     >>> with policy.step("scores", "scoring", "no scores this run"):
     ...     raise ValueError("NaN")
     >>> policy.failed("gradcam", RuntimeError("no gradient"))
-    >>> policy.agree(SingleProcess(), ["gradcam", "dff"])
+    >>> from lightning_saliency.callback.sharing import Sharing
+    >>> policy.agree(Sharing(), ["gradcam", "dff"])  # one process
     >>> policy.switched_off
     {'gradcam': "RuntimeError('no gradient')"}
     >>> policy.news()
@@ -39,13 +40,6 @@ class Agreement(Protocol):
     def any_rank(self, flags: Sequence[bool]) -> list[bool]:
         """Flag ``i`` is raised if it is raised on any rank (the same answer on every rank)."""
         ...
-
-
-class SingleProcess:
-    """One process: every flag is its own answer."""
-
-    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
-        return list(flags)
 
 
 class FailurePolicy:

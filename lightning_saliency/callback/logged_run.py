@@ -295,14 +295,15 @@ class LoggedRun:
         assert self.publisher is not None
         record, config = self.record, self.config
         figures = None
+        mean, std = record.display_normalisation
         with self.policy.step("figures", "drawing", "no pictures this run"):
             figures = EpochFigures(
                 samples.images,
                 out,
                 samples.labels,
                 record.class_names,
-                record.mean if config.denormalize is not False else None,
-                record.std if config.denormalize is not False else None,
+                mean,
+                std,
                 config.tile_size,
                 grey=config.grey_background,
                 sign=config.sign,
@@ -323,19 +324,17 @@ class LoggedRun:
 
     def _timeline(self, ctx: RunContext, samples: FixedSamples, figures: EpochFigures) -> Tensor:
         """The timeline with this run's column (at most 32 columns)."""
-        timeline = self.record.timeline
+        record = self.record
+        timeline = record.timeline
         labels = samples.labels.tolist() if samples.labels is not None else None
         timeline.rows = [
-            f"#{i}" + ("" if labels is None else f"\n{self._class_name(labels[i])}")
+            f"#{i}" + ("" if labels is None else f"\n{class_name(record.class_names, labels[i])}")
             for i in range(len(samples))
         ]
         label, position = ctx.column
         assert self.config.timeline_method is not None
         timeline.add(figures.tiles[self.config.timeline_method], ctx.epoch, label, position)
         return timeline.picture()
-
-    def _class_name(self, index: int) -> str:
-        return class_name(self.record.class_names, index)
 
     def _thresholds_and_layout(self, methods: Sequence[str], step: int) -> None:
         """Each alarm's threshold beside its score, grouped in a custom-scalars layout."""

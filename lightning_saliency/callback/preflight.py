@@ -95,7 +95,7 @@ def _dry_run(pl_module: L.LightningModule, record: FitRecord) -> None:
     config, explainer = record.config, record.explainer
     assert record.samples is not None
     samples = record.samples.to(pl_module.device)
-    undo = config.denormalize is not False
+    mean, std = record.display_normalisation
     explainer.layer_name = dry_run(
         pl_module,
         samples.images,
@@ -104,8 +104,8 @@ def _dry_run(pl_module: L.LightningModule, record: FitRecord) -> None:
         config.methods,
         explainer.layer,  # a resumed run keeps its layer
         config.method_options,
-        record.mean if undo else None,
-        record.std if undo else None,
+        mean,
+        std,
         config.seed,
         samples.masks,
         layout=config.layout,

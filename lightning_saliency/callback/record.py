@@ -72,6 +72,14 @@ class FitRecord:
         self.held.update(fresh)
         self.fresh = set(fresh)
 
+    @property
+    def display_normalisation(self) -> tuple[list[float] | None, list[float] | None]:
+        """The ``mean`` and ``std`` the pictures undo (``None``: none, with
+        ``denormalize=False`` or when none is known)."""
+        if self.config.denormalize is False:
+            return None, None
+        return self.mean, self.std
+
     def set_class_names(self, names: list[str] | None) -> None:
         self.class_names = names
         self.monitor.class_names = names
