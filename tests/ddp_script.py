@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import dataclasses  # noqa: E402
 
 from helpers import tiny_model  # noqa: E402
-from torch.utils.data import DataLoader, SubsetRandomSampler  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import lightning_saliency.callback.explainer as explainer_module  # noqa: E402
 from lightning_saliency import SaliencyCallback, explain  # noqa: E402
@@ -168,11 +168,11 @@ VAL_INDICES = list(range(8, 32))
 
 
 class SubsetVal(ShortcutDataModule):
-    """The val loader samples a subset (k-fold style); under DDP Lightning wraps its sampler
-    in a per-rank DistributedSampler."""
+    """The val loader reads a subset (k-fold style) in order; under DDP Lightning gives each
+    rank a DistributedSampler over it, and the callback plans which rank copies which sample."""
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=8, sampler=SubsetRandomSampler(VAL_INDICES))
+        return DataLoader(Subset(self.val_set, VAL_INDICES), batch_size=8)
 
 
 def subset_datamodule():

@@ -260,12 +260,14 @@ def _fit_with(model: nn.Module, methods, log_dir):
         def training_step(self, batch, batch_idx):
             return self(batch["image"]).sum() * 0
 
-        def validation_step(self, batch, batch_idx):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
             return None
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     callback = SaliencyCallback(methods=methods, num_samples=2, ig_steps=4)
-    tr = trainer(str(log_dir), [callback], max_epochs=1, limit_train_batches=1)
+    tr = trainer(
+        str(log_dir), [callback], max_epochs=1, limit_train_batches=1, num_sanity_val_steps=2
+    )
     tr.fit(Wrapped(), tiny_datamodule(size=16, n_train=8, n_val=8, num_classes=3))

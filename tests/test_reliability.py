@@ -154,7 +154,8 @@ def test_a_mistake_is_an_error_before_training(tmp_path, case):
     model = mistake.model() if mistake.model else None
     with pytest.raises(SaliencyConfigError, match=mistake.argument):
         kwargs = {**FAST, **mistake.callback()}
-        fit(tmp_path, [counter, SaliencyCallback(**kwargs)], model=model, **mistake.trainer)
+        with_sanity = {"num_sanity_val_steps": 2, **mistake.trainer}  # Lightning's default
+        fit(tmp_path, [counter, SaliencyCallback(**kwargs)], model=model, **with_sanity)
     assert counter.steps == 0
 
 
@@ -288,9 +289,15 @@ class SubsetValModule(ShortcutDataModule):
 
 
 def test_samples_come_from_the_val_sampler(tmp_path):
+    """A random sampler has no fixed order: the samples are the first rows validation ran
+    (kept, and said), all of them from the sampler's subset."""
     callback = SaliencyCallback(**FAST)
-    fit(tmp_path, [callback], dm=SubsetValModule(n_train=32, n_val=8, size=16, batch_size=8))
-    assert set(callback.fixed_samples.indices) <= set(SubsetValModule.val_indices)
+    dm = SubsetValModule(n_train=32, n_val=8, size=16, batch_size=8)
+    fit(tmp_path, [callback], dm=dm)
+    assert callback.fixed_samples.indices is None
+    subset = torch.stack([dm.val_set[i]["image"] for i in SubsetValModule.val_indices])
+    for image in callback.fixed_samples.images:
+        assert bool((subset == image).flatten(1).all(dim=1).any())
 
 
 # -- state: a new fit, a resume, validate() after fit -------------------------------------------

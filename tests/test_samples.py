@@ -4,17 +4,19 @@ import io
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from torchvision import transforms
 
 from lightning_saliency import SaliencyConfigError
+from lightning_saliency.callback.capture import SampleCapture
 from lightning_saliency.callback.samples import (
     BatchKeys,
     FixedSamples,
     choose_indices,
-    collect_samples,
+    find_class_names,
     find_normalize,
     pick_loader,
+    read_labels,
     split_batch,
 )
 
@@ -66,17 +68,96 @@ def test_choice_is_private_deterministic_and_spread_over_classes():
     assert choose_indices(dataset[:5], 8, seed=0) == [0, 1, 2, 3, 4]  # fewer than asked
 
 
-def test_collect_from_a_map_style_set_and_from_a_stream():
-    dataset = [{"image": torch.full((3, 4, 4), float(i)), "label": i % 2} for i in range(10)]
-    batch, indices = collect_samples(DataLoader(dataset, batch_size=4), 3, seed=0)
-    assert [int(v) for v in batch["image"][:, 0, 0, 0]] == indices and len(indices) == 3
+def _capture_run(capture, loader):
+    """One run of ``loader`` through ``capture`` (the batches of this rank, as the loop
+    yields them)."""
+    capture.start(loader, batches=float("inf"))
+    for b, batch in enumerate(loader):
+        capture.see(batch, b)
 
+
+def test_capture_reads_the_same_indices_from_each_run_and_sees_later_changes():
+    images = torch.stack([torch.full((3, 4, 4), float(i)) for i in range(10)])
+    data = TensorDataset(images, torch.arange(10) % 2)
+    capture = SampleCapture(num=3, seed=0)
+    _capture_run(capture, DataLoader(data, batch_size=4))
+    first = capture.finish()
+    assert [int(v) for v in first.images[:, 0, 0, 0]] == first.indices == capture.indices
+    images += 100  # a change that enters the validation data later
+    _capture_run(capture, DataLoader(data, batch_size=4))
+    again = capture.finish()
+    assert again.indices == first.indices and torch.equal(again.images, first.images + 100)
+
+
+def test_capture_under_two_ranks_holds_what_one_process_holds():
+    """Each index is copied on the lowest rank that runs it (DistributedSampler pads by
+    repeating), and the sum over ranks gives every rank the one-process samples."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = TensorDataset(torch.arange(9.0)[:, None, None, None].expand(9, 1, 2, 2), torch.zeros(9))
+    alone = SampleCapture(num=5, seed=1)
+    _capture_run(alone, DataLoader(data, batch_size=2))
+    single = alone.finish()
+    parts = []
+    for rank in range(2):
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
+        capture = SampleCapture(num=5, seed=1, rank=rank, world=2)
+        _capture_run(capture, DataLoader(data, batch_size=2, sampler=sampler))
+        parts.append(capture)
+    from_rank_1: list[torch.Tensor] = []
+    parts[1].finish(lambda t: from_rank_1.append(t) or t)  # what rank 1 puts in the sum
+    both = parts[0].finish(lambda t: t + from_rank_1.pop(0))  # the all-reduce, on rank 0
+    captured = [both]
+    assert captured[0].indices == single.indices
+    assert torch.equal(captured[0].images, single.images)  # no row counted twice
+
+
+def test_capture_keeps_the_first_rows_where_the_order_is_not_fixed():
     class Stream(IterableDataset):
         def __iter__(self):
             yield from ((torch.full((3, 4, 4), float(i)), i) for i in range(10))
 
-    batch, indices = collect_samples(DataLoader(Stream(), batch_size=2), 3, seed=0)
-    assert indices is None and batch[0][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    capture = SampleCapture(num=3, seed=0)
+    _capture_run(capture, DataLoader(Stream(), batch_size=2))
+    samples = capture.finish()
+    assert samples.indices is None and samples.images[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    assert capture.kept == "it streams an IterableDataset"
+    shuffled = SampleCapture(num=2, seed=0)
+    _capture_run(shuffled, DataLoader(TensorDataset(torch.zeros(4, 3, 2, 2)), shuffle=True))
+    assert shuffled.kept == "its sampler is a RandomSampler"
+
+
+def test_labels_in_every_form_a_batch_carries_them():
+    onehot = torch.eye(4)[Y]
+    assert torch.equal(read_labels(onehot, 4).labels, Y)
+    soft = 0.9 * onehot + 0.025  # label smoothing
+    assert torch.equal(read_labels(soft, 4).labels, Y)
+    assert torch.equal(read_labels(Y[:, None], 4).labels, Y)
+    multi = onehot.clone()
+    multi[0, 3] = 1
+    reading = read_labels(multi, 4)
+    assert reading.labels is None and reading.multi_hot
+    assert "regression" in read_labels(Y.float() + 0.5, 4).problem
+    assert read_labels(["cat"] * 4, 4).problem == "labels of type list, not a tensor"
+
+
+def test_normalize_v2_and_class_names_are_found_behind_subset_and_concat():
+    from torch.utils.data import ConcatDataset, Subset
+    from torchvision.transforms import v2
+
+    class Named(torch.utils.data.Dataset):
+        classes = ["cat", "dog"]
+        transform = v2.Compose([v2.ToImage(), v2.Normalize((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))])
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 2, 2), i % 2
+
+    chain = Subset(ConcatDataset([Named(), Named()]), [0, 5])
+    assert find_normalize(chain) == (pytest.approx([0.5, 0.4, 0.3]), pytest.approx([0.2] * 3))
+    assert find_class_names(None, chain) == ["cat", "dog"]
 
 
 def test_pick_loader_by_index():

@@ -170,6 +170,11 @@ def test_each_clean_control_stays_quiet_with_a_margin(kinds, kind):
     sweep, runs = kinds
     record = runs[(kind, True)]
     assert record["alarms"] == []
+    # IG's own accuracy note: ig_steps="auto" aims at 1 %, five times under the note's 5 %, so
+    # another processor's rounding cannot carry a clean run across it (with 32 fixed steps it
+    # reached 6.9 % on one machine and 4 % on another).
+    completeness = sweep.values(record, "ig_completeness_error")
+    assert completeness and max(completeness) <= 0.5 * 0.05, completeness
     for score, threshold in default_thresholds().items():
         if score in LOW_IS_BAD or score in ("dead_maps", "ig_completeness_error"):
             continue  # not shortcut scores

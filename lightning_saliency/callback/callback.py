@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -21,8 +20,9 @@ from lightning_saliency import console
 from lightning_saliency.callback.config import SaliencyConfig
 from lightning_saliency.callback.early_stopping import refuse_plain_early_stopping
 from lightning_saliency.callback.failures import FailurePolicy
+from lightning_saliency.callback.intake import SampleIntake
 from lightning_saliency.callback.logged_run import LoggedRun, RunContext
-from lightning_saliency.callback.preflight import prepare, refuse_unsupported
+from lightning_saliency.callback.preflight import refuse_unsupported, without_validation
 from lightning_saliency.callback.record import FitRecord
 from lightning_saliency.callback.samples import FixedSamples
 from lightning_saliency.callback.sharing import Sharing
@@ -116,8 +116,9 @@ class SaliencyCallback(L.Callback):
     Raises:
         SaliencyConfigError: at construction for a bad argument (unknown method, option or
             score; a value of the wrong type or range; labels, masks or mean/std that do not
-            fit the samples); before any training step, by a dry run of every method on two
-            samples, for what depends on the model or the data (no logger, non-image batches,
+            fit the samples); by a dry run of every method on two samples at the end of
+            Lightning's sanity check (before any training step; without one, before the first
+            explanation), for what depends on the model or the data (no logger, non-image batches,
             an unusable target layer, labels or target out of range, mean/std that do not fit
             the channels, outputs that are not finite, a sharded strategy).
 
@@ -145,7 +146,7 @@ class SaliencyCallback(L.Callback):
         label_key: str = "label",
         mask_key: str = "mask",
         dataloader_idx: int = 0,
-        ig_steps: int | Literal["auto"] = 32,
+        ig_steps: int | Literal["auto"] = "auto",
         ig_internal_batch_size: int | None = None,
         dff_components: int = 4,
         method_options: dict[str, dict[str, Any]] | None = None,
@@ -172,12 +173,16 @@ class SaliencyCallback(L.Callback):
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.config = SaliencyConfig.check(arguments)
-        self._record = FitRecord(self.config)
-        self._policy = FailurePolicy()
-        self._run = LoggedRun(self._record, Sharing(), self._policy, None)
+        self._new_record()
         self._enabled = True
         self._in_run = False  # between setup and teardown (or on_exception)
         self._at_train_epoch_end = False  # no validation to explain at
+
+    def _new_record(self) -> None:
+        """A fit starts a new story: record, failure policy, logged run, sample intake."""
+        self._record, self._policy = FitRecord(self.config), FailurePolicy()
+        self._run = LoggedRun(self._record, Sharing(), self._policy, None)
+        self._intake = SampleIntake(self._record)
         self.timeline_path: str | None = None
 
     # -- the public record ---------------------------------------------------------------------
@@ -287,14 +292,10 @@ class SaliencyCallback(L.Callback):
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Checkpoints of 0.1 saved this callback's state under a key holding its methods and
-        seed; Lightning looks for the new key only, so a legacy state is loaded here."""
-        states = checkpoint.get("callbacks", {})
-        if self.state_key in states or self.config.name is not None:
-            return
-        legacy = [v for k, v in states.items() if k.startswith("SaliencyCallback{'methods'")]
-        if len(legacy) == 1:
-            self.load_state_dict(legacy[0])
+        """A 0.1 checkpoint's state, saved under an older key (:meth:`FitRecord.legacy_state`)."""
+        legacy = FitRecord.legacy_state(checkpoint, self.state_key, self.config.name)
+        if legacy is not None:
+            self.load_state_dict(dict(legacy))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -312,10 +313,10 @@ class SaliencyCallback(L.Callback):
         """
         self._enabled = stage in ("fit", "validate") and not getattr(trainer, "fast_dev_run", 0)
         self._in_run = True
-        if stage in ("fit", "validate") and not self._enabled:
-            console.info("SaliencyCallback: fast_dev_run is on, so no saliency is computed.")
-        if not self._enabled:
-            return  # test() and predict() get no saliency, and need no logger for it
+        if not self._enabled:  # test() and predict() get no saliency, and need no logger for it
+            if stage in ("fit", "validate"):
+                console.info("SaliencyCallback: fast_dev_run is on, so no saliency is computed.")
+            return
         refuse_unsupported(trainer)
         if self._run.publisher is not None:
             self._run.publisher.close()
@@ -323,52 +324,53 @@ class SaliencyCallback(L.Callback):
             monitor = self._record.monitor
             callbacks: list[L.Callback] = trainer.callbacks  # type: ignore[attr-defined]
             refuse_plain_early_stopping(callbacks, (monitor.prefix, monitor.alarm_prefix))
-            self._record, self._policy = FitRecord(self.config), FailurePolicy()
-            self._run = LoggedRun(self._record, Sharing(), self._policy, None)
-            self.timeline_path = None
-            has_val = is_overridden("validation_step", pl_module)
-            self._at_train_epoch_end = not has_val or trainer.limit_val_batches == 0
-            if self._at_train_epoch_end:
-                why = "no validation_step" if not has_val else "limit_val_batches=0"
-                console.warn(
-                    f"SaliencyCallback: {why}, so saliency is computed at the end of training "
-                    "epochs instead, on samples from the training set (or samples=...)."
-                )
+            self._new_record()
+            self._at_train_epoch_end = without_validation(trainer, pl_module)
         self._run.sharing = Sharing.of(trainer)
         publisher = Publisher(trainer.loggers, background=True) if trainer.is_global_zero else None
         self._run.publisher = publisher
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Choose the samples and dry-run every method on two of them, before any training
-        step, on every rank (:func:`~.preflight.prepare`).
-
-        Raises:
-            SaliencyConfigError: what the dry run finds, non-image batches, or no loader to
-                take samples from.
-        """
+        """With ``samples=``, dry-run every method on two of them (else the samples come from
+        the batches validation runs, and the dry run follows Lightning's sanity check)."""
         if self._enabled:
-            self._enabled = prepare(
-                trainer, pl_module, "fit", self._record, self._at_train_epoch_end
-            )
+            self._intake.before_training(trainer, pl_module)
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Under ``trainer.validate()``: the same checks as :meth:`on_fit_start` (after a
-        ``fit``, the same samples are explained again)."""
-        if self._enabled and self._record.samples is None and not trainer.sanity_checking:
-            self._enabled = prepare(trainer, pl_module, "validate", self._record, False)
+        """A validation run starts: the samples will be read from its batches."""
+        if self._enabled and not self._at_train_epoch_end:
+            self._intake.start(trainer, training=False)
+
+    @override
+    def on_validation_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Copy the samples' rows of the batch ``validation_step`` is about to get."""
+        if self._enabled and dataloader_idx == self.config.dataloader_idx:
+            self._intake.see(batch, batch_idx)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._enabled and self._at_train_epoch_end:
+            if batch_idx == 0:  # without validation, the samples come from training batches
+                self._intake.start(trainer, training=True)
+            self._intake.see(batch, batch_idx)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Save the timeline as ``saliency_timeline.png`` beside the logs (independent of
         TensorBoard's ``--samples_per_plugin``); TensorBoard has it at every logged run."""
-        publisher = self._run.publisher
-        if self._enabled and publisher is not None and len(self._record.timeline):
-            suffix = "" if self.config.name is None else f"_{self.config.name}"
-            picture = self._record.timeline.picture
-            with self._policy.step("timeline", "writing the timeline", "the run is done"):
-                self.timeline_path = publisher.save_png(picture(), f"saliency_timeline{suffix}.png")
+        if self._enabled:
+            self.timeline_path = self._run.save_timeline() or self.timeline_path
         self._run.flush()
 
     @override
@@ -381,8 +383,7 @@ class SaliencyCallback(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        """Training failed: write what was queued before Lightning closes the loggers, and
-        stop the writer (Lightning calls no ``teardown`` after an exception)."""
+        """Training failed: write what was queued and stop the writer (no ``teardown`` follows)."""
         self._end_run()
 
     def _end_run(self) -> None:
@@ -394,9 +395,8 @@ class SaliencyCallback(L.Callback):
             self._run.publisher.close()
 
     def flush(self) -> None:
-        """Wait until every picture and text queued so far has reached the loggers (the
-        callback does so itself at the end of ``fit``, ``validate`` and ``test``, and on an
-        exception); a logger that failed is said once."""
+        """Wait until every picture and text queued so far has reached the loggers (done at the
+        end of ``fit``, ``validate``, ``test`` and on an exception); a failure is said once."""
         self._run.flush()
 
     # -- cadence -------------------------------------------------------------------------------
@@ -406,13 +406,17 @@ class SaliencyCallback(L.Callback):
         (``n = every_n_epochs``), so the cadence meets ``check_val_every_n_epoch`` and
         ``val_check_interval < 1`` (several runs per epoch) alike. ``trainer.validate()``
         always logs."""
-        if not self._enabled or trainer.sanity_checking or self._at_train_epoch_end:
+        if not self._enabled or self._at_train_epoch_end:
             return
-        self._tick(trainer, pl_module, fitting=trainer.state.fn == "fit")
+        if trainer.sanity_checking:
+            self._intake.check_early(pl_module)
+        elif self._intake.ready(pl_module, self._run.sharing):
+            self._tick(trainer, pl_module, fitting=trainer.state.fn == "fit")
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._enabled and self._at_train_epoch_end:
+        ready = self._enabled and self._at_train_epoch_end
+        if ready and self._intake.ready(pl_module, self._run.sharing):
             self._tick(trainer, pl_module, fitting=True)
 
     def _tick(self, trainer: L.Trainer, pl_module: L.LightningModule, fitting: bool) -> None:

@@ -163,7 +163,7 @@ ARGUMENTS: dict[str, Any] = {
     "label_key": "label",
     "mask_key": "mask",
     "dataloader_idx": 0,
-    "ig_steps": 32,
+    "ig_steps": "auto",
     "ig_internal_batch_size": None,
     "dff_components": 4,
     "method_options": None,

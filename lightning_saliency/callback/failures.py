@@ -87,6 +87,11 @@ class FailurePolicy:
             self._said.add(key)
             console.warn(message)
 
+    @property
+    def said(self) -> frozenset[str]:
+        """The keys of the warnings said so far."""
+        return frozenset(self._said)
+
     def announce(self, line: str) -> None:
         """A line for this run's alarm text."""
         self._news.append(line.removeprefix("SaliencyCallback: "))

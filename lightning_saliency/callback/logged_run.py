@@ -31,6 +31,7 @@ from lightning_saliency.engine.class_names import class_name
 from lightning_saliency.engine.explanations import Explanations
 from lightning_saliency.engine.methods import METHODS
 from lightning_saliency.evaluate.deletion import FaithfulnessReport
+from lightning_saliency.evaluate.map_health import blank_maps, blank_reason
 from lightning_saliency.evaluate.monitor import AlarmEvent, EpochReport
 from lightning_saliency.evaluate.sanity import SanityReport
 from lightning_saliency.evaluate.scores import pointing_tolerance
@@ -62,15 +63,18 @@ class RunContext:
         of batches that stepped, which has no public name (``global_step`` counts optimizer
         steps, and differs under manual optimisation with several optimizers). The column is
         ``ep 3`` for the validation at the end of epoch 3, ``ep 3 50%`` for one halfway
-        through it (``val_check_interval < 1``)."""
+        through it (``val_check_interval < 1``), ``step 300`` on a stream (an
+        ``IterableDataset`` without length: one endless epoch)."""
         epoch = trainer.current_epoch
         fitting = trainer.state.fn == "fit"
         batches = trainer.num_training_batches
         done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        step = int(trainer.fit_loop.epoch_loop._batches_that_stepped)
         column = (f"ep {epoch}", float(epoch))
         if fitting and isinstance(batches, int) and 0 < done < batches:
             column = (f"ep {epoch} {done / batches:.0%}", epoch - 1 + done / batches)
-        step = int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+        elif fitting and not isinstance(batches, int):  # a stream: no epochs, steps
+            column = (f"step {step}", float(step))
         return cls(epoch, step, fitting, column)
 
 
@@ -149,6 +153,7 @@ class LoggedRun:
             return RunOutcome(ran=True)
         if not bool(torch.isfinite(out.logits).all()):
             return self._nonfinite(ctx)
+        self._say_blank(ctx, out)
         if self.config.sanity_check and ctx.fitting and not self.record.sanity_checked:
             self.record.sanity_checked = True
             self.check_trust(ctx, model, samples, out)
@@ -159,6 +164,17 @@ class LoggedRun:
             self._publish(ctx, samples, out)
         self.policy.agree(self.sharing, methods)  # pictures fail on rank zero alone
         return outcome
+
+    def _say_blank(self, ctx: RunContext, out: Explanations) -> None:
+        """Blank maps are said once per method, with the reason, in the log and the text."""
+        for method, count in blank_maps(out).items():
+            message = (
+                f"SaliencyCallback: {count} of {len(out[method])} {method} maps are blank at "
+                f"epoch {ctx.epoch}: {blank_reason(method, out.layer_name)}."
+            )
+            if f"blank {method}" not in self.policy.said:
+                self.policy.warn_once(f"blank {method}", message)
+                self.policy.announce(message)
 
     def _agree(self, methods: Sequence[str], errors: Mapping[str, BaseException]) -> None:
         """Every rank switches off the methods that failed on any rank."""
@@ -380,6 +396,17 @@ class LoggedRun:
             self.policy.announce(
                 f"writing to {name} failed ({describe(err)}): it gets no more pictures"
             )
+
+    def save_timeline(self) -> str | None:
+        """Save the timeline as ``saliency_timeline[_<name>].png`` beside the logs (rank zero,
+        independent of TensorBoard's ``--samples_per_plugin``); its path, or ``None``."""
+        timeline, publisher = self.record.timeline, self.publisher
+        if publisher is None or not len(timeline):
+            return None
+        suffix = "" if self.config.name is None else f"_{self.config.name}"
+        with self.policy.step("timeline", "writing the timeline", "the run is done"):
+            return publisher.save_png(timeline.picture(), f"saliency_timeline{suffix}.png")
+        return None
 
     def flush(self) -> None:
         """Wait for the writer; a failure in it is said once."""

@@ -1,21 +1,15 @@
-"""Before any training step: what the callback refuses, and what it checks on the real model.
+"""What the callback refuses at ``setup``, before the model is placed: :func:`refuse_unsupported`.
 
-:func:`refuse_unsupported` runs at ``setup``, before the model is placed: no logger, FSDP1 and
-DeepSpeed are errors that name the fix. :func:`prepare` runs at ``on_fit_start`` (or the start
-of ``trainer.validate()``) on every rank: it chooses the fixed samples, finds the
-normalisation to undo and the class names, and dry-runs every method on two samples
-(:mod:`.dry_run`), so a mistake that depends on the model or the data is an error before
-training, not a failure at epoch 0.
+No logger, FSDP1 and DeepSpeed are errors that name the fix. What depends on the model or the
+data is checked later, on the real batches, by the dry run (:mod:`.intake`, :mod:`.dry_run`).
 """
 
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_saliency import console
-from lightning_saliency.callback.dry_run import dry_run
-from lightning_saliency.callback.record import FitRecord
-from lightning_saliency.callback.samples import choose_samples, find_class_names, find_normalize
 from lightning_saliency.errors import SaliencyConfigError
 
 
@@ -45,72 +39,15 @@ def refuse_unsupported(trainer: L.Trainer) -> None:
         )
 
 
-def prepare(
-    trainer: L.Trainer,
-    pl_module: L.LightningModule,
-    stage: str,
-    record: FitRecord,
-    from_training: bool,
-) -> bool:
-    """Choose the samples (from the training set when ``from_training``), find what to undo
-    for display and the class names, and dry-run every method; ``False`` when there is nothing
-    to explain (said once).
-
-    Raises:
-        SaliencyConfigError: what the dry run finds, non-image batches, or no loader to take
-            samples from.
-    """
-    config, loader = record.config, None
-    if record.samples is None:
-        record.samples, loader = choose_samples(
-            trainer,
-            pl_module,
-            stage,
-            config.num_samples,
-            config.seed,
-            config.keys,
-            config.dataloader_idx,
-            train=from_training,
-        )
-    if record.samples is None:
-        console.warn("SaliencyCallback: the val set yields no images; nothing to explain.")
+def without_validation(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    """Whether a fit runs no validation (no ``validation_step``, or ``limit_val_batches=0``),
+    so the callback explains at the end of training epochs, on training samples (said)."""
+    has_val = is_overridden("validation_step", pl_module)
+    if has_val and trainer.limit_val_batches != 0:
         return False
-    if len(record.samples) < config.num_samples and config.samples is None:
-        console.warn(
-            f"SaliencyCallback: only {len(record.samples)} images available, fewer than "
-            f"num_samples={config.num_samples}; explaining those."
-        )
-    if record.mean is None and config.denormalize is not False and loader is not None:
-        found = find_normalize(getattr(loader, "dataset", None))
-        if found is not None:
-            record.mean, record.std = found
-    if record.class_names is None:
-        record.set_class_names(find_class_names(trainer, loader))
-    _dry_run(pl_module, record)
-    return True
-
-
-def _dry_run(pl_module: L.LightningModule, record: FitRecord) -> None:
-    """Every method still on, on two of the samples; keeps the target layer it found."""
-    config, explainer = record.config, record.explainer
-    assert record.samples is not None
-    samples = record.samples.to(pl_module.device)
-    mean, std = record.display_normalisation
-    explainer.layer_name = dry_run(
-        pl_module,
-        samples.images,
-        samples.labels,
-        config.target,
-        config.methods,
-        explainer.layer,  # a resumed run keeps its layer
-        config.method_options,
-        mean,
-        std,
-        config.seed,
-        samples.masks,
-        layout=config.layout,
-        reshape=config.reshape,
-        output_transform=config.output_transform,
+    why = "no validation_step" if not has_val else "limit_val_batches=0"
+    console.warn(
+        f"SaliencyCallback: {why}, so saliency is computed at the end of training epochs "
+        "instead, on samples from the training batches (or samples=...)."
     )
-    if explainer.layer_name:
-        console.info(f"SaliencyCallback: explaining layer '{explainer.layer_name}'.")
+    return True

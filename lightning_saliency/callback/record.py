@@ -130,6 +130,19 @@ class FitRecord:
         self.sanity_checked = bool(state.get("sanity_checked", False))
         return sorted(stale), new_layer
 
+    @staticmethod
+    def legacy_state(
+        checkpoint: Mapping[str, Any], key: str, name: str | None
+    ) -> Mapping[str, Any] | None:
+        """A 0.1 checkpoint's state of an unnamed callback, saved under a key that held its
+        methods and seed (Lightning looks for the new ``key`` only); ``None`` if there is
+        none, or the new key is there."""
+        states = checkpoint.get("callbacks", {})
+        if key in states or name is not None:
+            return None
+        legacy = [v for k, v in states.items() if k.startswith("SaliencyCallback{'methods'")]
+        return legacy[0] if len(legacy) == 1 else None
+
     @property
     def prefixes(self) -> tuple[str, ...]:
         """The tag prefixes of this callback's keys: means, alarms, per class."""

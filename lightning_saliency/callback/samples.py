@@ -1,27 +1,21 @@
-"""Choosing and holding the fixed samples the callback explains every epoch.
+"""What the fixed samples are, and how a batch is read: images, labels in any form, masks.
 
-The samples are chosen from what the val loader actually yields: the indices its sampler (or
-batch sampler) visits, collated by its ``collate_fn``, picked by the callback's own generator.
-The loader is the user's own, as the datamodule's or the module's ``val_dataloader()`` hook
-returns it (``train_dataloader()`` when the callback explains at train-epoch end), so under
-DDP every rank sees the user's sampler, not the per-rank ``DistributedSampler`` Lightning
-wraps around it, and every rank holds the same samples as a single-device run. Loaders handed
-straight to ``fit(val_dataloaders=...)`` have no public accessor before the first validation;
-for those alone :func:`source_loaders` reads the loop's data source, in one place.
+:class:`FixedSamples` holds the images the callback explains every run, with their labels,
+masks and dataset indices; :func:`batch_parts` and :func:`read_labels` read a batch as the
+loop yields it; :func:`choose_indices` picks indices spread over classes by a private
+generator; :func:`find_normalize` and :func:`find_class_names` look behind a dataset for what
+the pictures undo and name. Taking the samples from the loop's batches is :mod:`.capture`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
-from torch.utils.data import Dataset, IterableDataset, default_collate
+from torch.utils.data import Dataset
 
 from lightning_saliency.errors import SaliencyConfigError
 
@@ -115,15 +109,12 @@ def _pick(batch: Mapping[str, Any], preferred: str, fallbacks: Sequence[str]) ->
     return None
 
 
-def split_batch(
-    batch: Any, keys: BatchKeys = DEFAULT_KEYS
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(images, labels, masks)`` from a batch that is ``x``, ``(x, y[, mask])`` or a dict.
+def batch_parts(batch: Any, keys: BatchKeys = DEFAULT_KEYS) -> tuple[Tensor, Any, Tensor | None]:
+    """``(images, labels as the batch holds them, masks)`` from a batch that is ``x``,
+    ``(x, y[, mask])`` or a dict; :func:`read_labels` reads the labels as classes.
 
-    Example:
-        >>> x, y, m = split_batch({"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([0, 1])})
-        >>> x.shape, y.tolist(), m
-        (torch.Size([2, 3, 8, 8]), [0, 1], None)
+    Raises:
+        SaliencyConfigError: the batch holds no float image tensor ``(N, C, H, W)``.
     """
     labels = masks = None
     if isinstance(batch, Tensor):
@@ -151,13 +142,6 @@ def split_batch(
             "elsewhere."
         )
     n = images.shape[0]
-    if not (
-        isinstance(labels, Tensor)
-        and labels.dim() == 1
-        and labels.shape[0] == n
-        and not labels.is_floating_point()
-    ):
-        labels = None
     if isinstance(masks, Tensor) and masks.dim() == 4 and masks.shape[1] == 1:
         masks = masks[:, 0]
     if not (
@@ -168,6 +152,70 @@ def split_batch(
     ):
         masks = None
     return images, labels, masks
+
+
+@dataclass(frozen=True)
+class LabelReading:
+    """A batch's labels read as classes: ``labels`` ``(N,)`` (``None`` when they cannot be
+    read), why not (``problem``), and whether they are multi-hot rows (multi-label)."""
+
+    labels: Tensor | None
+    problem: str | None = None
+    multi_hot: bool = False
+
+
+def read_labels(raw: Any, n: int) -> LabelReading:
+    """Class indices of ``n`` images from labels in any form a batch carries them: integers
+    ``(N,)``, one-hot or soft rows ``(N, K)`` (their argmax; rows in ``[0, 1]`` that sum to
+    one). Multi-hot rows (several ones) are a multi-label task; other forms are not classes,
+    and ``problem`` says what they are.
+
+    Example:
+        >>> read_labels(torch.tensor([[0, 1.0], [0.9, 0.1]]), 2).labels.tolist()
+        [1, 0]
+        >>> read_labels(torch.tensor([[1, 1.0], [0, 1.0]]), 2).multi_hot
+        True
+        >>> read_labels(torch.tensor([0.5, 2.5]), 2).problem
+        'float labels of shape (2,) (a regression target?)'
+    """
+    if raw is None:
+        return LabelReading(None)
+    if not isinstance(raw, Tensor):
+        return LabelReading(None, f"labels of type {type(raw).__name__}, not a tensor")
+    shape = tuple(raw.shape)
+    if raw.dim() == 0 or raw.shape[0] != n:
+        return LabelReading(None, f"labels of shape {shape} for {n} images")
+    if raw.dim() == 2 and raw.shape[1] == 1:
+        raw = raw[:, 0]
+    if raw.dim() == 1 and not raw.is_floating_point() and raw.dtype != torch.bool:
+        return LabelReading(raw.long())
+    if raw.dim() == 1:
+        return LabelReading(None, f"float labels of shape {shape} (a regression target?)")
+    if raw.dim() == 2:
+        rows = raw.detach().float()
+        in_range = bool(((rows >= 0) & (rows <= 1)).all())
+        sums = rows.sum(dim=1)
+        if in_range and bool(((sums - 1).abs() <= 1e-3).all()):
+            return LabelReading(rows.argmax(dim=1))
+        binary = bool(((rows == 0) | (rows == 1)).all())
+        if binary and bool((sums > 1).any()):
+            return LabelReading(None, f"multi-hot rows of shape {shape}", multi_hot=True)
+    return LabelReading(None, f"labels of shape {shape} and dtype {raw.dtype}")
+
+
+def split_batch(
+    batch: Any, keys: BatchKeys = DEFAULT_KEYS
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(images, labels, masks)`` from a batch, the labels read as classes
+    (:func:`read_labels`; ``None`` when they are not).
+
+    Example:
+        >>> x, y, m = split_batch({"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([0, 1])})
+        >>> x.shape, y.tolist(), m
+        (torch.Size([2, 3, 8, 8]), [0, 1], None)
+    """
+    images, raw, masks = batch_parts(batch, keys)
+    return images, read_labels(raw, images.shape[0]).labels, masks
 
 
 def _dataset_labels(
@@ -189,9 +237,11 @@ def _dataset_labels(
             label = _pick(item, keys.label, _LABEL_KEYS)
         elif isinstance(item, (tuple, list)) and len(item) > 1:
             label = item[1]
+        if isinstance(label, Tensor) and label.dim() == 1 and label.numel() > 1:
+            label = read_labels(label[None], 1).labels  # one-hot or soft
         try:
             labels[i] = int(label)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             return None
     return labels
 
@@ -237,95 +287,6 @@ def choose_indices(
     return chosen
 
 
-def _user_sampler(sampler: Any) -> Any:
-    """The user's sampler inside the distributed wrappers Lightning puts around it (``None``
-    for a plain ``DistributedSampler``, which Lightning makes from a sequential one)."""
-    from torch.utils.data.distributed import DistributedSampler
-
-    if isinstance(sampler, DistributedSampler):
-        inner = getattr(sampler, "dataset", None)
-        return getattr(inner, "_sampler", None)  # lightning's DistributedSamplerWrapper
-    return sampler
-
-
-def visited_indices(loader: Any) -> list[int] | None:
-    """The dataset indices one pass of ``loader`` visits (sorted, without repeats), read from
-    its batch sampler or sampler; ``None`` when they are not plain indices. Iterating a random
-    sampler draws from the global RNG, so the caller isolates it.
-
-    Example:
-        >>> from torch.utils.data import DataLoader, SubsetRandomSampler
-        >>> loader = DataLoader(list(range(10)), sampler=SubsetRandomSampler([7, 2, 5]))
-        >>> visited_indices(loader)
-        [2, 5, 7]
-    """
-    from torch.utils.data import BatchSampler
-
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(batch_sampler, BatchSampler):
-        batch_sampler = None  # the default one: its sampler says the same
-    source = _user_sampler(sampler if batch_sampler is None else batch_sampler)
-    if source is None:
-        return None
-    found: set[int] = set()
-    try:
-        for item in source:
-            for index in item if batch_sampler is not None else [item]:
-                if isinstance(index, bool) or not isinstance(index, int):
-                    index = int(index)  # numpy or tensor scalars; others raise
-                found.add(index)
-    except (TypeError, ValueError):
-        return None
-    return sorted(found)
-
-
-def collect_samples(loader: Any, num: int, seed: int, keys: BatchKeys = DEFAULT_KEYS) -> Any:
-    """A collated batch of ``num`` fixed samples among what the loader's sampler visits (by
-    index), or the first ``num`` of its stream for an ``IterableDataset``. Returns
-    ``(batch, indices)``."""
-    dataset = getattr(loader, "dataset", None)
-    collate = getattr(loader, "collate_fn", None) or default_collate
-    if (
-        dataset is not None
-        and not isinstance(dataset, IterableDataset)
-        and hasattr(dataset, "__len__")
-        and len(dataset) > 0
-    ):
-        candidates = visited_indices(loader)
-        if candidates is not None and not candidates:
-            return None, None
-        indices = choose_indices(dataset, num, seed, keys, candidates)
-        return collate([dataset[i] for i in indices]), indices
-    batches, count = [], 0
-    for batch in loader:
-        batches.append(batch)
-        images, *_ = split_batch(batch, keys)
-        count += images.shape[0]
-        if count >= num:
-            break
-    if not batches:
-        return None, None
-    return _concat(batches, num), None
-
-
-def _concat(batches: list[Any], num: int) -> Any:
-    first = batches[0]
-    if isinstance(first, Tensor):
-        return torch.cat(batches)[:num]
-    if isinstance(first, Mapping):
-        return {
-            k: _concat([b[k] for b in batches], num) if isinstance(first[k], Tensor) else first[k]
-            for k in first
-        }
-    if isinstance(first, (tuple, list)):
-        return type(first)(
-            _concat([b[i] for b in batches], num) if isinstance(first[i], Tensor) else first[i]
-            for i in range(len(first))
-        )
-    return first
-
-
 def pick_loader(loaders: Any, dataloader_idx: int) -> Any:
     """One loader out of what a ``val_dataloader()`` hook returned (loader, list, dict)."""
     if loaders is None:
@@ -343,92 +304,63 @@ def pick_loader(loaders: Any, dataloader_idx: int) -> Any:
     return loaders
 
 
-def find_normalize(dataset: Any) -> tuple[list[float], list[float]] | None:
-    """``(mean, std)`` of a torchvision ``Normalize`` among the dataset's transforms, if any."""
-    from torchvision import transforms
-
+def _chain(start: Any) -> Iterator[Any]:
+    """``start`` and what it wraps: datasets inside ``Subset``/``ConcatDataset`` and wrappers
+    (``dataset``, ``datasets``), and their transforms (``transform``, ``transforms``, the
+    items of a ``Compose``), each once."""
     seen: set[int] = set()
-    stack = [dataset]
+    stack = [start]
     while stack:
         obj = stack.pop()
         if obj is None or id(obj) in seen:
             continue
         seen.add(id(obj))
-        if isinstance(obj, transforms.Normalize):
+        yield obj
+        for attr in ("transform", "transforms", "dataset", "datasets"):
+            child = getattr(obj, attr, None)
+            if attr in ("transforms", "datasets") and isinstance(child, (list, tuple)):
+                stack.extend(reversed(child))
+            elif child is not None and not isinstance(child, (str, bytes, Tensor)):
+                stack.append(child)
+
+
+def find_normalize(dataset: Any) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` of a torchvision ``Normalize`` (``transforms`` or ``transforms.v2``)
+    among the dataset's transforms, through ``Subset``/``ConcatDataset`` chains, if any.
+
+    Example:
+        >>> from torchvision.transforms import v2
+        >>> from torch.utils.data import Subset
+        >>> class Data(list):
+        ...     transform = v2.Compose([v2.ToDtype(torch.float32), v2.Normalize([0.5], [0.25])])
+        >>> find_normalize(Subset(Data([1, 2]), [0]))
+        ([0.5], [0.25])
+    """
+    from torchvision import transforms
+    from torchvision.transforms import v2
+
+    for obj in _chain(dataset):
+        if isinstance(obj, (transforms.Normalize, v2.Normalize)):
             return list(map(float, torch.as_tensor(obj.mean).flatten())), list(
                 map(float, torch.as_tensor(obj.std).flatten())
             )
-        for attr in ("transform", "transforms", "dataset", "datasets"):
-            child = getattr(obj, attr, None)
-            if isinstance(child, (list, tuple)):
-                stack.extend(child)
-            elif child is not None:
-                stack.append(child)
     return None
 
 
-def source_loaders(
-    trainer: L.Trainer, pl_module: L.LightningModule, stage: str, train: bool = False
-) -> Any:
-    """What the val (or, with ``train=True``, the train) dataloader hook of this run returns,
-    as the user wrote it (before Lightning adds distributed samplers): a loader, a list or a
-    dict of loaders, or ``None`` when there is none."""
-    hook = "train_dataloader" if train else "val_dataloader"
-    for owner in (getattr(trainer, "datamodule", None), pl_module):
-        if owner is not None and is_overridden(hook, owner):
-            return getattr(owner, hook)()
-    # Loaders passed to fit()/validate() directly: no public accessor before the loop runs.
-    if train:
-        loop: Any = trainer.fit_loop
-    elif stage == "fit":
-        loop = trainer.fit_loop.epoch_loop.val_loop
-    else:
-        loop = trainer.validate_loop
-    instance = getattr(getattr(loop, "_data_source", None), "instance", None)
-    if instance is not None and not isinstance(
-        instance, (L.LightningModule, L.LightningDataModule)
-    ):
-        return instance
-    return trainer.train_dataloader if train else trainer.val_dataloaders
+def find_class_names(*owners: Any) -> list[str] | None:
+    """Class names from the first ``classes`` list among ``owners`` (the datamodule, the
+    loader's dataset) and the datasets they wrap (``Subset``, ``ConcatDataset``).
 
-
-def choose_samples(
-    trainer: L.Trainer,
-    pl_module: L.LightningModule,
-    stage: str,
-    num: int,
-    seed: int,
-    keys: BatchKeys = DEFAULT_KEYS,
-    dataloader_idx: int = 0,
-    train: bool = False,
-) -> tuple[FixedSamples | None, Any]:
-    """The fixed samples of a run, on the module's device, through the strategy's own
-    ``batch_to_device`` (so the module's transfer hooks apply), and the loader they came from.
-
-    Raises:
-        SaliencyConfigError: there is no loader to take samples from, or its batches hold no
-            images.
+    Example:
+        >>> from torch.utils.data import Subset
+        >>> class Data(list):
+        ...     classes = ["cat", "dog"]
+        >>> find_class_names(None, Subset(Data([1, 2]), [1]))
+        ['cat', 'dog']
     """
-    loaders = source_loaders(trainer, pl_module, stage, train)
-    loader = pick_loader(loaders, 0 if train else dataloader_idx)
-    if loader is None:
-        raise SaliencyConfigError(
-            "SaliencyCallback found no val dataloader to take samples from; define "
-            "val_dataloader() or pass samples=<tensor N×C×H×W>."
-        )
-    with isolate_rng(include_cuda=False):  # iterating a stream may draw from the RNG
-        batch, indices = collect_samples(loader, num, seed, keys)
-    if batch is None:
-        return None, loader
-    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
-    images, labels, masks = split_batch(batch, keys)
-    return FixedSamples(images.detach().clone(), labels, masks, indices), loader
-
-
-def find_class_names(trainer: L.Trainer, loader: Any) -> list[str] | None:
-    """Class names from the datamodule's or the loader's dataset's ``classes``, if any."""
-    for owner in (getattr(trainer, "datamodule", None), getattr(loader, "dataset", None)):
-        names = getattr(owner, "classes", None)
-        if isinstance(names, (list, tuple)) and names:
-            return [str(n) for n in names]
+    for owner in owners:
+        for obj in _chain(owner):
+            names = getattr(obj, "classes", None)
+            if isinstance(names, (list, tuple)) and names:
+                return [str(n) for n in names]
     return None

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, Strategy
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_saliency.callback.explainer import Explainer, Failures
 from lightning_saliency.callback.gathering import (
@@ -70,6 +70,12 @@ class Sharing:
         raised = torch.tensor([float(f) for f in flags], device=self.strategy.root_device)
         total = self.strategy.reduce(raised, reduce_op="sum")
         return [bool(v > 0) for v in total.tolist()]
+
+    def sum(self, values: Tensor) -> Tensor:
+        """``values`` summed over the ranks (one process: ``values`` itself)."""
+        if self.world == 1 or self.strategy is None:
+            return values
+        return self.strategy.reduce(values, reduce_op="sum")
 
     def explain(
         self,

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-, red +, around zero), positive, negative or absolute_value",
     )
     p.add_argument("--rows", type=int, default=None, help="show at most N images (rows)")
-    p.add_argument("--ig-steps", default="32", help="IG steps, or 'auto'")
+    p.add_argument("--ig-steps", default="auto", help="IG steps, or 'auto' (the default)")
     p.add_argument(
         "--method-option",
         action="append",

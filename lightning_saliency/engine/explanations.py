@@ -20,6 +20,7 @@ from lightning_saliency.engine.methods import (
     canonical_name,
 )
 from lightning_saliency.engine.methods.session import OutputTransform, TargetFunction
+from lightning_saliency.engine.module_state import buffers_kept
 from lightning_saliency.engine.options import MethodOptionsArg, resolve_options
 from lightning_saliency.engine.sharded import reshard
 from lightning_saliency.errors import SaliencyConfigError
@@ -90,8 +91,10 @@ def explanation_context(model: nn.Module) -> Iterator[None]:
 
     Inside: eval mode, parameters frozen (no weight gradients, ``.grad`` untouched), gradients
     enabled even under ``no_grad``/``inference_mode``, autocast off (maps in float32), and the
-    global RNG isolated. On exit, also after an error: train/eval flags, ``requires_grad`` and
-    RNG states are exactly as found.
+    global RNG isolated. On exit, also after an error: train/eval flags, ``requires_grad``,
+    every buffer (running statistics, quantization observers, the model's own;
+    :func:`~lightning_saliency.engine.module_state.buffers_kept`) and RNG states are exactly as
+    found.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
@@ -107,6 +110,7 @@ def explanation_context(model: nn.Module) -> Iterator[None]:
     include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
     with contextlib.ExitStack() as stack:
         stack.enter_context(isolate_rng(include_cuda=include_cuda))
+        stack.enter_context(buffers_kept(model))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         with contextlib.suppress(RuntimeError):  # device types without autocast

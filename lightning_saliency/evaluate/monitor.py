@@ -425,6 +425,12 @@ class ScoreMonitor:
         """The ``(method, score)`` alarms raised now (not yet cleared)."""
         return sorted(self._active)
 
+    def forget_references(self) -> None:
+        """Drop every drift reference (the samples changed size: maps no longer compare);
+        the next logged epoch sets them anew. The alarm record and history stay."""
+        self._first.clear()
+        self._previous.clear()
+
     @property
     def references(self) -> dict[str, Tensor]:
         """Each method's map at the first logged epoch (drift_first compares against it)."""

@@ -383,6 +383,8 @@ def spread(positions: Sequence[float], count: int) -> list[int]:
     Example:
         >>> spread([0, 1, 2, 3, 4, 5, 6, 7, 8], 3)
         [0, 4, 8]
+        >>> spread([0, 0, 0, 0, 0, 0, 0, 0, 0], 3)  # equal positions: spread by order
+        [0, 4, 8]
     """
     n = len(positions)
     if n <= count:
@@ -391,8 +393,11 @@ def spread(positions: Sequence[float], count: int) -> list[int]:
     chosen = {0, n - 1}
     for k in range(1, count - 1):
         target = first + (last - first) * k / (count - 1)
+        place = (n - 1) * k / (count - 1)  # ties (equal positions) spread by order
         free = (i for i in range(n) if i not in chosen)
-        chosen.add(min(free, key=lambda i: (abs(positions[i] - target), i)))
+        chosen.add(
+            min(free, key=lambda i: (abs(positions[i] - target), positions[i], abs(i - place)))
+        )
     return sorted(chosen)
 
 

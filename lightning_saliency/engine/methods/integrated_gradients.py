@@ -70,7 +70,7 @@ class IntegratedGradientsOptions(MethodOptions):
             ``"auto"`` (its error estimate; the distance to a 256-step map is about half).
     """
 
-    steps: int | Literal["auto"] = 32
+    steps: int | Literal["auto"] = "auto"
     baseline: float | Tensor | None = None
     internal_batch_size: int | None = None
     method: str = "gausslegendre"
