@@ -332,8 +332,7 @@ class SaliencyCallback(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """With ``samples=``, dry-run every method on two of them (else the samples come from
-        the batches validation runs, and the dry run follows Lightning's sanity check)."""
+        """With ``samples=``, the dry run (:meth:`~.intake.SampleIntake.before_training`)."""
         if self._enabled:
             self._intake.before_training(trainer, pl_module)
 
@@ -360,15 +359,12 @@ class SaliencyCallback(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._enabled and self._at_train_epoch_end:
-            if batch_idx == 0:  # without validation, the samples come from training batches
-                self._intake.start(trainer, training=True)
-            self._intake.see(batch, batch_idx)
+        if self._enabled and self._at_train_epoch_end:  # no validation: training batches
+            self._intake.see_training(trainer, batch, batch_idx)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Save the timeline as ``saliency_timeline.png`` beside the logs (independent of
-        TensorBoard's ``--samples_per_plugin``); TensorBoard has it at every logged run."""
+        """Save the timeline beside the logs (:meth:`~.logged_run.LoggedRun.save_timeline`)."""
         if self._enabled:
             self.timeline_path = self._run.save_timeline() or self.timeline_path
         self._run.flush()

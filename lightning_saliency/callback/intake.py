@@ -116,6 +116,12 @@ class SampleIntake:
                 "Lightning's sanity check (the default) to meet a mistake before training."
             )
 
+    def see_training(self, trainer: L.Trainer, batch: Any, batch_idx: int) -> None:
+        """Without validation: a training batch (the first one starts the epoch's run)."""
+        if batch_idx == 0:
+            self.start(trainer, training=True)
+        self.see(batch, batch_idx)
+
     def check_early(self, pl_module: L.LightningModule) -> None:
         """At the end of Lightning's sanity check (or the start of a fit with ``samples=``):
         the dry run, before any training step, on what there is."""
