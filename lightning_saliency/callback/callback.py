@@ -218,7 +218,7 @@ class SaliencyCallback(L.Callback):
 
     @property
     def fixed_samples(self) -> FixedSamples | None:
-        """The images explained every epoch, with labels and masks (``None`` before setup)."""
+        """The images explained every run, with labels and masks (``None`` until a run ends)."""
         return self._record.samples
 
     @property
