@@ -112,6 +112,26 @@ def test_capture_under_two_ranks_holds_what_one_process_holds():
     assert torch.equal(captured[0].images, single.images)  # no row counted twice
 
 
+def test_every_rank_dry_runs_rank_zeros_probe():
+    """Each rank's first batch differs; the dry run checks rank zero's rows on every rank, so
+    a mistake in the data is found on all ranks alike (not on one, leaving the other waiting)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = TensorDataset(torch.arange(8.0)[:, None, None, None].expand(8, 1, 2, 2), torch.arange(8))
+    captures = []
+    for rank in range(2):
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
+        capture = SampleCapture(num=2, seed=0, rank=rank, world=2)
+        _capture_run(capture, DataLoader(data, batch_size=2, sampler=sampler))
+        captures.append(capture)
+    assert captures[1].probe.labels.tolist() == [1, 3]  # rank 1's own first rows
+    from_rank_0: list[torch.Tensor] = []
+    captures[0].shared_probe(lambda t: from_rank_0.append(t) or t)
+    probe = captures[1].shared_probe(lambda t: t + from_rank_0.pop(0))
+    assert probe.labels.tolist() == [0, 2] and probe.labels.dtype == torch.long
+    assert probe.images[:, 0, 0, 0].tolist() == [0.0, 2.0]
+
+
 def test_capture_keeps_the_first_rows_where_the_order_is_not_fixed():
     class Stream(IterableDataset):
         def __iter__(self):

@@ -405,7 +405,7 @@ class SaliencyCallback(L.Callback):
         if not self._enabled or self._at_train_epoch_end:
             return
         if trainer.sanity_checking:
-            self._intake.check_early(pl_module)
+            self._intake.check_early(pl_module, self._run.sharing)
         elif self._intake.ready(pl_module, self._run.sharing):
             self._tick(trainer, pl_module, fitting=trainer.state.fn == "fit")
 

@@ -204,6 +204,23 @@ class SampleCapture:
                 None if masks is None else masks[row].detach().clone(),
             )
 
+    def shared_probe(self, total: Summing = lambda t: t) -> FixedSamples | None:
+        """Rank zero's probe on every rank (``total`` sums over them), so that a check of it
+        decides alike everywhere. Every rank must call it, with a probe of the same shape."""
+        probe = self.probe
+        if probe is None or self.world == 1:
+            return probe
+        mine = self.rank == 0
+
+        def shared(t: Tensor) -> Tensor:
+            return total(t.double() if mine else torch.zeros_like(t, dtype=torch.float64))
+
+        return FixedSamples(
+            shared(probe.images).to(probe.images.dtype),
+            None if probe.labels is None else shared(probe.labels).to(probe.labels.dtype),
+            None if probe.masks is None else shared(probe.masks).to(probe.masks.dtype),
+        )
+
     def finish(self, total: Summing = lambda t: t) -> FixedSamples | None:
         """The samples this run read, the same on every rank (``total`` sums over them), or
         ``None`` when it did not read them all (a sanity check runs two batches) or there is

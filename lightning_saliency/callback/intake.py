@@ -122,12 +122,18 @@ class SampleIntake:
             self.start(trainer, training=True)
         self.see(batch, batch_idx)
 
-    def check_early(self, pl_module: L.LightningModule) -> None:
+    def check_early(self, pl_module: L.LightningModule, sharing: Sharing | None = None) -> None:
         """At the end of Lightning's sanity check (or the start of a fit with ``samples=``):
-        the dry run, before any training step, on what there is."""
+        the dry run, before any training step, on the first rows of rank zero's first batch
+        (every rank checks the same images, so they decide alike)."""
         capture = self._capture
-        probe = self.record.samples if self.given or capture is None else capture.probe
-        if not self.checked and probe is not None:
+        if self.checked:
+            return
+        if self.given or capture is None:
+            probe = self.record.samples
+        else:
+            probe = capture.shared_probe(Sharing().sum if sharing is None else sharing.sum)
+        if probe is not None:
             self._read_labels()
             self._dry_run(pl_module, probe)
 
