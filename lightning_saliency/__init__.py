@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     )
     from lightning_saliency.errors import SaliencyConfigError
     from lightning_saliency.evaluate.deletion import FaithfulnessReport, faithfulness
-    from lightning_saliency.evaluate.monitor import AlarmEvent, EpochScores
+    from lightning_saliency.evaluate.hysteresis import AlarmEvent
+    from lightning_saliency.evaluate.monitor import EpochScores
     from lightning_saliency.evaluate.sanity import SanityReport, sanity_check
     from lightning_saliency.evaluate.shortcut_probes import shortcut_scores
 
@@ -62,7 +63,7 @@ _WHERE = {
     "register": _METHODS,
     "register_input_method": _METHODS,
     "unregister": _METHODS,
-    "AlarmEvent": "lightning_saliency.evaluate.monitor",
+    "AlarmEvent": "lightning_saliency.evaluate.hysteresis",
     "EpochScores": "lightning_saliency.evaluate.monitor",
     "sanity_check": "lightning_saliency.evaluate.sanity",
     "SanityReport": "lightning_saliency.evaluate.sanity",

@@ -10,7 +10,8 @@ import torch
 from lightning_saliency import SaliencyConfigError
 from lightning_saliency.engine.explanations import Explanations
 from lightning_saliency.evaluate.alarms import check, default_thresholds, merge_thresholds
-from lightning_saliency.evaluate.monitor import AlarmEvent, ScoreMonitor
+from lightning_saliency.evaluate.hysteresis import AlarmEvent
+from lightning_saliency.evaluate.monitor import ScoreMonitor
 
 LABELS = torch.tensor([0, 1, 0, 1])
 
@@ -117,6 +118,59 @@ def test_scores_a_method_reports_about_its_own_maps_are_monitored():
         0.2
     )
     assert [e.score for e in report.events] == ["ig_completeness_error"]
+
+
+def _ig_out(error: float, correct: bool = True) -> Explanations:
+    labels = LABELS if correct else 1 - LABELS
+    return Explanations(
+        {"integrated_gradients": moving_maps()},
+        logits=torch.nn.functional.one_hot(labels, 2).float() * 5,
+        targets=LABELS,
+        extras={"ig_completeness_error": torch.full((4,), error), "ig_steps": 16},
+    )
+
+
+def test_a_method_health_note_is_never_an_alarm_about_the_model():
+    """IG's completeness error past its 5 % is a note about the method: its own ledger, its
+    own tags, never in callback.alarms or the alarm count (on main it was an alarm)."""
+    monitor = ScoreMonitor()
+    report = monitor.observe(0, _ig_out(0.2), LABELS)
+    assert monitor.alarms == [] and monitor.raised == []
+    assert [(e.kind, e.state, e.score) for e in monitor.notes] == [
+        ("note", "raised", "ig_completeness_error")
+    ]
+    assert report.metrics["saliency_alarms/count"] == 0.0
+    assert report.metrics["saliency_health/integrated_gradients/ig_completeness_error"] == 1.0
+    assert "saliency_alarms/integrated_gradients/ig_completeness_error" not in report.metrics
+    assert monitor.notes[0].message().startswith("saliency method note at epoch 0")
+    for epoch in (1, 2):  # the note clears with the same hysteresis
+        monitor.observe(epoch, _ig_out(0.001), LABELS)
+    assert [e.state for e in monitor.notes] == ["raised", "cleared"] and monitor.alarms == []
+
+
+def test_a_note_is_judged_on_every_sample_and_survives_the_sanity_gate():
+    """A method's health does not depend on whether the model is right: a note is raised with
+    no sample classified correctly (an alarm about the model is not), and for a method that
+    failed the sanity check."""
+    monitor = ScoreMonitor()
+    monitor.set_insensitive({"integrated_gradients"})
+    monitor.observe(0, _ig_out(0.2, correct=False), LABELS)
+    assert [e.score for e in monitor.notes] == ["ig_completeness_error"]
+
+
+def test_a_state_saved_before_notes_moves_its_method_health_entries_to_notes():
+    old = ScoreMonitor()
+    old.observe(0, _ig_out(0.2), LABELS)
+    state = old.state_dict()
+    state.pop("notes")  # as 0.2 saved it: the IG entry among the alarms
+    state["alarms"] = [{**e.__dict__, "kind": "alarm"} for e in old.notes]
+    state["active"] = [["integrated_gradients", "ig_completeness_error", 0.05]]
+    state["ever"] = [["integrated_gradients", "ig_completeness_error"]]
+    resumed = ScoreMonitor()
+    resumed.load_state_dict(state)
+    assert resumed.alarms == [] and resumed.raised == []
+    assert resumed.noted == [("integrated_gradients", "ig_completeness_error")]
+    assert [e.kind for e in resumed.notes] == ["note"]
 
 
 def test_concept_maps_are_not_scored():

@@ -82,6 +82,24 @@ def test_pictures_that_fail_switch_their_method_off_in_the_same_run(tmp_path, mo
     assert not (tmp_path / "run" / "version_0" / "saliency" / "gradcam").exists()
 
 
+def test_a_method_note_is_written_under_method_health_not_among_the_alarms(tmp_path):
+    """IG with one step misses its completeness (a note about the method), and the untrained
+    model's maps alarm about nothing it was right on: the note goes to the text's method-health
+    part and to saliency_health/, never to the alarms or their count."""
+    run, outcome, record, _ = one_run(
+        tmp_path, methods=("integrated_gradients",), ig_steps=1, sanity_check=False
+    )
+    run.publisher.close()
+    assert ("integrated_gradients", "ig_completeness_error") in record.monitor.noted
+    assert all(e.score != "ig_completeness_error" for e in record.monitor.alarms)
+    assert record.held["saliency_alarms/count"] == float(len(record.monitor.raised))
+    text = (tmp_path / "run" / "version_0" / "alarms.txt").read_text()
+    alarms, health = text.split("**method health**")
+    assert "ig_completeness_error" not in alarms
+    assert "saliency method note at epoch 0: integrated_gradients ig_completeness_error" in health
+    assert "noted now: integrated_gradients ig_completeness_error" in health
+
+
 class OtherRankFailed:
     """The ranks as a method sees them when it failed on another rank only."""
 

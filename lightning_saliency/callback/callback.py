@@ -321,9 +321,8 @@ class SaliencyCallback(L.Callback):
         if self._run.publisher is not None:
             self._run.publisher.close()
         if stage == "fit":
-            monitor = self._record.monitor
             callbacks: list[L.Callback] = trainer.callbacks  # type: ignore[attr-defined]
-            refuse_plain_early_stopping(callbacks, (monitor.prefix, monitor.alarm_prefix))
+            refuse_plain_early_stopping(callbacks, self._record.prefixes[:3])
             self._new_record()
             self._at_train_epoch_end = without_validation(trainer, pl_module)
         self._run.sharing = Sharing.of(trainer)

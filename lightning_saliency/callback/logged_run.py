@@ -30,9 +30,11 @@ from lightning_saliency.callback.trust import trust_checks, trust_text, verdict_
 from lightning_saliency.engine.class_names import class_name
 from lightning_saliency.engine.explanations import Explanations
 from lightning_saliency.engine.methods import METHODS
+from lightning_saliency.evaluate.alarms import is_health
 from lightning_saliency.evaluate.deletion import FaithfulnessReport
+from lightning_saliency.evaluate.hysteresis import AlarmEvent
 from lightning_saliency.evaluate.map_health import blank_maps, blank_reason
-from lightning_saliency.evaluate.monitor import AlarmEvent, EpochReport
+from lightning_saliency.evaluate.monitor import EpochReport
 from lightning_saliency.evaluate.sanity import SanityReport
 from lightning_saliency.evaluate.scores import pointing_tolerance
 from lightning_saliency.evaluate.shortcut_probes import shortcut_scores
@@ -236,7 +238,8 @@ class LoggedRun:
         off = self.policy.switched_off
         prefixes = self.record.prefixes
         metrics = {k: v for k, v in report.metrics.items() if method_of(k, prefixes) not in off}
-        metrics.update({f"{self._alarm_prefix}/switched_off/{m}": 1.0 for m in off})
+        health = self.record.monitor.health_prefix
+        metrics.update({f"{health}/switched_off/{m}": 1.0 for m in off})
         charts = {k: v for k, v in metrics.items() if self._chart_only(k)}
         if self.publisher is not None:
             self.publisher.metrics(charts, ctx.step)
@@ -246,11 +249,14 @@ class LoggedRun:
         return RunOutcome(events=report.events, ran=True)
 
     def _chart_only(self, key: str) -> bool:
-        if key.startswith(self.record.monitor.per_class_prefix + "/"):
+        monitor = self.record.monitor
+        if key.startswith(monitor.per_class_prefix + "/"):
             return True
-        alarm = self._alarm_prefix + "/"
-        rest = key[len(alarm) :] if key.startswith(alarm) else None
-        return rest is not None and rest != "count" and not rest.startswith("switched_off/")
+        for flags in (monitor.alarm_prefix + "/", monitor.health_prefix + "/"):
+            rest = key[len(flags) :] if key.startswith(flags) else None
+            if rest is not None and rest != "count" and not rest.startswith("switched_off/"):
+                return True
+        return False
 
     @property
     def _alarm_prefix(self) -> str:
@@ -364,7 +370,9 @@ class LoggedRun:
                 tag = f"{self.config.prefix}/{method}/{score}"
                 if tag not in self.record.held:
                     continue
-                line = f"{self._alarm_prefix}/{method}/{score}/threshold"
+                note = is_health(score)
+                flags = self.record.monitor.health_prefix if note else self._alarm_prefix
+                line = f"{flags}/{method}/{score}/threshold"
                 values[line] = threshold
                 charts[f"{method} {score}"] = [tag, line]
         if values:
@@ -376,11 +384,18 @@ class LoggedRun:
         news = self.policy.news()
         if self.publisher is None:
             return
-        lines = [f"- {e.message()}" for e in events] + [f"- {n}" for n in news]
-        raised = ", ".join(f"{m} {s}" for m, s in self.record.monitor.raised) or "none"
+        monitor = self.record.monitor
+        lines = [f"- {e.message()}" for e in events if e.kind == "alarm"]
+        raised = ", ".join(f"{m} {s}" for m, s in monitor.raised) or "none"
         lines.append(f"- raised now: {raised}")
+        health = [f"- {e.message()}" for e in events if e.kind == "note"]
+        health += [f"- {n}" for n in news]
+        if monitor.noted:
+            health.append(f"- noted now: {', '.join(f'{m} {s}' for m, s in monitor.noted)}")
         if self.policy.switched_off:
-            lines.append(f"- switched off: {', '.join(self.policy.switched_off)}")
+            health.append(f"- switched off: {', '.join(self.policy.switched_off)}")
+        if health:  # about the methods, not the model: never counted or shown as alarms
+            lines += ["", "**method health**", *health]
         text = f"**epoch {ctx.epoch}**  \n" + "  \n".join(lines)
         with self.policy.step("loggers", "writing to the loggers", "training goes on"):
             self.publisher.text(f"{self._alarm_prefix}/alarms", text, ctx.step)

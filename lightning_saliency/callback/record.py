@@ -147,7 +147,12 @@ class FitRecord:
     def prefixes(self) -> tuple[str, ...]:
         """The tag prefixes of this callback's keys: means, alarms, per class."""
         monitor = self.monitor
-        return (monitor.prefix, monitor.alarm_prefix, monitor.per_class_prefix)
+        return (
+            monitor.prefix,
+            monitor.alarm_prefix,
+            monitor.health_prefix,
+            monitor.per_class_prefix,
+        )
 
     def _load_timeline(self, state: Mapping[str, Any], stale: set[str]) -> set[str]:
         """The saved timeline, if it shows the method shown now; else what was dropped."""

@@ -33,6 +33,9 @@ MAP_SCORE_THRESHOLDS: dict[str, float] = {
 # an uninformative stamped mark (or on the image border) reached 0.98 x the threshold that
 # kept seeds 0-2 quiet, so a default alarm would cry wolf (benchmarks/shortcut_kinds.py).
 OPT_IN_ALARMS = frozenset({"attended_consensus"})
+# Map scores about the method's own health, not the model: they raise method notes, never
+# alarms (with every score a method measures about its own maps, :func:`is_health`).
+HEALTH_SCORES = frozenset({"dead_maps"})
 LOW_IS_BAD = frozenset({"object_enrichment"})
 # Per-class alarms: only for a score where one class can hide in the mean. A class coded by the
 # *absence* of the others' features gets maps that point nowhere, so its object_enrichment is low
@@ -70,6 +73,20 @@ def default_thresholds() -> dict[str, float]:
             if score.threshold is not None:
                 merged.setdefault(score.name, score.threshold)
     return merged
+
+
+def is_health(score: str) -> bool:
+    """Whether ``score`` is about a method's own health (a note: dead maps, IG's completeness
+    error and every score a method declares about its own maps), not about the model (an
+    alarm).
+
+    Example:
+        >>> is_health("ig_completeness_error"), is_health("dead_maps"), is_health("consensus")
+        (True, True, False)
+    """
+    if score in HEALTH_SCORES:
+        return True
+    return any(declared.name == score for m in METHODS.values() for declared in m.scores)
 
 
 def meaning(score: str) -> str:

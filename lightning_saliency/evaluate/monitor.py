@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,6 +32,8 @@ from lightning_saliency.engine.class_names import class_name
 from lightning_saliency.engine.explanations import Explanations
 from lightning_saliency.engine.methods import METHODS
 from lightning_saliency.evaluate import alarms as rules
+from lightning_saliency.evaluate.hysteresis import AlarmEvent as AlarmEvent  # re-exported
+from lightning_saliency.evaluate.hysteresis import Ledger
 from lightning_saliency.evaluate.scores import (
     SHORTCUT_SCORES,
     SignedMass,
@@ -48,49 +50,6 @@ PER_CLASS_SCORES = (
     "dead_maps",
     *SHORTCUT_SCORES,
 )
-AlarmState = Literal["raised", "cleared", "back"]
-CLEAR_AFTER = 2  # logged epochs in a row on the safe side before an alarm is cleared
-
-
-@dataclass(frozen=True)
-class AlarmEvent:
-    """A change of one alarm (a method's score against its threshold) at a logged epoch.
-
-    Attributes:
-        epoch: the trainer's epoch.
-        method, score: which alarm.
-        value, threshold: the value that tripped it (or cleared it) and the threshold.
-        class_name: the class whose mean tripped it (``None``: the mean over samples).
-        state: ``"raised"`` the first time, ``"cleared"`` when back on the safe side,
-            ``"back"`` when it trips again after a clear.
-    """
-
-    epoch: int
-    method: str
-    score: str
-    value: float
-    threshold: float
-    class_name: str | None
-    state: AlarmState
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.method, self.score)
-
-    def message(self) -> str:
-        """One line for the console and the logs."""
-        op = "<" if self.score in rules.LOW_IS_BAD else ">"
-        where = f" for class '{self.class_name}'" if self.class_name else ""
-        if self.state == "cleared":
-            return (
-                f"saliency alarm cleared at epoch {self.epoch}: {self.method} {self.score} = "
-                f"{self.value:.2f} (no longer {op} {self.threshold:g})."
-            )
-        again = " (back again)" if self.state == "back" else ""
-        return (
-            f"saliency alarm at epoch {self.epoch}{again}: {self.method} {self.score}{where} = "
-            f"{self.value:.2f} ({op} {self.threshold:g}): {rules.meaning(self.score)}."
-        )
 
 
 @dataclass(frozen=True)
@@ -188,22 +147,30 @@ class ScoreMonitor:
         self.per_class_prefix = prefix.replace("saliency", "saliency_per_class", 1)
         self.per_class = per_class
         self.signed_mass = signed_mass
+        self.health_prefix = prefix.replace("saliency", "saliency_health", 1)
         self.insensitive: set[str] = set()  # failed the sanity check: scored, never alarmed
-        self._safe: dict[tuple[str, str], int] = {}  # active alarm -> safe epochs in a row
-        self.alarms: list[AlarmEvent] = []
         self.history: list[EpochScores] = []
         self._first: dict[str, Tensor] = {}
         self._previous: dict[str, Tensor] = {}
-        self._active: dict[tuple[str, str], float] = {}  # tripped alarm -> its threshold
-        self._ever: set[tuple[str, str]] = set()
+        self._alarms = Ledger("alarm")  # about the model
+        self._notes = Ledger("note")  # about a method's own health
+
+    @property
+    def alarms(self) -> list[AlarmEvent]:
+        """Every alarm about the model raised, cleared and back again, in order."""
+        return self._alarms.events
+
+    @property
+    def notes(self) -> list[AlarmEvent]:
+        """Every method-health note (IG's completeness error, dead maps) raised, cleared and
+        back again, in order: about the method, never counted as an alarm."""
+        return self._notes.events
 
     def set_insensitive(self, methods: Collection[str]) -> None:
         """Methods that failed the sanity check: their scores are still computed and logged,
         but they raise no alarm, and any they hold is dropped (the record keeps it)."""
         self.insensitive = set(methods)
-        for key in [k for k in self._active if k[0] in self.insensitive]:
-            self._active.pop(key)
-            self._safe.pop(key, None)
+        self._alarms.drop(self.insensitive)
 
     # -- one epoch ------------------------------------------------------------------------------
     def observe(
@@ -243,7 +210,8 @@ class ScoreMonitor:
         judged_by_method: dict[str, dict[str, float]] = {}
         tripped: list[rules.Alarm] = []
         judged: dict[tuple[str, str], float] = {}  # alarm -> the value it was judged on
-        flagged: set[tuple[str, str]] = set()  # alarms whose 0/1 state is logged
+        flagged: set[tuple[str, str]] = set()  # alarms and notes whose 0/1 state is logged
+        noted: list[rules.Alarm] = []
         groups = out.targets if labels is None else labels.to(out.targets.device)
         correct = None
         if labels is not None:
@@ -264,16 +232,21 @@ class ScoreMonitor:
             judged_by_method[method] = scored.judged_means
             judged.update(scored.judged)
             flagged |= scored.flagged
-            tripped.extend(scored.tripped)
+            tripped.extend(a for a in scored.tripped if not rules.is_health(a.score))
+            noted.extend(a for a in scored.tripped if rules.is_health(a.score))
             self._first.setdefault(method, scored.reference)
             if update_references or method not in self._previous:
                 self._previous[method] = scored.reference
-        events = self._update_alarms(epoch, tripped, judged)
-        for method, score in sorted(flagged):  # the alarm's state after hysteresis: 1 if raised
-            metrics[f"{self.alarm_prefix}/{method}/{score}"] = float(
-                (method, score) in self._active
+        health = {k: v for k, v in judged.items() if rules.is_health(k[1])}
+        events = self._alarms.update(epoch, tripped, judged)
+        events += self._notes.update(epoch, noted, health)
+        for method, score in sorted(flagged):  # the state after hysteresis: 1 if raised
+            note = rules.is_health(score)
+            ledger, prefix = (self._notes, self.health_prefix) if note else (self._alarms, None)
+            metrics[f"{prefix or self.alarm_prefix}/{method}/{score}"] = float(
+                (method, score) in ledger.active
             )
-        metrics[f"{self.alarm_prefix}/count"] = float(len(self._active))
+        metrics[f"{self.alarm_prefix}/count"] = float(len(self._alarms.active))
         record = EpochScores(
             epoch,
             means_by_method,
@@ -312,17 +285,23 @@ class ScoreMonitor:
         means, per_class = self._group_means(scores, groups, correct)
         recorded = self._group_means(scores, groups, None) if correct is not None else None
         judged: dict[tuple[str, str], float] = {}
-        if method in self.insensitive:  # not model-sensitive: its scores show, never alarm
-            found, flagged = [], set()
-        else:
-            found = rules.check(method, means, per_class, self.thresholds)
-            names = {a.score for a in found}
-            flagged = {
+        model = {k: v for k, v in self.thresholds.items() if not rules.is_health(k)}
+        health = {k: v for k, v in self.thresholds.items() if rules.is_health(k)}
+        # a method's health is judged on every sample, also when it failed the sanity check
+        all_means = recorded[0] if recorded is not None else means
+        found = rules.check(method, all_means, {}, health)
+        flagged = {(method, score) for score in health if score in all_means}
+        judged.update({(method, score): all_means[score] for score in health if score in all_means})
+        if method not in self.insensitive:  # not model-sensitive: its scores show, never alarm
+            alarms = rules.check(method, means, per_class, model)
+            found += alarms
+            names = {a.score for a in alarms}
+            flagged |= {
                 (method, score)
-                for score in self.thresholds
+                for score in model
                 if score in names or score in means or score in logged
             }
-            for score in self.thresholds:
+            for score in model:
                 if score in means or any(score in v for v in per_class.values()):
                     judged[(method, score)] = means.get(score, float("nan"))
         record_means, record_per_class = recorded or (means, per_class)
@@ -347,36 +326,6 @@ class ScoreMonitor:
                 value = torch.as_tensor(out.extras[declared.extra], device=device).float()
                 found[declared.name] = value.expand(n) if value.dim() == 0 else value
         return found
-
-    def _update_alarms(
-        self, epoch: int, tripped: list[rules.Alarm], judged: Mapping[tuple[str, str], float]
-    ) -> list[AlarmEvent]:
-        events: list[AlarmEvent] = []
-        now = {a.key: a for a in tripped}
-        for key, alarm in now.items():
-            if key in self._active:
-                continue
-            state: AlarmState = "back" if key in self._ever else "raised"
-            event = AlarmEvent(
-                epoch, alarm.method, alarm.score, alarm.value, alarm.threshold, alarm.class_name,
-                state,
-            )  # fmt: skip
-            self._active[key] = alarm.threshold
-            self._ever.add(key)
-            events.append(event)
-        for key in list(self._active):
-            if key in now:
-                self._safe.pop(key, None)  # tripped again: the safe streak starts over
-            elif key in judged:
-                self._safe[key] = self._safe.get(key, 0) + 1
-                if self._safe[key] >= CLEAR_AFTER:
-                    threshold = self._active.pop(key)
-                    del self._safe[key]
-                    events.append(
-                        AlarmEvent(epoch, key[0], key[1], judged[key], threshold, None, "cleared")
-                    )
-        self.alarms.extend(events)
-        return events
 
     def _group_means(
         self,
@@ -423,7 +372,12 @@ class ScoreMonitor:
     @property
     def raised(self) -> list[tuple[str, str]]:
         """The ``(method, score)`` alarms raised now (not yet cleared)."""
-        return sorted(self._active)
+        return sorted(self._alarms.active)
+
+    @property
+    def noted(self) -> list[tuple[str, str]]:
+        """The ``(method, score)`` method-health notes raised now (not yet cleared)."""
+        return sorted(self._notes.active)
 
     def forget_references(self) -> None:
         """Drop every drift reference (the samples changed size: maps no longer compare);
@@ -441,21 +395,19 @@ class ScoreMonitor:
         return {
             "first": {k: v.cpu() for k, v in self._first.items()},
             "previous": {k: v.cpu() for k, v in self._previous.items()},
-            "alarms": [asdict(e) for e in self.alarms],
+            **self._alarms.state_dict(),  # "alarms", "active", "safe", "ever" as in 0.2
+            "notes": self._notes.state_dict(),
             "history": [asdict(h) for h in self.history],
-            "active": [[m, s, t] for (m, s), t in self._active.items()],
-            "safe": [[m, s, n] for (m, s), n in self._safe.items()],
-            "ever": [list(k) for k in sorted(self._ever)],
             "insensitive": sorted(self.insensitive),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], drop: Collection[str] = ()) -> None:
         """Restore a saved record; the references and open alarms of the methods in ``drop``
-        are left out (the alarm record and history keep them: they happened)."""
+        are left out (the alarm record and history keep them: they happened). A state saved
+        before notes had their own ledger moves its method-health entries there."""
         self._first = {k: v for k, v in state.get("first", {}).items() if k not in drop}
         previous = state.get("previous", state.get("prev", {}))
         self._previous = {k: v for k, v in previous.items() if k not in drop}
-        self.alarms = [AlarmEvent(**e) for e in state.get("alarms", [])]
         self.history = [
             EpochScores(
                 h["epoch"],
@@ -466,11 +418,23 @@ class ScoreMonitor:
             )
             for h in state.get("history", [])
         ]
-        self._ever = {(str(m), str(s)) for m, s in state.get("ever", [])}
-        self._active = {(str(m), str(s)): float(t) for m, s, t in state.get("active", [])}
-        self._safe = {(str(m), str(s)): int(n) for m, s, n in state.get("safe", [])}
-        self.insensitive = {str(m) for m in state.get("insensitive", []) if m not in drop}
+        legacy = dict(state)
         for method, score in state.get("alarmed", []):  # 0.1.0: the alarms raised, never cleared
-            self._ever.add((method, score))
-            self._active[(method, score)] = self.thresholds.get(score, float("nan"))
-        self._active = {k: v for k, v in self._active.items() if k[0] not in drop}
+            threshold = self.thresholds.get(score, float("nan"))
+            legacy["active"] = [*legacy.get("active", []), [method, score, threshold]]
+            legacy["ever"] = [*legacy.get("ever", []), [method, score]]
+
+        def about_model(key: Any) -> bool:
+            return key[0] not in drop and not rules.is_health(key[1])
+
+        self._alarms.load_state_dict(legacy, about_model)
+        self._alarms.events = [e for e in self._alarms.events if not rules.is_health(e.score)]
+        notes = state.get("notes")
+        if notes is None:  # saved before the notes' ledger: their entries were alarms
+            notes = {**legacy, "alarms": [e for e in legacy.get("alarms", [])]}
+            notes["alarms"] = [{**e, "kind": "note"} for e in notes["alarms"]]
+        self._notes.load_state_dict(
+            notes, lambda key: key[0] not in drop and rules.is_health(key[1])
+        )
+        self._notes.events = [e for e in self._notes.events if rules.is_health(e.score)]
+        self.insensitive = {str(m) for m in state.get("insensitive", []) if m not in drop}
