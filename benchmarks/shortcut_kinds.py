@@ -191,6 +191,46 @@ def table(records: list[dict[str, Any]], thresholds: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def still_learnt(record: dict[str, Any], epoch: int) -> bool:
+    """Whether the shortcut is learnt at ``epoch``: accuracy on the broken split below chance
+    + 10 points."""
+    return bool(record["acc_broken"][epoch] < CHANCE + 0.10)
+
+
+def set_clearing_margin(records: list[dict[str, Any]], limits: dict[str, float]) -> float:
+    """The share of its threshold by which a raised alarm must fall back before it counts
+    towards clearing: on the threshold-setting runs, the largest share by which a method's
+    named score fell below its threshold, after its alarm, at an epoch where the shortcut was
+    still learnt; rounded up to a multiple of 0.05 (at least 0.05)."""
+    need = 0.0
+    for r in records:
+        if r["clean"] or collapse_epoch(r) is None:
+            continue
+        score = NAMED[r["kind"]]
+        raised: set[str] = set()
+        for epoch, judged in enumerate(r["judged"]):
+            for method, scores in judged.items():
+                value = scores.get(score, math.nan)
+                if math.isnan(value):
+                    continue
+                if value > limits[score]:
+                    raised.add(method)
+                elif method in raised and still_learnt(r, epoch):
+                    need = max(need, 1 - value / limits[score])
+    return max(0.05, math.ceil(need * 20 - 1e-9) / 20)
+
+
+def flickers(records: list[dict[str, Any]]) -> int:
+    """Alarms cleared while their run's shortcut was still learnt (shortcut runs only)."""
+    return sum(
+        1
+        for r in records
+        if not r["clean"]
+        for a in r["alarms"]
+        if a[5] == "cleared" and still_learnt(r, a[0])
+    )
+
+
 def reuse(path: str) -> list[dict[str, Any]]:
     """The records of an earlier sweep (``--reuse``): thresholds and table without training."""
     with open(path) as f:
@@ -218,6 +258,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(args.out, "w") as f:
             json.dump({"thresholds": thresholds, "records": records}, f, indent=1)
     print("thresholds set on seeds 0-2:", thresholds)
+    from lightning_saliency.evaluate.alarms import default_thresholds
+
+    margin = set_clearing_margin(setting, {**default_thresholds(), **thresholds})
+    print(f"clearing margin set on seeds 0-2: {margin:.2f} of the threshold")
+    print(f"alarms cleared while the shortcut stayed learnt, seeds 3-5: {flickers(held_out)}")
     if held_out:
         print("\nheld-out seeds 3-5:\n")
         print(table(held_out, thresholds))

@@ -173,6 +173,25 @@ def test_a_state_saved_before_notes_moves_its_method_health_entries_to_notes():
     assert [e.kind for e in resumed.notes] == ["note"]
 
 
+def test_an_alarm_clears_only_past_a_margin_while_the_evidence_stays_it_stays_raised():
+    """The demo's case: Grad-CAM's corner alarm (3.8) was cleared at 3.65 while the model still
+    read the patch. Now a value within the clearing margin keeps it raised (and starts the safe
+    streak over); two runs past the margin clear it."""
+    from lightning_saliency.evaluate.alarms import Alarm
+    from lightning_saliency.evaluate.hysteresis import CLEAR_MARGIN, Ledger
+
+    key = ("gradcam", "corner_enrichment")
+    ledger = Ledger("alarm")
+    ledger.update(0, [Alarm(*key, 5.8, 3.8)], {})
+    for epoch, value in enumerate((3.65, 3.7, 3.65, 2.5, 3.65), start=1):
+        assert ledger.update(epoch, [], {key: value}) == [], (epoch, value)
+    assert key in ledger.active  # 2.5 alone (one safe run) was followed by 3.65 again
+    clear = 3.8 * (1 - CLEAR_MARGIN) - 0.1
+    assert ledger.update(6, [], {key: clear}) == []
+    events = ledger.update(7, [], {key: clear})
+    assert [(e.state, e.epoch) for e in events] == [("cleared", 7)]
+
+
 def test_concept_maps_are_not_scored():
     out = Explanations({"dff": torch.rand(4, 2, 8, 8)}, logits=torch.eye(4)[:, :2], targets=LABELS)
     report = ScoreMonitor().observe(0, out, LABELS)

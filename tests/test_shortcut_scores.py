@@ -127,6 +127,20 @@ def test_a_model_right_on_fewer_than_half_the_images_is_not_judged():
     assert not torch.isnan(out["small_cue_reliance"]).any()
 
 
+def test_a_model_answering_one_class_for_everything_is_not_judged():
+    """On a balanced binary set, answering one class is half right: no decision to probe (on
+    main the faces' clean runs alarmed on background_reliance this way)."""
+    images, _, marks = _images()
+    maps = {"map": marks.float()}
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    one_answer = labels == 0  # the model says 0 for all six
+    out = shortcut_scores(MarkReader(), images, maps, labels, groups=labels, peers=one_answer)
+    assert all(torch.isnan(v).all() for v in out["map"].values())
+    both = torch.tensor([True, True, False, True, False, False])  # right on both classes
+    out = shortcut_scores(MarkReader(), images, maps, labels, groups=labels, peers=both)
+    assert not torch.isnan(out["map"]["background_reliance"]).any()
+
+
 def test_an_image_scores_the_same_alone_and_in_a_batch():
     images, _, marks = _images()
     model, targets = MarkReader(), torch.ones(6, dtype=torch.long)

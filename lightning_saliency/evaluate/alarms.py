@@ -147,6 +147,23 @@ def tripped(value: float, score: str, threshold: float) -> bool:
     return value < threshold if score in LOW_IS_BAD else value > threshold
 
 
+def clear_of(value: float, score: str, threshold: float, margin: float) -> bool:
+    """Whether ``value`` lies on the safe side of ``threshold`` by ``margin`` (a share of the
+    threshold): what a raised alarm needs to count a logged run towards clearing.
+
+    Example:
+        >>> [clear_of(v, "corner_enrichment", 3.8, 0.25) for v in (3.65, 2.8)]
+        [False, True]
+        >>> [clear_of(v, "object_enrichment", 1.0, 0.25) for v in (1.2, 1.3)]
+        [False, True]
+    """
+    if value != value:  # NaN: no evidence either way
+        return False
+    if score in LOW_IS_BAD:
+        return value >= threshold * (1 + margin)
+    return value <= threshold - abs(threshold) * margin
+
+
 def check(
     method: str,
     means: Mapping[str, float],

@@ -42,9 +42,11 @@ score                    range  meaning                                         
   model still fires it.
 
 The model must have a decision to probe: when it is right on fewer than half of the compared
-images (``peers``), every score is NaN (not judged; a model right by chance loses and keeps
-evidence at random). Removed pixels take a Gaussian blur of the image (sigma 1/8 of the side
-for the small cue, 1/4 for the background): colours and context stay, shapes and marks go.
+images (``peers``), or right only on images of one class (a model that answers one class for
+everything is right on half of a balanced binary set), every score is NaN (not judged; a model
+right by chance loses and keeps evidence at random; :func:`has_decision`). Removed pixels
+take a Gaussian blur of the image (sigma 1/8 of the side for the small cue, 1/4 for the
+background): colours and context stay, shapes and marks go.
 Maps are smoothed (box filter, 1/10 of the side) before regions are picked, so a speckled
 gradient map proposes blobs, not scattered pixels. Random crops come from a private generator,
 the same for every image index. Forwards only, on the images' device, under the same safety
@@ -103,6 +105,25 @@ class ProbeSettings:
     background_blur: float = 1 / 4
     min_peers: float = 0.5
     seed: int = 0
+
+
+def has_decision(groups: Tensor, peers: Tensor | None, min_peers: float = 0.5) -> bool:
+    """Whether the model has a decision to probe: right on at least ``min_peers`` of the
+    images, and, where they hold several classes (``groups``), right on more than one.
+
+    Example:
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> has_decision(labels, labels == 0)  # one answer for all: half right, one class
+        False
+        >>> has_decision(labels, torch.tensor([True, False, True, True]))
+        True
+    """
+    if peers is None:
+        return True
+    right = peers.to(groups.device).bool()
+    if float(right.float().mean()) < min_peers:
+        return False
+    return len(set(groups.tolist())) < 2 or len(set(groups[right].tolist())) >= 2
 
 
 def smoothed_mass(maps: Tensor, fraction: float, signed_mass: SignedMass = "positive") -> Tensor:
@@ -317,7 +338,7 @@ def shortcut_scores(
         chance = 1.0 / max(classes, 1)
         out: dict[str, dict[str, Tensor]] = {}
         group_of = wanted if groups is None else groups.to(x.device)
-        judged = peers is None or float(peers.float().mean()) >= settings.min_peers
+        judged = has_decision(group_of, peers, settings.min_peers)
         images = x.float()
         crops_by_chance = _chance_similarity(images, settings)  # the same for every method
         for i, method in enumerate(named):
@@ -339,6 +360,7 @@ __all__ = [
     "SHORTCUT_SCORES",
     "ProbeSettings",
     "attended_consensus",
+    "has_decision",
     "pixel_ranks",
     "shortcut_scores",
     "smoothed_mass",
