@@ -259,9 +259,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             json.dump({"thresholds": thresholds, "records": records}, f, indent=1)
     print("thresholds set on seeds 0-2:", thresholds)
     from lightning_saliency.evaluate.alarms import default_thresholds
+    from lightning_saliency.evaluate.hysteresis import CLEAR_MARGIN
 
     margin = set_clearing_margin(setting, {**default_thresholds(), **thresholds})
-    print(f"clearing margin set on seeds 0-2: {margin:.2f} of the threshold")
+    verdict = "enough" if margin <= CLEAR_MARGIN else "TOO SMALL"
+    print(f"clearing margin the learnt cues need on seeds 0-2: {margin:.2f} of the threshold")
+    print(f"CLEAR_MARGIN = {CLEAR_MARGIN:.2f}: {verdict}")
     print(f"alarms cleared while the shortcut stayed learnt, seeds 3-5: {flickers(held_out)}")
     if held_out:
         print("\nheld-out seeds 3-5:\n")

@@ -303,7 +303,7 @@ class ScoreMonitor:
             }
             for score in model:
                 if score in means or any(score in v for v in per_class.values()):
-                    judged[(method, score)] = means.get(score, float("nan"))
+                    judged[(method, score)] = rules.worst_value(score, means, per_class)
         record_means, record_per_class = recorded or (means, per_class)
         return _MethodScoring(
             metrics,

@@ -15,7 +15,7 @@ score                      range   meaning                                      
                                    (k = object area)
 ``pointing_game``          0..1    hottest pixel (the centre of ties) inside the       --
                                    object, within one target-layer cell (hit rate)
-``corner_enrichment``      0..     mass in the hottest image corner / its area        > 3.8
+``corner_enrichment``      0..     mass in the hottest image corner / its area        > 3.7
 ``border_enrichment``      0..     mass on the outer border band / its area           --
 ``consensus``              -1..1   mean correlation between maps of *different*       > 0.8
                                    images: objects move, a planted patch does not

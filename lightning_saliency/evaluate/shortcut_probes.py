@@ -7,7 +7,7 @@ three read cues that move, or that are everywhere:
 =======================  =====  ================================================  ========
 score                    range  meaning                                           alarming
 =======================  =====  ================================================  ========
-``small_cue_reliance``   -1..1  the class's probability lost when the hottest 2   > 0.085
+``small_cue_reliance``   -1..1  the class's probability lost when the hottest 2   > 0.096
                                 % of the pixels are blurred away, beyond the loss
                                 when the next-hottest 2 % (the same area around
                                 them) go, in units of the range above chance
