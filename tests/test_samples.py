@@ -112,6 +112,16 @@ def test_capture_under_two_ranks_holds_what_one_process_holds():
     assert torch.equal(captured[0].images, single.images)  # no row counted twice
 
 
+def test_samples_are_the_batch_rows_bit_for_bit_in_every_precision():
+    for dtype in (torch.float64, torch.bfloat16, torch.float32):
+        images = (torch.rand(6, 1, 2, 2, dtype=torch.float64) / 3).to(dtype)
+        capture = SampleCapture(num=3, seed=0)
+        _capture_run(capture, DataLoader(TensorDataset(images), batch_size=2))
+        samples = capture.finish()
+        assert samples.images.dtype == dtype
+        assert torch.equal(samples.images, images[samples.indices]), dtype
+
+
 def test_every_rank_dry_runs_rank_zeros_probe():
     """Each rank's first batch differs; the dry run checks rank zero's rows on every rank, so
     a mistake in the data is found on all ranks alike (not on one, leaving the other waiting)."""

@@ -232,12 +232,13 @@ class SampleCapture:
         image, label, mask = self.probe.images[0], self.probe.labels, self.probe.masks
         device = image.device
         slots = self.num if self.indices is None else len(self.indices)
-        images = torch.zeros(slots, *image.shape, device=device)
+        exact = torch.promote_types(image.dtype, torch.float32)  # float64 inputs stay float64
+        images = torch.zeros(slots, *image.shape, device=device, dtype=exact)
         labels = torch.zeros(slots, device=device, dtype=torch.float64)
         masks = None if mask is None else torch.zeros(slots, *mask.shape[1:], device=device)
         seen = torch.zeros(slots, device=device, dtype=torch.float64)
         for slot, (row_image, row_label, row_mask) in self._rows.items():
-            images[slot], seen[slot] = row_image.float(), 1.0
+            images[slot], seen[slot] = row_image.to(exact), 1.0
             labels[slot] = -1.0 if row_label is None else float(row_label)
             if masks is not None and row_mask is not None:
                 masks[slot] = row_mask.float()

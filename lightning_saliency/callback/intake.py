@@ -47,6 +47,9 @@ class SampleIntake:
 
     Args:
         record: the fit's record (the samples go there).
+
+    Attributes:
+        checked: whether the dry run passed.
         said: the messages already said this fit (each is said once).
     """
 
@@ -172,10 +175,11 @@ class SampleIntake:
         if resized:
             assert old is not None
             record.monitor.forget_references()
+            which = "the same samples" if capture.kept is None else "this run's first samples"
             console.warn(
                 f"SaliencyCallback: the validation images changed size from "
                 f"{tuple(old.images.shape[-2:])} to {tuple(fresh.images.shape[-2:])}; explaining "
-                "the same samples at the new size, with new drift references."
+                f"{which} at the new size, with new drift references."
             )
         if old is None and len(fresh) < record.config.num_samples:
             console.warn(
