@@ -89,27 +89,32 @@ def test_capture_reads_the_same_indices_from_each_run_and_sees_later_changes():
     assert again.indices == first.indices and torch.equal(again.images, first.images + 100)
 
 
+def _two_ranks(data, num, seed):
+    """Two ranks' captures of one run over ``data``, each through its DistributedSampler."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    captures = []
+    for rank in range(2):
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
+        capture = SampleCapture(num=num, seed=seed, rank=rank, world=2)
+        _capture_run(capture, DataLoader(data, batch_size=2, sampler=sampler))
+        captures.append(capture)
+    return captures
+
+
 def test_capture_under_two_ranks_holds_what_one_process_holds():
     """Each index is copied on the lowest rank that runs it (DistributedSampler pads by
     repeating), and the sum over ranks gives every rank the one-process samples."""
-    from torch.utils.data.distributed import DistributedSampler
-
     data = TensorDataset(torch.arange(9.0)[:, None, None, None].expand(9, 1, 2, 2), torch.zeros(9))
     alone = SampleCapture(num=5, seed=1)
     _capture_run(alone, DataLoader(data, batch_size=2))
     single = alone.finish()
-    parts = []
-    for rank in range(2):
-        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
-        capture = SampleCapture(num=5, seed=1, rank=rank, world=2)
-        _capture_run(capture, DataLoader(data, batch_size=2, sampler=sampler))
-        parts.append(capture)
+    parts = _two_ranks(data, num=5, seed=1)
     from_rank_1: list[torch.Tensor] = []
     parts[1].finish(lambda t: from_rank_1.append(t) or t)  # what rank 1 puts in the sum
     both = parts[0].finish(lambda t: t + from_rank_1.pop(0))  # the all-reduce, on rank 0
-    captured = [both]
-    assert captured[0].indices == single.indices
-    assert torch.equal(captured[0].images, single.images)  # no row counted twice
+    assert both.indices == single.indices
+    assert torch.equal(both.images, single.images)  # no row counted twice
 
 
 def test_samples_are_the_batch_rows_bit_for_bit_in_every_precision():
@@ -125,15 +130,8 @@ def test_samples_are_the_batch_rows_bit_for_bit_in_every_precision():
 def test_every_rank_dry_runs_rank_zeros_probe():
     """Each rank's first batch differs; the dry run checks rank zero's rows on every rank, so
     a mistake in the data is found on all ranks alike (not on one, leaving the other waiting)."""
-    from torch.utils.data.distributed import DistributedSampler
-
     data = TensorDataset(torch.arange(8.0)[:, None, None, None].expand(8, 1, 2, 2), torch.arange(8))
-    captures = []
-    for rank in range(2):
-        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
-        capture = SampleCapture(num=2, seed=0, rank=rank, world=2)
-        _capture_run(capture, DataLoader(data, batch_size=2, sampler=sampler))
-        captures.append(capture)
+    captures = _two_ranks(data, num=2, seed=0)
     assert captures[1].probe.labels.tolist() == [1, 3]  # rank 1's own first rows
     from_rank_0: list[torch.Tensor] = []
     captures[0].shared_probe(lambda t: from_rank_0.append(t) or t)
