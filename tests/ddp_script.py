@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import dataclasses  # noqa: E402
 
 from helpers import tiny_model  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
+from torch.utils.data import DataLoader, Subset, SubsetRandomSampler  # noqa: E402
 
 import lightning_saliency.callback.explainer as explainer_module  # noqa: E402
 from lightning_saliency import SaliencyCallback, explain  # noqa: E402
@@ -179,6 +179,14 @@ def subset_datamodule():
     return SubsetVal(n_train=64, n_val=32, size=32, batch_size=16)
 
 
+class RandomSubsetVal(ShortcutDataModule):
+    """The val loader samples a subset at random (k-fold style): no fixed order, so the
+    samples are rank zero's first rows, shared with every rank."""
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=8, sampler=SubsetRandomSampler(VAL_INDICES))
+
+
 def main() -> None:
     strategy, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
@@ -196,7 +204,9 @@ def main() -> None:
         enable_checkpointing=False,
         num_sanity_val_steps=2,
     )
-    trainer.fit(tiny_model(), subset_datamodule())
+    random_order = sys.argv[3:] == ["fail"]  # the other modes read a fixed order
+    data = RandomSubsetVal(n_train=64, n_val=32, size=32, batch_size=16)
+    trainer.fit(tiny_model(), data if random_order else subset_datamodule())
 
 
 if __name__ == "__main__":
