@@ -435,8 +435,8 @@ class SaliencyCallback(L.Callback):
         and gate the alarms by the verdict (``sanity_gate``); returns the sanity report."""
         if self._record.samples is None:
             raise SaliencyConfigError(
-                "check_sanity() needs the fixed samples: call it once the fit has started "
-                "(from a hook at or after on_validation_start)."
+                "check_sanity() needs the fixed samples, read from the first validation run: "
+                "call it from on_validation_end or later (or pass samples=)."
             )
         samples = self._record.samples.to(pl_module.device)
         self._run.check_trust(RunContext.of(trainer), pl_module, samples, None)
