@@ -175,6 +175,27 @@ def test_resumed_with_images_of_another_size_reads_the_same_indices_at_the_new_s
     assert resumed.monitor.references["gradcam"].shape[-2:] != (16, 16)  # new references
 
 
+def test_a_cue_that_enters_the_validation_data_later_reaches_the_samples(tmp_path):
+    """A pipeline bug stamps a corner patch on every validation image from epoch 1 on: the
+    samples are re-read from the batches each run, so the pictures show it (on main they were
+    frozen at the first validation)."""
+    images, labels = _images(24)
+    val = TensorDataset(images.clone(), labels)
+
+    class Stamping(Net):
+        def on_train_epoch_start(self) -> None:
+            if self.current_epoch == 1:
+                val.tensors[0][:, :, :3, :3] = 1.0  # the cue enters the data
+
+    callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
+    model = Stamping(DataLoader(TensorDataset(images, labels), batch_size=8), DataLoader(val))
+    trainer(str(tmp_path), [callback], max_epochs=2).fit(model)
+    corner = callback.fixed_samples.images[:, :, :3, :3]
+    assert bool((corner == 1.0).all())
+    first = images[callback.fixed_samples.indices]
+    assert torch.equal(callback.fixed_samples.images[:, :, 3:], first[:, :, 3:])  # same images
+
+
 class Stream(IterableDataset[Any]):
     def __iter__(self) -> Any:
         images, labels = _images(24)
