@@ -418,11 +418,6 @@ def test_no_logger_fails_at_setup(tmp_path):
         _fit(None, [SaliencyCallback()], logger=False)
 
 
-def test_check_sanity_before_the_first_validation_names_when_to_call_it():
-    with pytest.raises(SaliencyConfigError, match="on_validation_end or later"):
-        SaliencyCallback().check_sanity(None, None)  # type: ignore[arg-type]
-
-
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(SaliencyConfigError, match="known methods"):
         SaliencyCallback(methods=("gradcam", "lime"))

@@ -190,7 +190,7 @@ def test_check_sanity_on_demand_explains_once_and_logs(tmp_path, monkeypatch):
 
     callback = SaliencyCallback(methods=("gradcam", "integrated_gradients"), ig_steps=4,
                                 sanity_check=False)  # fmt: skip
-    with pytest.raises(SaliencyConfigError, match="once the fit has started"):
+    with pytest.raises(SaliencyConfigError, match="on_validation_end or later"):
         callback.check_sanity(None, tiny_model())
     L.seed_everything(0)
     model = tiny_model()
