@@ -182,7 +182,7 @@ class SaliencyCallback(L.Callback):
         """A fit starts a new story: record, failure policy, logged run, sample intake."""
         self._record, self._policy = FitRecord(self.config), FailurePolicy()
         self._run = LoggedRun(self._record, Sharing(), self._policy, None)
-        self._intake = SampleIntake(self._record)
+        self._intake = SampleIntake(self._record, self._policy)
         self.timeline_path: str | None = None
 
     # -- the public record ---------------------------------------------------------------------

@@ -81,16 +81,13 @@ class FailurePolicy:
             if failed and method not in self.switched_off:
                 self._switch_off(method, error or RuntimeError("failed on another rank"))
 
-    def warn_once(self, key: str, message: str) -> None:
-        """A warning said once per ``key`` in a fit, then quiet."""
-        if key not in self._said:
-            self._said.add(key)
-            console.warn(message)
-
-    @property
-    def said(self) -> frozenset[str]:
-        """The keys of the warnings said so far."""
-        return frozenset(self._said)
+    def warn_once(self, key: str, message: str) -> bool:
+        """A warning said once per ``key`` in a fit, then quiet; whether it was said now."""
+        if key in self._said:
+            return False
+        self._said.add(key)
+        console.warn(message)
+        return True
 
     def announce(self, line: str) -> None:
         """A line for this run's alarm text."""

@@ -31,6 +31,7 @@ import lightning as L
 from lightning_saliency import console
 from lightning_saliency.callback.capture import SampleCapture
 from lightning_saliency.callback.dry_run import dry_run
+from lightning_saliency.callback.failures import FailurePolicy
 from lightning_saliency.callback.record import FitRecord
 from lightning_saliency.callback.samples import (
     FixedSamples,
@@ -47,16 +48,16 @@ class SampleIntake:
 
     Args:
         record: the fit's record (the samples go there).
+        policy: the fit's failure policy: each message is said once through it.
 
     Attributes:
         checked: whether the dry run passed.
-        said: the messages already said this fit (each is said once).
     """
 
-    def __init__(self, record: FitRecord) -> None:
+    def __init__(self, record: FitRecord, policy: FailurePolicy) -> None:
         self.record = record
+        self.policy = policy
         self.checked = False  # the dry run passed
-        self.said: set[str] = set()
         self._capture: SampleCapture | None = None
         self._loader: Any = None
 
@@ -251,6 +252,4 @@ class SampleIntake:
             console.info(f"SaliencyCallback: explaining layer '{explainer.layer_name}'.")
 
     def _say(self, message: str) -> None:
-        if message not in self.said:
-            self.said.add(message)
-            console.warn(message)
+        self.policy.warn_once(message, message)

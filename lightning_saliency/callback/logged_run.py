@@ -174,8 +174,7 @@ class LoggedRun:
                 f"SaliencyCallback: {count} of {len(out[method])} {method} maps are blank at "
                 f"epoch {ctx.epoch}: {blank_reason(method, out.layer_name)}."
             )
-            if f"blank {method}" not in self.policy.said:
-                self.policy.warn_once(f"blank {method}", message)
+            if self.policy.warn_once(f"blank {method}", message):
                 self.policy.announce(message)
 
     def _agree(self, methods: Sequence[str], errors: Mapping[str, BaseException]) -> None:

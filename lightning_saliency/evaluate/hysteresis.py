@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -161,7 +161,9 @@ class Ledger:
             "ever": [list(k) for k in sorted(self._ever)],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], keep: Any = lambda key: True) -> None:
+    def load_state_dict(
+        self, state: Mapping[str, Any], keep: Callable[[Any], bool] = lambda key: True
+    ) -> None:
         """Restore a saved ledger, keeping the entries ``keep(key)`` accepts (the events all)."""
         self.events = [AlarmEvent(**e) for e in state.get("alarms", [])]
         self._ever = {(str(m), str(s)) for m, s in state.get("ever", []) if keep((m, s))}

@@ -242,10 +242,10 @@ class ScoreMonitor:
         events += self._notes.update(epoch, noted, health)
         for method, score in sorted(flagged):  # the state after hysteresis: 1 if raised
             note = rules.is_health(score)
-            ledger, prefix = (self._notes, self.health_prefix) if note else (self._alarms, None)
-            metrics[f"{prefix or self.alarm_prefix}/{method}/{score}"] = float(
-                (method, score) in ledger.active
+            ledger, prefix = (
+                (self._notes, self.health_prefix) if note else (self._alarms, self.alarm_prefix)
             )
+            metrics[f"{prefix}/{method}/{score}"] = float((method, score) in ledger.active)
         metrics[f"{self.alarm_prefix}/count"] = float(len(self._alarms.active))
         record = EpochScores(
             epoch,
@@ -431,8 +431,7 @@ class ScoreMonitor:
         self._alarms.events = [e for e in self._alarms.events if not rules.is_health(e.score)]
         notes = state.get("notes")
         if notes is None:  # saved before the notes' ledger: their entries were alarms
-            notes = {**legacy, "alarms": [e for e in legacy.get("alarms", [])]}
-            notes["alarms"] = [{**e, "kind": "note"} for e in notes["alarms"]]
+            notes = {**legacy, "alarms": [{**e, "kind": "note"} for e in legacy.get("alarms", [])]}
         self._notes.load_state_dict(
             notes, lambda key: key[0] not in drop and rules.is_health(key[1])
         )
