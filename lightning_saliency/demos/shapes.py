@@ -48,6 +48,47 @@ def _shape_masks(kind: Tensor, cx: Tensor, cy: Tensor, r: Tensor, size: int) -> 
     return options[torch.arange(kind.numel()), kind]
 
 
+def draw_shapes(
+    n: int,
+    size: int,
+    num_classes: int,
+    gen: torch.Generator,
+    radius: tuple[float, float] = (0.14, 0.1),
+    margin: float = 0.0,
+) -> dict[str, Tensor]:
+    """``n`` shapes of a random class, place, colour and radius (``radius``: its least value
+    and its spread, as shares of the side: 14-24 % by default), kept ``margin`` pixels off the
+    top and left edges, on random smooth backgrounds: ``images`` (shape painted),
+    ``background`` (without it), ``colours``, ``labels`` and ``masks``.
+
+    Example:
+        >>> out = draw_shapes(2, 32, 4, torch.Generator().manual_seed(0), radius=(0.07, 0.03))
+        >>> out["images"].shape, bool(out["masks"].float().mean() < 0.05)
+        (torch.Size([2, 3, 32, 32]), True)
+    """
+    labels = torch.randint(num_classes, (n,), generator=gen)
+    r = size * (radius[0] + radius[1] * torch.rand(n, generator=gen))
+    low = margin + r
+    span = (size - 1 - r) - low
+    cx = low + span * torch.rand(n, generator=gen)
+    cy = low + span * torch.rand(n, generator=gen)
+    masks = _shape_masks(labels, cx, cy, r, size)
+    background = torch.rand(n, 3, 4, 4, generator=gen) * 0.6 + 0.1
+    images = torch.nn.functional.interpolate(
+        background, size=(size, size), mode="bilinear", align_corners=False
+    )
+    images = images + 0.05 * torch.randn(n, 3, size, size, generator=gen)
+    colours = torch.rand(n, 3, generator=gen) * 0.7 + 0.3
+    painted = torch.where(masks[:, None], colours[:, :, None, None], images).clamp(0, 1)
+    return {
+        "images": painted,
+        "background": images,
+        "colours": colours,
+        "labels": labels,
+        "masks": masks,
+    }
+
+
 def make_shortcut_images(
     n: int,
     size: int = 48,
@@ -75,21 +116,9 @@ def make_shortcut_images(
         raise ValueError(f"kind must be one of {SHORTCUT_KINDS}, got {kind!r}")
     gen = torch.Generator().manual_seed(seed)
     patch = patch_size or max(4, size // 7)
-    margin = patch + 3
-    labels = torch.randint(num_classes, (n,), generator=gen)
-    r = size * (0.14 + 0.1 * torch.rand(n, generator=gen))
-    low = margin + r
-    span = (size - 1 - r) - low
-    cx = low + span * torch.rand(n, generator=gen)
-    cy = low + span * torch.rand(n, generator=gen)
-    masks = _shape_masks(labels, cx, cy, r, size)
-
-    background = torch.rand(n, 3, 4, 4, generator=gen) * 0.6 + 0.1
-    images = torch.nn.functional.interpolate(
-        background, size=(size, size), mode="bilinear", align_corners=False
-    )
-    images = images + 0.05 * torch.randn(n, 3, size, size, generator=gen)
-    colour = torch.rand(n, 3, generator=gen) * 0.7 + 0.3
+    drawn = draw_shapes(n, size, num_classes, gen, margin=patch + 3)
+    labels, masks, images = drawn["labels"], drawn["masks"], drawn["background"]
+    colour = drawn["colours"]
 
     if shortcut_p is None:
         patch_labels = torch.randint(num_classes, (n,), generator=gen)
