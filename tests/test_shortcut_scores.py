@@ -100,6 +100,130 @@ def test_background_reliance_reads_the_context_even_when_the_map_shows_the_objec
     assert (_scores(BackgroundReader(), objects, grey)["background_reliance"] < 0.1).all()
 
 
+class SpotReader(nn.Module):
+    """Class 1 when a small spot with a bright red channel is anywhere in the image, whatever
+    its other channels (a small object of any colour with some red)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(12.0))
+
+    def forward(self, x):
+        score = self.scale * (F.avg_pool2d(x[:, :1], 3, 1).amax(dim=(1, 2, 3)) - 0.75)
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+class TextureReader(nn.Module):
+    """Class 1 when the image is finely striped somewhere, wherever the stripes are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(40.0))
+
+    def forward(self, x):
+        grain = (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))
+        score = self.scale * grain - 4
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+class WideObjectReader(nn.Module):
+    """Class 1 when a green band 16 pixels wide is in the image: the whole object, larger
+    than a tile of the scramble."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(12.0))
+
+    def forward(self, x):
+        green = x[:, 1] - (x[:, 0] + x[:, 2]) / 2
+        score = self.scale * F.avg_pool2d(green[:, None], (4, 16), 1).amax(dim=(1, 2, 3)) - 6
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def test_colour_and_texture_reliance_read_global_cues_and_not_the_object():
+    """A decision that survives a blur of the whole image reads its colours; one that survives
+    a scramble of its tiles but not the blur reads a texture; one that needs the object's whole
+    shape survives neither."""
+    images, objects, _ = _images()
+    colour = _scores(BackgroundReader(), objects, images)
+    assert (colour["colour_reliance"] > 0.8).all(), colour
+    assert (colour["texture_reliance"] < 0.1).all(), colour  # the blur kept it already
+    striped = images.clone()
+    striped[..., ::2] += 0.3  # a fine texture over everything
+    texture = _scores(TextureReader(), objects, striped)
+    assert (texture["texture_reliance"] > 0.8).all(), texture
+    assert (texture["colour_reliance"] < 0.1).all(), texture
+    shape = _scores(WideObjectReader(), objects, images)  # two tiles may land side by side
+    assert shape["colour_reliance"].max() < 0.1, shape
+    assert shape["texture_reliance"].mean() < 0.15, shape
+
+
+class ContrastReader(nn.Module):
+    """Class 1 for a grainy image, class 0 for a smooth one: right on both, and sure that any
+    blurred image is smooth."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(60.0))
+
+    def forward(self, x):
+        grain = (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))
+        score = self.scale * (grain - 0.05)
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def test_a_decision_that_turns_into_one_answer_for_every_blurred_image_is_not_kept():
+    """Faces against non-faces: blurred, every image looks like one class to the model. Half of
+    them stay "right" with certainty, but the model no longer tells them apart, so no decision
+    is kept (counted against chance, the smooth half would keep all of it)."""
+    gen = torch.Generator().manual_seed(0)
+    smooth = 0.5 + 0.01 * torch.randn(4, 3, SIZE, SIZE, generator=gen)
+    grainy = 0.5 + 0.3 * torch.randn(4, 3, SIZE, SIZE, generator=gen)
+    images, targets = torch.cat([smooth, grainy]), torch.tensor([0] * 4 + [1] * 4)
+    maps = torch.rand(8, SIZE, SIZE, generator=gen)
+    model = ContrastReader()
+    assert torch.equal(model(images).argmax(1), targets)  # right on both classes
+    out = shortcut_scores(model, images, {"map": maps}, targets)["map"]
+    assert (out["colour_reliance"] < 0.15).all(), out["colour_reliance"]
+    from lightning_saliency.evaluate.shortcut_probes import kept_decision
+
+    certain = torch.nn.functional.one_hot(torch.zeros(8, dtype=torch.long), 2).float()
+    assert kept_decision(certain, targets).max() == 0  # against chance: 1.0 on the first half
+
+
+def test_shuffled_tiles_keeps_the_pixels_and_moves_every_shape():
+    from lightning_saliency.evaluate.shortcut_probes import shuffled_tiles
+
+    x = torch.rand(2, 3, 42, 40)
+    y = shuffled_tiles(x, 1 / 5)
+    assert torch.equal(y[:, :, 40:], x[:, :, 40:])  # rows past the last whole tile stay
+    assert torch.equal(y.flatten(2).sort(2).values, x.flatten(2).sort(2).values)
+    tiles = y[:, :, :40].unfold(2, 8, 8).unfold(3, 8, 8)
+    originals = x[:, :, :40].unfold(2, 8, 8).unfold(3, 8, 8)
+    moved = (tiles != originals).flatten(-2).any(-1).any(1)  # (N, 5, 5)
+    assert moved.float().mean() > 0.8
+    assert torch.equal(shuffled_tiles(x, 1 / 5), y)  # the same order every time
+
+
+def test_stamped_cue_reliance_needs_a_small_cue_that_repeats():
+    """A stamped mark is the same crop in every image of the class; a small object of a
+    different colour and pattern in each image is not, however much the decision rests on it."""
+    images, _, marks = _images(8)
+    stamped = _scores(MarkReader(), marks, images)
+    assert (stamped["stamped_cue_reliance"] > 0.4).all(), stamped
+    gen = torch.Generator().manual_seed(3)
+    varied = images.clone()
+    for i in range(8):  # each image's small object of a colour and pattern of its own
+        rows, cols = marks[i].nonzero(as_tuple=True)
+        patch = torch.rand(3, 3, 3, generator=gen)
+        patch[0] = 0.9 + 0.1 * torch.rand(3, 3, generator=gen)  # what the model reads
+        varied[i, :, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = patch
+    small_object = _scores(SpotReader(), marks, varied)
+    assert (small_object["small_cue_reliance"] > 0.5).all(), small_object  # it relies on it
+    ratio = small_object["stamped_cue_reliance"].mean() / stamped["stamped_cue_reliance"].mean()
+    assert ratio < 0.6, ratio
+
+
 def test_attended_consensus_sees_a_stamped_mark_repeat_and_varied_objects_not():
     images, objects, marks = _images(8)
     groups = torch.zeros(8)

@@ -57,6 +57,12 @@ MAP_SCORE_MEANING: dict[str, str] = {
     "image: a stamped mark repeats, real objects vary",
     "background_reliance": "the decision survives blurring away the hottest 30 % of the image: "
     "the model reads the context (background, colour, texture), not the object",
+    "stamped_cue_reliance": "the decision rests on a small region whose content repeats across "
+    "the images of a class: a stamped cue (a watermark, a tag, a patch), not a varied object",
+    "colour_reliance": "the decision survives blurring away the whole image: the model reads "
+    "colours (a tint, a colour cast), not shapes",
+    "texture_reliance": "the decision survives shuffling the image's small tiles, and not a "
+    "blur: the model reads a texture, not the object's shape",
 }
 
 

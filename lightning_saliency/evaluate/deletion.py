@@ -115,13 +115,25 @@ def target_probabilities(
         >>> probs.shape, classes
         (torch.Size([3]), 4)
     """
-    out, classes = [], 1
+    probs = class_probabilities(model, rows, chunk, transform)
+    return probs.gather(1, targets[:, None].to(probs.device)).squeeze(1), probs.shape[1]
+
+
+def class_probabilities(
+    model: nn.Module, rows: Tensor, chunk: int, transform: OutputTransform | None = None
+) -> Tensor:
+    """``(R, K)``: the softmax over the classes for each of ``rows``, ``chunk`` rows per
+    forward.
+
+    Example:
+        >>> class_probabilities(nn.Linear(2, 4), torch.zeros(3, 2), 2).sum(1).tolist()
+        [1.0, 1.0, 1.0]
+    """
+    out = []
     for start in range(0, len(rows), chunk):
         logits = as_logits(model(rows[start : start + chunk]), transform).float()
-        classes = logits.shape[1]
-        probs = logits.softmax(dim=1)
-        out.append(probs.gather(1, targets[start : start + chunk, None]).squeeze(1))
-    return torch.cat(out), classes
+        out.append(logits.softmax(dim=1))
+    return torch.cat(out)
 
 
 def _areas(
@@ -238,4 +250,10 @@ def faithfulness(
     )
 
 
-__all__ = ["FaithfulnessReport", "blurred", "faithfulness", "target_probabilities"]
+__all__ = [
+    "FaithfulnessReport",
+    "blurred",
+    "class_probabilities",
+    "faithfulness",
+    "target_probabilities",
+]

@@ -48,7 +48,10 @@ _EPS = 1e-12
 SHORTCUT_SCORES: tuple[str, ...] = (
     "small_cue_reliance",
     "attended_consensus",
+    "stamped_cue_reliance",
     "background_reliance",
+    "colour_reliance",
+    "texture_reliance",
 )
 """The mask-free probes' scores (:mod:`lightning_saliency.shortcut_scores`): they need the
 model, so they are computed there and handed to the monitor."""

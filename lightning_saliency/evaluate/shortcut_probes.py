@@ -2,56 +2,73 @@
 
 Most users have no object masks. ``corner_enrichment`` and ``consensus``
 (:mod:`lightning_saliency.evaluate.scores`) see a cue only where it sits at one fixed place. These
-three read cues that move, or that are everywhere:
+read cues that move, or that are everywhere (thresholds: :mod:`.alarms`, set by
+``benchmarks/detection.py``):
 
-=======================  =====  ================================================  ========
-score                    range  meaning                                           alarming
-=======================  =====  ================================================  ========
-``small_cue_reliance``   -1..1  the class's probability lost when the hottest 2   > 0.096
-                                % of the pixels are blurred away, beyond the loss
-                                when the next-hottest 2 % (the same area around
-                                them) go, in units of the range above chance
-``attended_consensus``   -1..1  how alike the hottest regions' contents are       opt-in
-                                across images of one class (correlation), above
-                                the chance level of crops at random places
-``background_reliance``  0..1   the probability above chance left when the        > 0.43
-                                hottest 30 % of the image (the attended region)
-                                is blurred away, in units of the range above
-                                chance (``1 - 1/K`` for K classes)
-=======================  =====  ================================================  ========
+========================  =====  ==============================================
+score                     range  meaning
+========================  =====  ==============================================
+``small_cue_reliance``    -1..1  the class's probability lost when the hottest 2 % of the
+                                 pixels are blurred away, beyond the loss when the
+                                 next-hottest 2 % (the same area around them) go, in units
+                                 of the range above chance
+``attended_consensus``    -1..1  how alike the hottest regions' contents are across images
+                                 of one class (correlation), above the chance level of crops
+                                 at random places
+``stamped_cue_reliance``  0..1   small-cue reliance where the hottest region's content
+                                 repeats across the class: their product, per sample
+``background_reliance``   0..1   the decision kept (:func:`kept_decision`) when the hottest
+                                 30 % of the image (the attended region) is blurred away
+``colour_reliance``       0..1   the decision kept when the whole image is blurred away
+                                 (sigma a quarter of the side): colours and coarse layout
+                                 stay, shapes, marks and textures go
+``texture_reliance``      0..1   the decision kept when the image's tiles (a tenth of the
+                                 side) are shuffled, beyond what the blur keeps: textures
+                                 and colours stay, shapes larger than a tile go
+========================  =====  ==============================================
 
 - **Small-cue reliance** is a counterfactual: the map proposes, the model confirms. A model
   that reads an object spreads its evidence over the object, so blurring the hottest 2 % costs
   about what blurring the next 2 % around them costs. A model that reads a mark loses its
   decision with the mark, and nothing with the ring around it. The control is that ring, not a
-  region at a random place: measured on the generated set (40 px, 2 % of the pixels is a fifth
-  of an object), a random place let clean models score up to 0.36 against 0.15 for a learnt
-  mark, as the hottest 2 % of an object is also its most telling part; the ring brought clean
-  runs down to 0.07 and kept marks at 0.14 or more (``benchmarks/shortcut_kinds.py``).
+  region at a random place: a random place let clean models score up to 0.36 against 0.15 for
+  a learnt mark, as the hottest 2 % of an object is also its most telling part.
+- **Stamped-cue reliance** separates a stamped cue from a *small object*: to the model both
+  are a small region that carries the class, and an object of 2-4 % of the image is removed
+  by the hottest 2 % as a mark is. What differs is the content: a watermark, a tag or a patch
+  is the same crop in every image of the class, objects vary in colour, size and pose, so
+  small-cue reliance counts here as far as the attended content repeats
+  (``attended_consensus``, clamped to 0..1).
 - **Attended-content consensus** crops each image around its map's hottest point and
   correlates the crop with those of the other images of its class (zero-mean colour patterns,
-  best over shifts of a third of the crop). A stamped mark is the same crop every time; real
-  objects vary in size, colour and pose. Crops at random places give the chance level. It
-  reads where the maps point, not what the model uses, so it alarms only when given a
-  threshold (``thresholds={"attended_consensus": 0.8}``): clean controls whose maps rest on
-  a stamped but uninformative mark score as high as learnt marks.
-- **Background reliance** blurs away the hottest 30 % of the image and asks how much
-  confidence survives. An object-reading model loses it with the object; one that reads a
-  tinted or textured background keeps it, since the background is still there. This reads
-  the model, not where the map points: a map that shows the object of a background-reading
-  model still fires it.
+  best over shifts of a third of the crop). Crops at random places give the chance level. It
+  reads where the maps point, not what the model uses, so alone it alarms only when given a
+  threshold: clean controls whose maps rest on a stamped but uninformative mark score as high
+  as learnt marks.
+- **Background reliance** blurs away the hottest 30 % of the image and asks how much of the
+  decision survives. An object-reading model loses it with the object; one that reads a
+  tinted or textured background keeps it. On objects that fill the frame (faces) a clean
+  model keeps it too, which is why it alarms only on request.
+- **Colour and texture reliance** read the model without the map: a decision that survives a
+  blur of everything reads colours (a tint, a colour cast); one that survives a scramble of
+  small tiles but not the blur reads a texture. A shape larger than a tile survives neither.
+
+"The decision kept" (:func:`kept_decision`) is measured against the other classes' perturbed
+images, not against chance: a model that answers one class for every blurred image keeps no
+decision, however sure it is (face against non-face: every blurred image looks like one of
+them, and half of them stay "right").
 
 The model must have a decision to probe: when it is right on fewer than half of the compared
 images (``peers``), or right only on images of one class (a model that answers one class for
 everything is right on half of a balanced binary set), every score is NaN (not judged; a model
 right by chance loses and keeps evidence at random; :func:`has_decision`). Removed pixels
 take a Gaussian blur of the image (sigma 1/8 of the side for the small cue, 1/4 for the
-background): colours and context stay, shapes and marks go.
+background and the colour): colours and context stay, shapes and marks go.
 Maps are smoothed (box filter, 1/10 of the side) before regions are picked, so a speckled
-gradient map proposes blobs, not scattered pixels. Random crops come from a private generator,
-the same for every image index. Forwards only, on the images' device, under the same safety
-context as :func:`~lightning_saliency.explain`: three extra images per sample and method, in
-one chunked pass.
+gradient map proposes blobs, not scattered pixels. Random crops and the tile order come from a
+private generator, the same for every image index. Forwards only, on the images' device, under
+the same safety context as :func:`~lightning_saliency.explain`: three extra images per sample
+and method and two per sample, in one chunked pass.
 
 Why our own: no library scores these. Quantus's ``RegionPerturbation``/``ROAD`` are deletion
 curves on numpy (see :mod:`lightning_saliency.faithfulness`), not cue detectors.
@@ -70,7 +87,7 @@ from torch import Tensor, nn
 from lightning_saliency.engine.batching import internal_batch_size
 from lightning_saliency.engine.explanations import eager_module, explanation_context, model_dtype
 from lightning_saliency.engine.methods.session import OutputTransform
-from lightning_saliency.evaluate.deletion import blurred, target_probabilities
+from lightning_saliency.evaluate.deletion import blurred, class_probabilities
 from lightning_saliency.evaluate.scores import (
     SHORTCUT_SCORES,
     SignedMass,
@@ -93,6 +110,8 @@ class ProbeSettings:
         crop_fraction: side of the attended-content crop, as a share of the image side.
         smooth_fraction: the box filter's side, as a share of the image side.
         cue_blur, background_blur: the blurs' sigma, as a share of the image side.
+        tile_fraction: the side of the tiles global-cue reliance shuffles, as a share of the
+            image side.
         min_peers: the share of correctly classified images below which nothing is judged.
         seed: the random crops' seed.
     """
@@ -103,6 +122,7 @@ class ProbeSettings:
     smooth_fraction: float = 1 / 10
     cue_blur: float = 1 / 8
     background_blur: float = 1 / 4
+    tile_fraction: float = 1 / 10
     min_peers: float = 0.5
     seed: int = 0
 
@@ -124,6 +144,34 @@ def has_decision(groups: Tensor, peers: Tensor | None, min_peers: float = 0.5) -
     if float(right.float().mean()) < min_peers:
         return False
     return len(set(groups.tolist())) < 2 or len(set(groups[right].tolist())) >= 2
+
+
+def kept_decision(probs: Tensor, targets: Tensor) -> Tensor:
+    """``(N,)``: how much of its decision each perturbed image keeps, from the class
+    probabilities ``probs`` ``(N, K)`` of the perturbed images: its target's probability above
+    the level the perturbed images *of the other targets* give that class, in units of the
+    range above that level (0: no more than the others, 1: certain). A model that answers one
+    class for every perturbed image keeps nothing, however sure it is; without images of
+    another target, the level is chance (``1/K``).
+
+    Example:
+        >>> same = torch.tensor([[0.9, 0.1], [0.9, 0.1]])    # one answer for both images
+        >>> kept_decision(same, torch.tensor([0, 1])).tolist()
+        [0.0, 0.0]
+        >>> kept_decision(torch.tensor([[0.9, 0.1], [0.1, 0.9]]), torch.tensor([0, 1]))
+        tensor([0.8889, 0.8889])
+    """
+    targets = targets.to(probs.device).long()
+    own = probs.gather(1, targets[:, None]).squeeze(1)
+    others = (targets[:, None] != targets[None, :]).float()  # (i, j): j is of another target
+    given = probs[:, targets].T  # (i, j): image j's probability of image i's target
+    count = others.sum(1)
+    level = torch.where(
+        count > 0,
+        (given * others).sum(1) / count.clamp(min=1),
+        torch.full_like(own, 1.0 / probs.shape[1]),
+    )
+    return ((own - level) / (1 - level).clamp(min=_EPS)).clamp(0, 1)
 
 
 def smoothed_mass(maps: Tensor, fraction: float, signed_mass: SignedMass = "positive") -> Tensor:
@@ -164,6 +212,37 @@ def top_region(mass: Tensor, counts: Tensor) -> Tensor:
         [[[0, 0, 0], [0, 1, 1]]]
     """
     return pixel_ranks(mass) < counts.to(mass.device)[:, None, None]
+
+
+def shuffled_tiles(images: Tensor, fraction: float, seed: int = 0) -> Tensor:
+    """``images`` cut into square tiles of ``fraction`` of the side, put back in an order
+    drawn from a private generator (the same for every image; pixels past the last whole tile
+    stay): shapes larger than a tile go, colours and textures stay.
+
+    Example:
+        >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> y = shuffled_tiles(x, 0.5)
+        >>> sorted(y.flatten().tolist()) == x.flatten().tolist(), y.equal(x)
+        (True, False)
+    """
+    n, c, h, w = images.shape
+    side = max(1, int(min(h, w) * fraction))
+    rows, cols = h // side, w // side
+    if rows * cols < 2:
+        return images.clone()
+    body = images[:, :, : rows * side, : cols * side]
+    tiles = body.reshape(n, c, rows, side, cols, side).permute(0, 1, 2, 4, 3, 5)
+    tiles = tiles.reshape(n, c, rows * cols, side, side)
+    generator = torch.Generator().manual_seed(seed + 2)
+    order = torch.randperm(rows * cols, generator=generator)
+    if bool((order == torch.arange(rows * cols)).all()):  # never the identity
+        order = order.roll(1)
+    tiles = tiles[:, :, order.to(images.device)].reshape(n, c, rows, cols, side, side)
+    out = images.clone()
+    out[:, :, : rows * side, : cols * side] = tiles.permute(0, 1, 2, 4, 3, 5).reshape(
+        n, c, rows * side, cols * side
+    )
+    return out
 
 
 def _normalised_windows(images: Tensor, centres: Tensor, side: int, shift: int) -> Tensor:
@@ -299,8 +378,8 @@ def shortcut_scores(
         ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
         >>> out = shortcut_scores(net, torch.rand(2, 3, 16, 16), {"m": torch.rand(2, 16, 16)},
         ...                       torch.tensor([0, 1]))
-        >>> sorted(out["m"]), out["m"]["small_cue_reliance"].shape
-        (['attended_consensus', 'background_reliance', 'small_cue_reliance'], torch.Size([2]))
+        >>> sorted(out["m"])[:3], out["m"]["small_cue_reliance"].shape
+        (['attended_consensus', 'background_reliance', 'colour_reliance'], torch.Size([2]))
     """
     settings = settings or ProbeSettings()
     model = eager_module(model)
@@ -330,25 +409,34 @@ def shortcut_scores(
         removed = torch.stack(regions)  # (M, N, 3, H, W)
         fill = fills[which_fill].transpose(0, 1)  # (N, 3, C, H, W)
         rows = torch.where(removed[:, :, :, None], fill[None], x[None, :, None])
-        rows = rows.reshape(-1, *x.shape[1:])
-        every = wanted[None, :, None].expand(len(named), n, 3).reshape(-1)
+        scrambled = shuffled_tiles(x, settings.tile_fraction, settings.seed)
+        rows = torch.cat([rows.reshape(-1, *x.shape[1:]), fills[1], scrambled])
         chunk = batch_size or internal_batch_size(None, x)
-        probs, classes = target_probabilities(model, rows, every, chunk, output_transform)
-        perturbed = probs.reshape(len(named), n, 3)
+        probs = class_probabilities(model, rows, chunk, output_transform)
+        classes = probs.shape[1]
         chance = 1.0 / max(classes, 1)
+        per_method = probs[: len(named) * n * 3].reshape(len(named), n, 3, classes)
+        on_target = per_method.gather(3, wanted[None, :, None, None].expand(len(named), n, 3, 1))
+        perturbed = on_target.squeeze(3)  # (M, N, 3): the target's probability
+        blur_all, scramble = probs[len(named) * n * 3 :].reshape(2, n, classes)
+        colour = kept_decision(blur_all, wanted)
+        texture = (kept_decision(scramble, wanted) - colour).clamp(0, 1)
         out: dict[str, dict[str, Tensor]] = {}
         group_of = wanted if groups is None else groups.to(x.device)
         judged = has_decision(group_of, peers, settings.min_peers)
         images = x.float()
         crops_by_chance = _chance_similarity(images, settings)  # the same for every method
         for i, method in enumerate(named):
-            hot, ring, region = perturbed[i].unbind(1)
+            hot, ring, _ = perturbed[i].unbind(1)
+            small_cue = ((ring - hot) / (1 - chance)).clamp(-1, 1)
+            consensus = _consensus(images, masses[i], group_of, peers, settings, crops_by_chance)
             scores = {
-                "small_cue_reliance": ((ring - hot) / (1 - chance)).clamp(-1, 1),
-                "attended_consensus": _consensus(
-                    images, masses[i], group_of, peers, settings, crops_by_chance
-                ),
-                "background_reliance": ((region - chance) / (1 - chance)).clamp(0, 1),
+                "small_cue_reliance": small_cue,
+                "attended_consensus": consensus,
+                "stamped_cue_reliance": small_cue.clamp(min=0) * consensus.clamp(0, 1),
+                "background_reliance": kept_decision(per_method[i, :, 2], wanted),
+                "colour_reliance": colour,
+                "texture_reliance": texture,
             }
             if not judged:  # no decision to probe: nothing is judged
                 scores = {k: torch.full_like(v, math.nan) for k, v in scores.items()}
@@ -361,8 +449,10 @@ __all__ = [
     "ProbeSettings",
     "attended_consensus",
     "has_decision",
+    "kept_decision",
     "pixel_ranks",
     "shortcut_scores",
+    "shuffled_tiles",
     "smoothed_mass",
     "top_region",
 ]
