@@ -1,0 +1,549 @@
+"""How often a shortcut alarm is right: detection and false-alarm rates on planted cues.
+
+Trains the demo's small CNN (:class:`~lightning_saliency.demos.ShapesClassifier`) with
+``SaliencyCallback`` (Grad-CAM and IG at 16 steps, 16 samples, no masks, TensorBoard) on each
+*cell*: a carrier (generated shapes, small shapes, scikit-learn's digits, LFW faces / non-faces;
+:mod:`carriers`), a planted cue (corner patch, roaming mark, background tint, background
+texture, a mark that enters at epoch 2), its correlation with the label ``p`` and the share of a
+class that carries it. A base cell per cue and carrier (p = 1, the whole class), then one factor
+varied at a time (p = 0.9; 30 % of each class), plus clean controls (no cue, and a mark that
+carries no information). Each run is kept in ``benchmarks/results/detection/<cell>/<seed>.json``
+as soon as it ends, so an interrupted benchmark resumes where it stopped.
+
+The thresholds of the alarming scores are set on seeds 0-4 of every cell together (one
+threshold per score for every carrier) and judged on seeds 5-9, never on the runs that set
+them. A run's cue is *learnt* at the first epoch where accuracy on a split where the cue
+points to another class falls below chance; it is *detected* when an alarm (any score, any
+method; method-health notes are not alarms) is raised at most one logged epoch after that. The
+alarms are replayed from the judged scores with the thresholds set here, through the same
+:class:`~lightning_saliency.evaluate.hysteresis.Ledger` the callback uses.
+
+    python benchmarks/detection.py                 # every cell, seeds 0-9 (resumes)
+    python benchmarks/detection.py --report        # the tables from the kept runs only
+    python benchmarks/detection.py --report --write   # ... into benchmarks/README.md
+    python benchmarks/detection.py --cells shapes-corner --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "detection")
+EPOCHS = 6
+BATCH, LR = 64, 2e-3  # the demo's
+SETTING_SEEDS = range(0, 5)
+HELD_OUT_SEEDS = range(5, 10)
+METHODS = ("gradcam", "integrated_gradients")
+IG_STEPS = 16  # "auto" would be 55 % of a run's time here, for maps these scores read alike
+# the scores that may alarm about the model without masks (object_enrichment needs them)
+ALARM_SCORES = (
+    "corner_enrichment",
+    "consensus",
+    "small_cue_reliance",
+    "stamped_cue_reliance",
+    "background_reliance",
+    "colour_reliance",
+    "texture_reliance",
+)
+NAMED = {  # the scores meant to catch each cue (the others may fire too)
+    "corner": ("corner_enrichment", "consensus"),
+    "mark": ("small_cue_reliance", "stamped_cue_reliance"),
+    "late": ("small_cue_reliance", "stamped_cue_reliance"),
+    "tint": ("background_reliance", "colour_reliance"),
+    "texture": ("background_reliance", "texture_reliance"),
+}
+# The object shows the labelled class on this share of the training images (another class's
+# object on the rest): a cue with p = 0.9 or 1 then tells the class better than the object, as
+# in the data sets where shortcuts are found. With every digit and face right, the model learnt
+# them and never the cue (seeds 0-1: no corner, mark or late cue learnt on either); shapes are
+# slower to learn than any cue already, and with wrong ones the clean runs learnt nothing.
+OBJECT_AGREEMENT = {"digits": 0.75, "faces": 0.75}
+LEARNT_GAP = 0.25
+# scores that cannot exceed 1: a threshold above 1 means the score cannot alarm for every carrier
+UNIT_SCORES = frozenset(ALARM_SCORES) - {"corner_enrichment"}
+CLEAN_KEEP = 0.67  # clean runs of the setting seeds stay at or below this share of a threshold
+FIRING_HEADROOM = 1.5  # learnt cues of the setting seeds fire at this many times it, if they can
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One benchmark cell: a carrier, a cue, the cue's agreement with the label ``p`` (``None``:
+    a clean control, the cue's class drawn at random; cue ``"none"``: no cue at all) and the
+    share of each class's images that carry it."""
+
+    carrier: str
+    cue: str
+    p: float | None = 1.0
+    share: float = 1.0
+
+    @property
+    def clean(self) -> bool:
+        return self.p is None
+
+    @property
+    def name(self) -> str:
+        name = f"{self.carrier}-{self.cue}"
+        if self.clean:
+            return name if self.cue == "none" else f"{name}-clean"
+        if self.p != 1.0:
+            name += f"-p{self.p:g}"
+        if self.share != 1.0:
+            name += f"-share{self.share:g}"
+        return name
+
+
+def cells() -> list[Cell]:
+    """The base cell of every cue on every carrier, p = 0.9 and 30 % of a class on each, and
+    two clean controls per carrier (no cue; an uninformative mark)."""
+    from carriers import CARRIERS, CUES
+
+    out: list[Cell] = []
+    for carrier in CARRIERS:
+        for cue in CUES:
+            out += [Cell(carrier, cue), Cell(carrier, cue, p=0.9), Cell(carrier, cue, share=0.3)]
+        out += [Cell(carrier, "none", None), Cell(carrier, "mark", None)]
+    return out
+
+
+def _datasets(cell: Cell, seed: int) -> tuple[Any, Any, Any, int, Any]:
+    """The training set, the validation set (cue as in training, but p = 1), the broken split
+    (every image's cue points to another class), the class count and the epoch clock the
+    late cue reads."""
+    import torch
+    from carriers import LATE_EPOCH, carrier, cue_classes, plant, with_object_agreement
+
+    train, val = carrier(cell.carrier, seed)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    train = with_object_agreement(train, OBJECT_AGREEMENT.get(cell.carrier, 1.0), gen)
+    k = train.classes
+    clock = EpochClock()
+    start = LATE_EPOCH if cell.cue == "late" else 0
+    cue = "mark" if cell.cue in ("none", "late") else cell.cue
+    share = 0.0 if cell.cue == "none" else cell.share
+
+    def planted(images: Any, p: float | None, share: float) -> Any:
+        classes = cue_classes(images.labels, k, p, share, gen)
+        return CueSet(plant(images, cue, classes, gen), images, clock, start, k)
+
+    val_p = None if cell.clean else 1.0
+    broken_p = None if cell.clean else 0.0
+    return (
+        planted(train, cell.p, share),
+        planted(val, val_p, share),
+        planted(val, broken_p, 0.0 if cell.cue == "none" else 1.0),
+        k,
+        clock,
+    )
+
+
+class EpochClock:
+    """The epoch the data is at (a late cue enters at :data:`carriers.LATE_EPOCH`)."""
+
+    epoch = 0
+
+
+class CueSet:
+    """``{"image", "label"}`` items: the planted images from the clock's epoch ``start`` on,
+    the carrier's before."""
+
+    def __init__(self, planted: Any, plain: Any, clock: EpochClock, start: int, k: int) -> None:
+        self.planted, self.plain, self.labels = planted, plain.images, plain.labels
+        self.clock, self.start = clock, start
+        self.classes = [f"class {i}" for i in range(k)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        images = self.planted if self.clock.epoch >= self.start else self.plain
+        return {"image": images[index], "label": self.labels[index]}
+
+
+def run(cell: Cell, seed: int) -> dict[str, Any]:
+    """One training run of ``cell`` at ``seed``: accuracies and the judged scores per epoch."""
+    import logging
+    import warnings
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.data import DataLoader
+
+    from lightning_saliency import SaliencyCallback
+    from lightning_saliency.demos import ShapesClassifier
+
+    torch.set_num_threads(1)
+    for name in ("lightning_saliency", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    L.seed_everything(seed, workers=True, verbose=False)
+    train, val, broken, k, clock = _datasets(cell, seed)
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self) -> Any:
+            gen = torch.Generator().manual_seed(seed)
+            return DataLoader(train, batch_size=BATCH, shuffle=True, generator=gen)
+
+        def val_dataloader(self) -> Any:
+            return [DataLoader(val, batch_size=64), DataLoader(broken, batch_size=64)]
+
+    class Watch(L.Callback):
+        def __init__(self) -> None:
+            self.acc: list[float] = []
+            self.broken: list[float] = []
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+            clock.epoch = trainer.current_epoch
+
+        def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+            if trainer.sanity_checking:
+                return
+            metrics = trainer.callback_metrics
+            self.acc.append(float(metrics["val_acc/dataloader_idx_0"]))
+            self.broken.append(float(metrics["val_acc/dataloader_idx_1"]))
+
+    saliency = SaliencyCallback(methods=list(METHODS), num_samples=16, seed=seed, ig_steps=IG_STEPS)
+    watch = Watch()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as logdir:
+        trainer = L.Trainer(
+            max_epochs=EPOCHS,
+            logger=TensorBoardLogger(logdir, name="run", default_hp_metric=False),
+            callbacks=[saliency, watch],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            deterministic=True,
+            log_every_n_steps=10,
+        )
+        trainer.fit(ShapesClassifier(num_classes=k, lr=LR), Data())
+    return {
+        "cell": cell.name,
+        "carrier": cell.carrier,
+        "cue": cell.cue,
+        "p": cell.p,
+        "share": cell.share,
+        "clean": cell.clean,
+        "seed": seed,
+        "classes": k,
+        "acc": watch.acc,
+        "acc_broken": watch.broken,
+        "judged": [h.judged for h in saliency.history],
+        "alarms": [  # what the callback raised with its own thresholds during the run
+            [e.epoch, e.method, e.score, e.value, e.threshold, e.state] for e in saliency.alarms
+        ],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _path(cell: Cell, seed: int) -> str:
+    return os.path.join(RESULTS, cell.name, f"{seed}.json")
+
+
+def run_and_keep(cell: Cell, seed: int) -> str:
+    """Run ``cell`` at ``seed`` unless its record is kept already; the record's path."""
+    path = _path(cell, seed)
+    if not os.path.exists(path):
+        record = run(cell, seed)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".part", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".part", path)  # a run cut short leaves no record
+    return path
+
+
+def load(selected: Iterable[Cell], seeds: Iterable[int]) -> list[dict[str, Any]]:
+    """The kept records of ``selected`` cells at ``seeds``."""
+    records = []
+    for cell in selected:
+        for seed in seeds:
+            if os.path.exists(_path(cell, seed)):
+                with open(_path(cell, seed)) as f:
+                    records.append(json.load(f))
+    return records
+
+
+# --- judging ------------------------------------------------------------------------------
+
+
+def learnt_epoch(record: dict[str, Any]) -> int | None:
+    """The first epoch at which accuracy on the split where the cue lies is below chance, and
+    at least :data:`LEARNT_GAP` below the split where it tells the truth (an untrained model
+    dips below chance on both by noise)."""
+    if record["clean"]:
+        return None
+    chance = 1.0 / record["classes"]
+    for epoch, (acc, broken) in enumerate(zip(record["acc"], record["acc_broken"])):
+        if broken < chance and acc - broken >= LEARNT_GAP:
+            return epoch
+    return None
+
+
+def values(record: dict[str, Any], score: str, epochs: Iterable[int] | None = None) -> list[float]:
+    """The judged values of ``score`` (every method) at ``epochs`` (all when ``None``)."""
+    wanted = None if epochs is None else set(epochs)
+    return [
+        v
+        for e, judged in enumerate(record["judged"])
+        if wanted is None or e in wanted
+        for scores in judged.values()
+        for v in [scores.get(score, math.nan)]
+        if not math.isnan(v)
+    ]
+
+
+def _significant(value: float) -> float:
+    """``value`` rounded up to two significant digits."""
+    digits = 1 - math.floor(math.log10(value))
+    return math.ceil(value * 10**digits - 1e-9) / 10**digits
+
+
+def set_thresholds(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """One threshold per score for every carrier, from the setting seeds: high enough that
+    every clean run stays at or below :data:`CLEAN_KEEP` of it; if the learnt cues the score is
+    named for (their values at the epoch they are learnt and the next, the lowest fifth) sit
+    above that with :data:`FIRING_HEADROOM` to spare, in the middle (geometric) of the two."""
+    out = {}
+    for score in ALARM_SCORES:
+        clean = [v for r in records if r["clean"] for v in values(r, score)]
+        low = max(max(clean, default=0.0) / CLEAN_KEEP, 1e-3)
+        firing = sorted(
+            max(values(r, score, (learnt, learnt + 1)), default=0.0)
+            for r in records
+            if score in NAMED.get(r["cue"], ()) and (learnt := learnt_epoch(r)) is not None
+        )
+        high = firing[len(firing) // 5] / FIRING_HEADROOM if firing else 0.0
+        out[score] = _significant(math.sqrt(low * high) if high > low else low)
+    return out
+
+
+def replay(record: dict[str, Any], thresholds: dict[str, float], margin: float) -> list[Any]:
+    """The alarm events the callback would raise with ``thresholds`` and clearing ``margin``,
+    from the run's judged means (the callback's own :class:`Ledger`)."""
+    from lightning_saliency.evaluate.alarms import Alarm, tripped
+    from lightning_saliency.evaluate.hysteresis import Ledger
+
+    ledger = Ledger("alarm", margin=margin)
+    for epoch, judged in enumerate(record["judged"]):
+        crossed, seen = [], {}
+        for method, scores in judged.items():
+            for score, threshold in thresholds.items():
+                value = scores.get(score, math.nan)
+                if math.isnan(value):
+                    continue
+                seen[(method, score)] = value
+                if tripped(value, score, threshold):
+                    crossed.append(Alarm(method, score, value, threshold))
+        ledger.update(epoch, crossed, seen)
+    return ledger.events
+
+
+@dataclass
+class Outcome:
+    """What one run's alarms say: the epoch the cue was learnt, the first alarm, whether it
+    was in time, the alarms cleared while the cue stayed learnt (``flickers``; ``went_quiet``:
+    every alarm of the run cleared while it stayed learnt, what a person watching sees), and
+    the epochs under an alarm."""
+
+    learnt: int | None
+    first: int | None
+    detected: bool
+    flickers: int
+    went_quiet: bool
+    alarmed_epochs: int
+    scores: list[str]
+
+
+def still_learnt(record: dict[str, Any], epoch: int) -> bool:
+    """Whether the run reads its cue at ``epoch`` (the test of :func:`learnt_epoch`)."""
+    chance = 1.0 / record["classes"]
+    broken, acc = record["acc_broken"][epoch], record["acc"][epoch]
+    return not record["clean"] and broken < chance and acc - broken >= LEARNT_GAP
+
+
+def judge(record: dict[str, Any], thresholds: dict[str, float], margin: float) -> Outcome:
+    events = replay(record, thresholds, margin)
+    learnt = learnt_epoch(record)
+    raised = [e for e in events if e.state in ("raised", "back")]
+    first = min((e.epoch for e in raised), default=None)
+    flickers = sum(1 for e in events if e.state == "cleared" and still_learnt(record, e.epoch))
+    active: set[tuple[str, str]] = set()
+    alarmed, went_quiet = 0, False
+    for epoch in range(len(record["judged"])):
+        before = bool(active)
+        for e in events:
+            if e.epoch == epoch:
+                (active.discard if e.state == "cleared" else active.add)(e.key)
+        alarmed += bool(active)
+        went_quiet |= before and not active and still_learnt(record, epoch)
+    detected = learnt is not None and first is not None and first <= learnt + 1
+    return Outcome(
+        learnt, first, detected, flickers, went_quiet, alarmed, sorted({e.score for e in raised})
+    )
+
+
+def set_margin(records: Sequence[dict[str, Any]], thresholds: dict[str, float]) -> float:
+    """The clearing margin the setting seeds need: the largest share of its threshold by which
+    the alarm of a score named for the run's cue fell back while the cue stayed learnt, rounded
+    up to 0.05 (another score may cross on the way and fall to nothing: no margin holds it)."""
+    need = 0.0
+    for r in records:
+        if r["clean"] or learnt_epoch(r) is None:
+            continue
+        raised: set[tuple[str, str]] = set()
+        for epoch, judged in enumerate(r["judged"]):
+            for method, scores in judged.items():
+                for score in NAMED[r["cue"]]:
+                    value, threshold = scores.get(score, math.nan), thresholds.get(score)
+                    if math.isnan(value) or threshold is None:
+                        continue
+                    if value > threshold:
+                        raised.add((method, score))
+                    elif (method, score) in raised and still_learnt(r, epoch):
+                        need = max(need, 1 - value / threshold)
+    return max(0.05, math.ceil(need * 20 - 1e-9) / 20)
+
+
+def _rate(hits: int, n: int) -> str:
+    return f"{hits}/{n}" + (f" ({100 * hits / n:.0f} %)" if n else "")
+
+
+def report(records: Sequence[dict[str, Any]]) -> str:
+    """The markdown tables of ``benchmarks/README.md``: thresholds and margin set on the
+    setting seeds, then per cell and pooled per cue kind on the held-out seeds."""
+    from lightning_saliency.evaluate.hysteresis import CLEAR_MARGIN
+
+    setting = [r for r in records if r["seed"] in SETTING_SEEDS]
+    held = [r for r in records if r["seed"] in HELD_OUT_SEEDS]
+    thresholds = set_thresholds(setting)
+    margin = set_margin(setting, thresholds)
+    lines = [
+        f"Thresholds set on seeds {SETTING_SEEDS[0]}-{SETTING_SEEDS[-1]} "
+        f"({len(setting)} runs): "
+        + ", ".join(
+            f"`{s}` {t:g}" + (" (off)" if t > 1 and s in UNIT_SCORES else "")
+            for s, t in thresholds.items()
+        )
+        + f"; clearing margin needed {margin:.2f} (the callback's `CLEAR_MARGIN` is "
+        f"{CLEAR_MARGIN:.2f}). Judged on seeds {HELD_OUT_SEEDS[0]}-{HELD_OUT_SEEDS[-1]} "
+        f"({len(held)} runs).",
+        "",
+        "| cell | learnt (runs) | detected in time | first alarm − learnt | alarms by | "
+        "flickers (runs gone quiet) | clean worst / threshold |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    judged = [(r, judge(r, thresholds, CLEAR_MARGIN)) for r in held]
+    by_cell: dict[str, list[tuple[dict[str, Any], Outcome]]] = {}
+    for r, o in judged:
+        by_cell.setdefault(r["cell"], []).append((r, o))
+    for name, runs in by_cell.items():
+        if runs[0][0]["clean"]:
+            worst = max(
+                max(values(r, s), default=0.0) / thresholds[s]
+                for r, _ in runs
+                for s in ALARM_SCORES
+            )
+            false = sum(o.first is not None for _, o in runs)
+            lines.append(
+                f"| {name} (clean) | – | false alarms {_rate(false, len(runs))} | – | "
+                f"{', '.join(sorted({s for _, o in runs for s in o.scores})) or '–'} | – | "
+                f"{worst:.2f}× |"
+            )
+            continue
+        learnt = [o for _, o in runs if o.learnt is not None]
+        delays = sorted(
+            o.first - o.learnt for o in learnt if o.first is not None and o.learnt is not None
+        )
+        lines.append(
+            f"| {name} | {len(learnt)}/{len(runs)} | "
+            f"{_rate(sum(o.detected for o in learnt), len(learnt))} | "
+            f"{', '.join(f'{d:+d}' for d in delays) or '–'} | "
+            f"{', '.join(sorted({s for o in learnt for s in o.scores})) or '–'} | "
+            f"{sum(o.flickers for o in learnt)} ({sum(o.went_quiet for o in learnt)}) | – |"
+        )
+    lines += ["", "Pooled over carriers (held-out seeds, runs whose cue was learnt):", ""]
+    lines += ["| cue | p = 1, whole class | p = 0.9 | 30 % of a class |", "|---|---|---|---|"]
+    from carriers import CUES
+
+    for cue in CUES:
+        row = []
+        for p, share in ((1.0, 1.0), (0.9, 1.0), (1.0, 0.3)):
+            pool = [
+                o
+                for r, o in judged
+                if r["cue"] == cue
+                and not r["clean"]
+                and r["p"] == p
+                and r["share"] == share
+                and o.learnt is not None
+            ]
+            row.append(_rate(sum(o.detected for o in pool), len(pool)))
+        lines.append(f"| {cue} | " + " | ".join(row) + " |")
+    clean = [(r, o) for r, o in judged if r["clean"]]
+    epochs = sum(len(r["judged"]) for r, _ in clean)
+    minutes = sum(r.get("seconds", 0.0) for r in records) / 60
+    false_runs = sum(o.first is not None for _, o in clean)
+    false_epochs = sum(o.alarmed_epochs for _, o in clean)
+    lines += [
+        "",
+        f"Clean runs with a false alarm: {_rate(false_runs, len(clean))}; "
+        f"logged epochs under a false alarm: {_rate(false_epochs, epochs)}. "
+        f"Alarms cleared while the cue stayed learnt: "
+        f"{sum(o.flickers for r, o in judged if not r['clean'])}; runs whose every alarm "
+        f"cleared while it stayed learnt: {sum(o.went_quiet for r, o in judged)}.",
+        "",
+        f"{len(records)} runs, {minutes:.0f} minutes of runs (one core each).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", nargs="+", help="cell names (default: every cell)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[*SETTING_SEEDS, *HELD_OUT_SEEDS])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="no training: tables only")
+    parser.add_argument("--write", action="store_true", help="put the tables in README.md")
+    args = parser.parse_args(argv)
+    chosen = [c for c in cells() if not args.cells or c.name in args.cells]
+    if not args.report:
+        todo = [(c, s) for s in args.seeds for c in chosen if not os.path.exists(_path(c, s))]
+        start = time.perf_counter()
+        with ProcessPoolExecutor(args.jobs) as pool:
+            for done, path in enumerate(pool.map(run_and_keep, *zip(*todo)) if todo else [], 1):
+                elapsed = time.perf_counter() - start
+                where = os.path.relpath(path, ROOT)
+                print(f"[{done}/{len(todo)} {elapsed:.0f} s] {where}", flush=True)
+    text = report(load(chosen, range(max(HELD_OUT_SEEDS) + 1)))
+    print(text)
+    if args.write:
+        write_readme(text)
+    return text
+
+
+def write_readme(text: str, path: str = os.path.join(ROOT, "benchmarks", "README.md")) -> None:
+    """Put ``text`` between the detection markers of ``benchmarks/README.md``."""
+    with open(path) as f:
+        page = f.read()
+    start, end = "<!-- detection:start -->\n", "<!-- detection:end -->"
+    head, rest = page.split(start)
+    _, tail = rest.split(end)
+    with open(path, "w") as f:
+        f.write(head + start + text + "\n" + end + tail)
+
+
+if __name__ == "__main__":
+    main()
