@@ -35,7 +35,7 @@ TABLE_SCORES = (
     "object_enrichment",
     "corner_enrichment",
     "small_cue_reliance",
-    "background_reliance",
+    "colour_reliance",
 )
 
 

@@ -79,7 +79,10 @@ def test_tensorboard_receives_grids_overview_and_scalars(logged_run):
         "dead_maps",
         "small_cue_reliance",
         "attended_consensus",
+        "stamped_cue_reliance",
         "background_reliance",
+        "colour_reliance",
+        "texture_reliance",
     ):
         assert f"saliency/gradcam/{name}" in scalar_tags, name
     assert "saliency/integrated_gradients/ig_completeness_error" in scalar_tags

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_saliency import shortcut_scores
+from lightning_saliency.evaluate.scores import SHORTCUT_SCORES
 from lightning_saliency.evaluate.shortcut_probes import ProbeSettings, attended_consensus
 
 SIZE = 40
@@ -331,9 +332,11 @@ def test_the_callback_logs_the_probes_and_can_leave_them_out(tmp_path):
     _fit_with(tmp_path / "on", sanity_check=False)
     tags = set(read_events(str(tmp_path / "on")).Tags()["scalars"])
     for method in ("gradcam", "integrated_gradients"):
-        for name in ("small_cue_reliance", "attended_consensus", "background_reliance"):
+        for name in SHORTCUT_SCORES:
             assert f"saliency/{method}/{name}" in tags, (method, name)
-    assert any(t.startswith("saliency_alarms/gradcam/background_reliance") for t in tags)
+    for name in ("small_cue_reliance", "stamped_cue_reliance", "colour_reliance"):
+        assert any(t.startswith(f"saliency_alarms/gradcam/{name}") for t in tags), name
+    assert not any(t.startswith("saliency_alarms/gradcam/background_reliance") for t in tags)
     _fit_with(tmp_path / "off", sanity_check=False, shortcut_probes=False)
     tags = set(read_events(str(tmp_path / "off")).Tags()["scalars"])
     assert not any("reliance" in t or "attended" in t for t in tags)

@@ -13,26 +13,32 @@ from dataclasses import dataclass
 from lightning_saliency.engine.methods import METHODS
 from lightning_saliency.errors import SaliencyConfigError
 
-# object_enrichment, consensus and dead_maps were chosen on the demo set not to cry wolf (clean
-# runs stay at object_enrichment >= 2, consensus <= 0.5). corner_enrichment, small_cue_reliance
-# and background_reliance are set by benchmarks/shortcut_kinds.py on seeds 0-2 of the planted
-# kinds (corner patch, tinted background, random mark, each with its clean control), in the
-# middle of the interval that keeps clean runs at <= 0.67 x and learnt shortcuts at >= 1.5 x,
-# and checked on seeds 3-5 (README, "Shortcuts without masks").
+# object_enrichment and dead_maps were chosen on the demo set not to cry wolf (clean runs stay at
+# object_enrichment >= 2). The mask-free scores (corner_enrichment, consensus and the probes) are
+# set by benchmarks/detection.py on seeds 0-4 of 68 cells (4 carriers: generated shapes, small
+# shapes, scikit-learn's digits, LFW faces; 5 cues, each at p = 1, p = 0.9 and on 30 % of a
+# class; clean controls), one threshold per score for every carrier: every clean run at or
+# below 0.67 x, in the middle of that and the learnt cues where they leave room; judged on
+# seeds 5-9 (benchmarks/README.md).
 MAP_SCORE_THRESHOLDS: dict[str, float] = {
     "object_enrichment": 1.0,
-    "corner_enrichment": 3.7,
-    "consensus": 0.8,
+    "corner_enrichment": 4.8,
+    "consensus": 0.82,
     "dead_maps": 0.5,
     # mask-free shortcut probes (lightning_saliency.shortcut_scores)
-    "small_cue_reliance": 0.096,
-    "background_reliance": 0.43,
+    "small_cue_reliance": 0.28,
+    "stamped_cue_reliance": 0.12,
+    "colour_reliance": 0.72,
+    "texture_reliance": 0.84,
 }
 # Scores that alarm only when the user gives a threshold. attended_consensus reads where the
-# maps point, not what the model uses: on the generated set, clean controls whose maps rest on
-# an uninformative stamped mark (or on the image border) reached 0.98 x the threshold that
-# kept seeds 0-2 quiet, so a default alarm would cry wolf (benchmarks/shortcut_kinds.py).
-OPT_IN_ALARMS = frozenset({"attended_consensus"})
+# maps point, not what the model uses: clean controls whose maps rest on an uninformative
+# stamped mark score as high as learnt marks. background_reliance: a clean model of faces
+# against non-faces keeps 0.70 of its decision with the hottest 30 % of the image blurred away
+# (faces fill the frame), as much as a tinted background keeps on digits; the threshold the
+# benchmark sets for it (1.1) lies past its range. colour_reliance and texture_reliance read
+# the global cues instead.
+OPT_IN_ALARMS = frozenset({"attended_consensus", "background_reliance"})
 # Map scores about the method's own health, not the model: they raise method notes, never
 # alarms (with every score a method measures about its own maps, :func:`is_health`).
 HEALTH_SCORES = frozenset({"dead_maps"})
@@ -71,7 +77,7 @@ def default_thresholds() -> dict[str, float]:
 
     Example:
         >>> default_thresholds()["corner_enrichment"]
-        3.7
+        4.8
     """
     merged = dict(MAP_SCORE_THRESHOLDS)
     for method in METHODS.values():

@@ -15,9 +15,9 @@ score                      range   meaning                                      
                                    (k = object area)
 ``pointing_game``          0..1    hottest pixel (the centre of ties) inside the       --
                                    object, within one target-layer cell (hit rate)
-``corner_enrichment``      0..     mass in the hottest image corner / its area        > 3.7
+``corner_enrichment``      0..     mass in the hottest image corner / its area        > 4.8
 ``border_enrichment``      0..     mass on the outer border band / its area           --
-``consensus``              -1..1   mean correlation between maps of *different*       > 0.8
+``consensus``              -1..1   mean correlation between maps of *different*       > 0.82
                                    images: objects move, a planted patch does not
 ``dead_maps``              0..1    share of all-zero maps (Grad-CAM found nothing)     > 0.5
 ``ig_completeness_error``  0..     |sum(IG) - (F(x) - F(baseline))| / |F(x)-F(b)|     > 0.05

@@ -2,30 +2,36 @@
 
 Most users have no object masks. ``corner_enrichment`` and ``consensus``
 (:mod:`lightning_saliency.evaluate.scores`) see a cue only where it sits at one fixed place. These
-read cues that move, or that are everywhere (thresholds: :mod:`.alarms`, set by
+read cues that move, or that are everywhere (the thresholds, :mod:`.alarms`, are set by
 ``benchmarks/detection.py``):
 
-========================  =====  ==============================================
-score                     range  meaning
-========================  =====  ==============================================
-``small_cue_reliance``    -1..1  the class's probability lost when the hottest 2 % of the
-                                 pixels are blurred away, beyond the loss when the
-                                 next-hottest 2 % (the same area around them) go, in units
-                                 of the range above chance
-``attended_consensus``    -1..1  how alike the hottest regions' contents are across images
-                                 of one class (correlation), above the chance level of crops
-                                 at random places
-``stamped_cue_reliance``  0..1   small-cue reliance where the hottest region's content
-                                 repeats across the class: their product, per sample
-``background_reliance``   0..1   the decision kept (:func:`kept_decision`) when the hottest
-                                 30 % of the image (the attended region) is blurred away
-``colour_reliance``       0..1   the decision kept when the whole image is blurred away
-                                 (sigma a quarter of the side): colours and coarse layout
-                                 stay, shapes, marks and textures go
-``texture_reliance``      0..1   the decision kept when the image's tiles (a tenth of the
-                                 side) are shuffled, beyond what the blur keeps: textures
-                                 and colours stay, shapes larger than a tile go
-========================  =====  ==============================================
+========================  =====  ============================================  ========
+score                     range  meaning                                       alarming
+========================  =====  ============================================  ========
+``small_cue_reliance``    -1..1  the class's probability lost when the         > 0.28
+                                 hottest 2 % of the pixels are blurred away,
+                                 beyond the loss when the next-hottest 2 %
+                                 (the same area around them) go, in units of
+                                 the range above chance
+``attended_consensus``    -1..1  how alike the hottest regions' contents are   opt-in
+                                 across images of one class (correlation),
+                                 above the chance level of crops at random
+                                 places
+``stamped_cue_reliance``  0..1   small-cue reliance where the hottest          > 0.12
+                                 region's content repeats across the class:
+                                 their product, per sample
+``background_reliance``   0..1   the decision kept (:func:`kept_decision`)     opt-in
+                                 when the hottest 30 % of the image (the
+                                 attended region) is blurred away
+``colour_reliance``       0..1   the decision kept when the whole image is     > 0.72
+                                 blurred away (sigma a quarter of the side):
+                                 colours and coarse layout stay; shapes,
+                                 marks and textures go
+``texture_reliance``      0..1   the decision kept when the image's tiles (a   > 0.84
+                                 tenth of the side) are shuffled, beyond what
+                                 the blur keeps: textures and colours stay,
+                                 shapes larger than a tile go
+========================  =====  ============================================  ========
 
 - **Small-cue reliance** is a counterfactual: the map proposes, the model confirms. A model
   that reads an object spreads its evidence over the object, so blurring the hottest 2 % costs
