@@ -22,6 +22,7 @@ alarms are replayed from the judged scores with the thresholds set here, through
     python benchmarks/detection.py --report        # the tables from the kept runs only
     python benchmarks/detection.py --report --write   # ... into benchmarks/README.md
     python benchmarks/detection.py --cells shapes-corner --seeds 0
+    python benchmarks/detection.py --report --carriers shapes digits   # thresholds of these
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def run(cell: Cell, seed: int) -> dict[str, Any]:
 
     from lightning_saliency import SaliencyCallback
     from lightning_saliency.demos import ShapesClassifier
+    from lightning_saliency.demos.classifier import demo_trainer
 
     torch.set_num_threads(1)
     for name in ("lightning_saliency", "lightning.pytorch", "lightning.fabric"):
@@ -219,16 +221,8 @@ def run(cell: Cell, seed: int) -> dict[str, Any]:
     watch = Watch()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as logdir:
-        trainer = L.Trainer(
-            max_epochs=EPOCHS,
-            logger=TensorBoardLogger(logdir, name="run", default_hp_metric=False),
-            callbacks=[saliency, watch],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            deterministic=True,
-            log_every_n_steps=10,
-        )
+        logger = TensorBoardLogger(logdir, name="run", default_hp_metric=False)
+        trainer = demo_trainer(EPOCHS, logger, [saliency, watch])
         trainer.fit(ShapesClassifier(num_classes=k, lr=LR), Data())
     return {
         "cell": cell.name,
@@ -513,12 +507,18 @@ def report(records: Sequence[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", help="cell names (default: every cell)")
+    parser.add_argument("--carriers", nargs="+", help="only these carriers (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[*SETTING_SEEDS, *HELD_OUT_SEEDS])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="no training: tables only")
     parser.add_argument("--write", action="store_true", help="put the tables in README.md")
     args = parser.parse_args(argv)
-    chosen = [c for c in cells() if not args.cells or c.name in args.cells]
+    chosen = [
+        c
+        for c in cells()
+        if (not args.cells or c.name in args.cells)
+        and (not args.carriers or c.carrier in args.carriers)
+    ]
     if not args.report:
         todo = [(c, s) for s in args.seeds for c in chosen if not os.path.exists(_path(c, s))]
         start = time.perf_counter()

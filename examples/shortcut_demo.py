@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from lightning_saliency import SaliencyCallback
 from lightning_saliency.demos import SHORTCUT_KINDS, ShortcutDataModule
-from lightning_saliency.demos.classifier import ShapesClassifier
+from lightning_saliency.demos.classifier import ShapesClassifier, demo_trainer
 
 TABLE_SCORES = (
     "object_enrichment",
@@ -208,16 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = EpochTable()
     quiet_third_parties()
     logger = TensorBoardLogger(args.logdir, name=name, default_hp_metric=False)
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        logger=logger,
-        callbacks=[saliency, table],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        deterministic=True,
-        log_every_n_steps=10,
-    )
+    trainer = demo_trainer(args.epochs, logger, [saliency, table])
     start = time.perf_counter()
     trainer.fit(model, dm)
     seconds = time.perf_counter() - start

@@ -118,70 +118,43 @@ def test_cifar10_path_runs_on_generated_data(tmp_path, monkeypatch):
     assert result["rows"] and os.path.exists(result["timeline"])
 
 
-# -- every planted kind, without masks, on a held-out seed ----------------------------------------
+# -- the detection benchmark's hardest clean control, on a held-out seed ----------------------
+# benchmarks/detection.py carries the detection and false-alarm rates over 680 runs; the suite
+# runs the clean control that cried wolf before: objects of 2-4.5 % of the image, about the
+# small-cue probe's hottest 2 %, so that blurring the object away looked like blurring a mark.
 
-HELD_OUT_SEED = 3  # thresholds were set on seeds 0-2 (benchmarks/shortcut_kinds.py)
-NAMED_SCORE = {
-    "corner": "corner_enrichment",
-    "background": "background_reliance",
-    "mark": "small_cue_reliance",
-}
+SMALL_OBJECTS_SEED = 5  # a held-out seed: thresholds were set on seeds 0-4
 
 
 @pytest.fixture(scope="module")
-def kinds():
+def small_objects():
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import shortcut_kinds
+    benchmarks = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        import detection
 
-    runs = {
-        (kind, clean): shortcut_kinds.run(kind, clean, HELD_OUT_SEED, masks=False)
-        for kind in NAMED_SCORE
-        for clean in (False, True)
-    }
-    return shortcut_kinds, runs
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", sorted(NAMED_SCORE))
-def test_each_kind_alarms_from_its_score_by_the_collapse_without_masks(kinds, kind):
-    from lightning_saliency.evaluate.alarms import default_thresholds
-
-    sweep, runs = kinds
-    record = runs[(kind, False)]
-    learnt = sweep.collapse_epoch(record)
-    assert learnt is not None, record  # the shortcut was learnt
-    score, threshold = NAMED_SCORE[kind], default_thresholds()[NAMED_SCORE[kind]]
-    raised = [a for a in record["alarms"] if a[2] == score and a[5] != "cleared"]
-    assert raised, record["alarms"]
-    epoch = raised[0][0]
-    assert epoch <= learnt, (epoch, learnt)
-    firing = max(sweep.values(record, score, epoch))
-    assert firing >= 1.5 * threshold, (firing, threshold)
-    print(f"{kind}: {score} alarm at epoch {epoch} (learnt at {learnt}), {firing / threshold:.1f}x")
+        cell = detection.Cell("shapes_small", "none", None)
+        return detection, detection.run(cell, SMALL_OBJECTS_SEED)
+    finally:
+        sys.path.remove(benchmarks)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", sorted(NAMED_SCORE))
-def test_each_clean_control_stays_quiet_with_a_margin(kinds, kind):
-    from lightning_saliency.evaluate.alarms import LOW_IS_BAD, default_thresholds
+def test_a_clean_model_of_small_objects_raises_no_alarm(small_objects):
+    """On 4c5245b this run raised `small_cue_reliance` (0.096) from IG; now the threshold is
+    set over carriers with small objects among them, and `stamped_cue_reliance` asks the
+    attended content to repeat."""
+    from lightning_saliency.evaluate.alarms import LOW_IS_BAD, default_thresholds, is_health
 
-    sweep, runs = kinds
-    record = runs[(kind, True)]
-    assert record["alarms"] == []
-    # IG's own accuracy note: ig_steps="auto" aims at 1 %, five times under the note's 5 %, so
-    # another processor's rounding cannot carry a clean run across it (with 32 fixed steps it
-    # reached 6.9 % on one machine and 4 % on another).
-    completeness = sweep.values(record, "ig_completeness_error")
-    assert completeness and max(completeness) <= 0.5 * 0.05, completeness
-    # The thresholds were set so that clean runs of seeds 0-2 stay at or below 0.67x; this is
-    # the held-out seed 3, whose training takes another path on another processor: the corner
-    # control's highest small_cue_reliance is 0.43x with AVX2 kernels and 0.67x with
-    # ATEN_CPU_CAPABILITY=default (the model crosses the half-correct rule an epoch earlier).
-    # The margin asserted is 0.85x, not the sweep's 0.67x, so that path cannot decide the test.
+    bench, record = small_objects
+    assert record["acc"][-1] >= 0.6, record["acc"]  # it learnt the objects: a decision to probe
+    assert [a for a in record["alarms"] if a[5] != "cleared"] == [], record["alarms"]
+    # the margin a clean run keeps on every mask-free alarm: another processor's rounding
+    # moves these by a few hundredths, not by 15 % (the thresholds keep setting seeds at 0.67x)
     for score, threshold in default_thresholds().items():
-        if score in LOW_IS_BAD or score in ("dead_maps", "ig_completeness_error"):
-            continue  # not shortcut scores
-        for value in sweep.values(record, score):
+        if score in LOW_IS_BAD or is_health(score):
+            continue
+        for value in bench.values(record, score):
             assert value <= 0.85 * threshold, (score, value, threshold)

@@ -85,3 +85,23 @@ class ShapesClassifier(L.LightningModule):
             return optimizer
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def demo_trainer(max_epochs: int, logger: Any, callbacks: list[L.Callback]) -> L.Trainer:
+    """The quiet, deterministic ``Trainer`` the demo and the benchmarks fit with: no progress
+    bar, summary or checkpoints, metrics logged every 10 steps.
+
+    Example:
+        >>> demo_trainer(1, False, []).max_epochs
+        1
+    """
+    return L.Trainer(
+        max_epochs=max_epochs,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
+        log_every_n_steps=10,
+    )
