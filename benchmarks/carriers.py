@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +168,7 @@ def cue_classes(
     return torch.where(carries, cue, torch.full_like(cue, -1))
 
 
+@cache  # read and resized once per process, not once per planted set
 def _textures(classes: int) -> Tensor:
     """``(classes, SIZE*3, SIZE*3)`` grey textures in ``[0, 1]``, one per class."""
     import skimage.data

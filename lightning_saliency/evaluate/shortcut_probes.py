@@ -116,7 +116,7 @@ class ProbeSettings:
         crop_fraction: side of the attended-content crop, as a share of the image side.
         smooth_fraction: the box filter's side, as a share of the image side.
         cue_blur, background_blur: the blurs' sigma, as a share of the image side.
-        tile_fraction: the side of the tiles global-cue reliance shuffles, as a share of the
+        tile_fraction: the side of the tiles texture reliance shuffles, as a share of the
             image side.
         min_peers: the share of correctly classified images below which nothing is judged.
         seed: the random crops' seed.
