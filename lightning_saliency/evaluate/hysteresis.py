@@ -2,9 +2,13 @@
 
 A score past its threshold raises its entry at the first crossing; the entry clears only after
 :data:`CLEAR_AFTER` logged epochs in a row back on the safe side **by a margin**
-(:data:`CLEAR_MARGIN` of the threshold: ``corner_enrichment`` raised at 3.7 clears at 2.78 or
-below, not at 3.6), and comes back when it crosses again. A run between the threshold and the
-margin starts the safe streak over: the evidence is still there. The
+(:data:`CLEAR_MARGIN` of the threshold: ``corner_enrichment``, threshold 4.8, clears at 1.92 or
+below, not at 4.6), and comes back when it crosses again. A run between the threshold and the
+margin starts the safe streak over: the evidence is still there. Alarms about the model clear
+**together**: while any of them is past its threshold, none clears (one method's consensus that
+fades while another's corner enrichment stays high is the same model with the same shortcut;
+on the detection benchmark's held-out runs this, with the margin, took the alarms cleared while
+the cue stayed learnt from 6 to 0). Method-health notes clear one by one. The
 :class:`~.monitor.ScoreMonitor` keeps two ledgers: the **alarms**, about
 the model (shortcut and localisation scores), and the **notes**, about a method's own health
 (IG's completeness error, dead maps), which are never counted or shown as alarms.
@@ -14,13 +18,19 @@ Example:
     >>> ledger = Ledger("alarm")
     >>> [e.state for e in ledger.update(0, [Alarm("gradcam", "consensus", 0.9, 0.8)], {})]
     ['raised']
-    >>> safe = {("gradcam", "consensus"): 0.5}
+    >>> safe = {("gradcam", "consensus"): 0.3}
     >>> ledger.update(1, [], safe), [e.state for e in ledger.update(2, [], safe)]
     ([], ['cleared'])
     >>> ledger = Ledger("alarm")
     >>> _ = ledger.update(0, [Alarm("gradcam", "corner_enrichment", 5.0, 3.8)], {})
     >>> near = {("gradcam", "corner_enrichment"): 3.65}  # below 3.8, within the margin
     >>> ledger.update(1, [], near) + ledger.update(2, [], near) + ledger.update(3, [], near)
+    []
+    >>> ledger = Ledger("alarm")     # together: a faded score stays raised while another trips
+    >>> corner = Alarm("integrated_gradients", "corner_enrichment", 7.0, 4.8)
+    >>> _ = ledger.update(0, [Alarm("gradcam", "consensus", 0.9, 0.8), corner], {})
+    >>> faded = {("gradcam", "consensus"): 0.1}
+    >>> ledger.update(1, [corner], faded) + ledger.update(2, [corner], faded)
     []
 """
 
@@ -35,14 +45,13 @@ from lightning_saliency.evaluate import alarms as rules
 AlarmState = Literal["raised", "cleared", "back"]
 EventKind = Literal["alarm", "note"]
 CLEAR_AFTER = 2  # logged epochs in a row on the safe side before an entry is cleared
-# How far back past the threshold (a share of it) a value must be to count towards clearing.
-# The demo's 8-epoch corner run needed 0.04 (3.65 against 3.8) and the generated set's learnt
-# cues 0.05; 0.25 asks a cleared score to come back to where the clean controls sit (at most
-# 0.67 x the threshold on the seeds that set it), with room. No margin holds a score that falls
-# to nothing while the cue stays learnt (a model that learns the object too, read by another
-# score): benchmarks/detection.py counts those clears on its held-out seeds, and the runs whose
-# every alarm cleared while the cue stayed learnt.
-CLEAR_MARGIN = 0.25
+# How far back past the threshold (a share of it) a value must be to count towards clearing, set
+# by benchmarks/detection.py on its setting seeds: the largest fall of a raised score while its
+# cue stayed learnt and no other alarm tripped (0.60). A cleared score has come back to where
+# most clean controls sit (at their last epoch, 68-99 % of them at or below 0.4 x, per score).
+# On the held-out seeds: 0 alarms cleared while the cue stayed learnt (6 with one alarm per
+# method and score and 0.25), and the one clear left came when the model had let its cue go.
+CLEAR_MARGIN = 0.6
 
 
 @dataclass(frozen=True)
@@ -97,11 +106,14 @@ class Ledger:
         kind: what its events are (``"alarm"`` or ``"note"``).
         events: every change, in order.
         active: each entry raised now, with its threshold.
+        together: whether an entry stays raised while any other entry is past its threshold
+            (alarms: the same model's evidence), or clears on its own (notes).
     """
 
     def __init__(self, kind: EventKind, margin: float = CLEAR_MARGIN) -> None:
         self.kind: EventKind = kind
         self.margin = margin
+        self.together = kind == "alarm"  # alarms clear together; notes one by one
         self.events: list[AlarmEvent] = []
         self.active: dict[tuple[str, str], float] = {}
         self._safe: dict[tuple[str, str], int] = {}  # active entry -> safe epochs in a row
@@ -129,7 +141,7 @@ class Ledger:
             self.active[key] = alarm.threshold
             self._ever.add(key)
         for key in list(self.active):
-            if key in now:
+            if key in now or (self.together and now):
                 self._safe.pop(key, None)  # tripped again: the safe streak starts over
             elif key in judged and not rules.clear_of(
                 judged[key], key[1], self.active[key], self.margin
