@@ -1,30 +1,20 @@
 """End to end on the generated set: the shortcut is caught, the clean control stays quiet."""
 
-import importlib.util
 import os
 
 import pytest
 import torch
 from PIL import Image
 
+from lightning_saliency.cli import demo_command as shortcut_demo
 from lightning_saliency.demos import ShortcutDataModule, make_shortcut_images
-
-DEMO = os.path.join(os.path.dirname(__file__), "..", "examples", "shortcut_demo.py")
-
-
-def _demo():
-    spec = importlib.util.spec_from_file_location("shortcut_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 ARGS = ["--epochs", "5", "--n-train", "1000", "--methods", "gradcam,integrated_gradients"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    demo = _demo()
+    demo = shortcut_demo
     log_dir = str(tmp_path_factory.mktemp("demo"))
     shortcut = demo.main(ARGS + ["--logdir", log_dir])
     clean = demo.main(ARGS + ["--logdir", log_dir, "--clean"])
@@ -101,7 +91,7 @@ def test_cifar10_path_runs_on_generated_data(tmp_path, monkeypatch):
         return data
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar)
-    result = _demo().main(
+    result = shortcut_demo.main(
         [
             "--data",
             "cifar10",

@@ -1,4 +1,5 @@
-"""``lightning-saliency explain``: a comparison figure of saliency methods for your own images.
+"""``lightning-saliency explain``: a comparison figure of saliency methods for your own images;
+``lightning-saliency demo``: the shortcut demo (:mod:`.demo_command`).
 
     lightning-saliency explain --arch resnet18 --weights resnet18.pth --image cat.jpg \\
         --methods gradcam,guided_gradcam,dff,ig --out cat_saliency.png
@@ -12,6 +13,7 @@ loads ``--weights`` if given. Errors are one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 from lightning_saliency.cli.messages import say
@@ -22,6 +24,12 @@ __all__ = ["DEFAULT_METHODS", "METHOD_NAMES", "build_parser", "main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-saliency`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own arguments
+        from lightning_saliency.cli.demo_command import main as demo
+
+        demo(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     from lightning_saliency.cli.explain_command import CliError, explain_command
 

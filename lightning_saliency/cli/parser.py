@@ -139,4 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="saliency.png", metavar="FIGURE.png", help="output figure")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    commands.add_parser(  # its arguments are the demo's own (cli/demo_command.py)
+        "demo",
+        help="train a small CNN on generated shapes with a planted shortcut and watch the "
+        "callback catch it (lightning-saliency demo --help for its options)",
+    )
     return parser
