@@ -42,7 +42,6 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "detection")
 EPOCHS = 6
 BATCH, LR = 64, 2e-3  # the demo's
 SETTING_SEEDS = range(0, 5)
@@ -58,14 +57,18 @@ ALARM_SCORES = (
     "background_reliance",
     "colour_reliance",
     "texture_reliance",
+    "sub_class_stamped_cue",
 )
 NAMED = {  # the scores meant to catch each cue (the others may fire too)
-    "corner": ("corner_enrichment", "consensus"),
-    "mark": ("small_cue_reliance", "stamped_cue_reliance"),
-    "late": ("small_cue_reliance", "stamped_cue_reliance"),
+    "corner": ("corner_enrichment", "consensus", "sub_class_stamped_cue"),
+    "mark": ("small_cue_reliance", "stamped_cue_reliance", "sub_class_stamped_cue"),
+    "late": ("small_cue_reliance", "stamped_cue_reliance", "sub_class_stamped_cue"),
     "tint": ("background_reliance", "colour_reliance"),
     "texture": ("background_reliance", "texture_reliance"),
 }
+# the scores of groups of images (lightning_saliency.evaluate.strategies): judged only with
+# enough samples per class, so their thresholds come from the sub-class study
+GROUP_SCORES = ("sub_class_stamped_cue",)
 # The object shows the labelled class on this share of the training images (another class's
 # object on the rest): a cue with p = 0.9 or 1 then tells the class better than the object, as
 # in the data sets where shortcuts are found. With every digit and face right, the model learnt
@@ -77,6 +80,29 @@ LEARNT_GAP = 0.25
 UNIT_SCORES = frozenset(ALARM_SCORES) - {"corner_enrichment"}
 CLEAN_KEEP = 0.67  # clean runs of the setting seeds stay at or below this share of a threshold
 FIRING_HEADROOM = 1.5  # learnt cues of the setting seeds fire at this many times it, if they can
+
+
+@dataclass(frozen=True)
+class Study:
+    """How the runs of a study watch: ``samples`` fixed samples, ``methods``; its records go
+    to ``benchmarks/results/<name>/``."""
+
+    name: str
+    samples: int
+    methods: tuple[str, ...]
+
+    @property
+    def results(self) -> str:
+        return os.path.join(ROOT, "benchmarks", "results", self.name)
+
+
+# the main study: every cell, as a user who keeps the defaults' size watches
+MAIN = Study("detection", 16, METHODS)
+# sub-class strategies need about 16 samples per class (lightning_saliency.evaluate.strategies):
+# the cells where 30 % of each class carries a stamped cue (corner, mark), and the clean
+# controls, watched by Grad-CAM
+SUBCLASS = Study("subclass", 64, ("gradcam",))
+STUDIES = {s.name: s for s in (MAIN, SUBCLASS)}
 
 
 @dataclass(frozen=True)
@@ -106,9 +132,10 @@ class Cell:
         return name
 
 
-def cells() -> list[Cell]:
+def cells(study: Study = MAIN) -> list[Cell]:
     """The base cell of every cue on every carrier, p = 0.9 and 30 % of a class on each, and
-    two clean controls per carrier (no cue; an uninformative mark)."""
+    two clean controls per carrier (no cue; an uninformative mark); the sub-class study has
+    the 30 % cells of the stamped cues and the clean controls."""
     from carriers import CARRIERS, CUES
 
     out: list[Cell] = []
@@ -116,6 +143,8 @@ def cells() -> list[Cell]:
         for cue in CUES:
             out += [Cell(carrier, cue), Cell(carrier, cue, p=0.9), Cell(carrier, cue, share=0.3)]
         out += [Cell(carrier, "none", None), Cell(carrier, "mark", None)]
+    if study is SUBCLASS:  # what a group of alike attended crops can show: stamped cues
+        out = [c for c in out if c.clean or (c.share != 1.0 and c.cue in ("corner", "mark"))]
     return out
 
 
@@ -173,7 +202,7 @@ class CueSet:
         return {"image": images[index], "label": self.labels[index]}
 
 
-def run(cell: Cell, seed: int) -> dict[str, Any]:
+def run(cell: Cell, seed: int, study: Study = MAIN) -> dict[str, Any]:
     """One training run of ``cell`` at ``seed``: accuracies and the judged scores per epoch."""
     import logging
     import warnings
@@ -217,7 +246,9 @@ def run(cell: Cell, seed: int) -> dict[str, Any]:
             self.acc.append(float(metrics["val_acc/dataloader_idx_0"]))
             self.broken.append(float(metrics["val_acc/dataloader_idx_1"]))
 
-    saliency = SaliencyCallback(methods=list(METHODS), num_samples=16, seed=seed, ig_steps=IG_STEPS)
+    saliency = SaliencyCallback(
+        methods=list(study.methods), num_samples=study.samples, seed=seed, ig_steps=IG_STEPS
+    )
     watch = Watch()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as logdir:
@@ -232,6 +263,7 @@ def run(cell: Cell, seed: int) -> dict[str, Any]:
         "share": cell.share,
         "clean": cell.clean,
         "seed": seed,
+        "study": study.name,
         "classes": k,
         "acc": watch.acc,
         "acc_broken": watch.broken,
@@ -243,15 +275,15 @@ def run(cell: Cell, seed: int) -> dict[str, Any]:
     }
 
 
-def _path(cell: Cell, seed: int) -> str:
-    return os.path.join(RESULTS, cell.name, f"{seed}.json")
+def _path(cell: Cell, seed: int, study: Study = MAIN) -> str:
+    return os.path.join(study.results, cell.name, f"{seed}.json")
 
 
-def run_and_keep(cell: Cell, seed: int) -> str:
+def run_and_keep(cell: Cell, seed: int, study: Study = MAIN) -> str:
     """Run ``cell`` at ``seed`` unless its record is kept already; the record's path."""
-    path = _path(cell, seed)
+    path = _path(cell, seed, study)
     if not os.path.exists(path):
-        record = run(cell, seed)
+        record = run(cell, seed, study)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".part", "w") as f:
             json.dump(record, f)
@@ -259,13 +291,15 @@ def run_and_keep(cell: Cell, seed: int) -> str:
     return path
 
 
-def load(selected: Iterable[Cell], seeds: Iterable[int]) -> list[dict[str, Any]]:
+def load(
+    selected: Iterable[Cell], seeds: Iterable[int], study: Study = MAIN
+) -> list[dict[str, Any]]:
     """The kept records of ``selected`` cells at ``seeds``."""
     records = []
     for cell in selected:
         for seed in seeds:
-            if os.path.exists(_path(cell, seed)):
-                with open(_path(cell, seed)) as f:
+            if os.path.exists(_path(cell, seed, study)):
+                with open(_path(cell, seed, study)) as f:
                     records.append(json.load(f))
     return records
 
@@ -313,6 +347,8 @@ def set_thresholds(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     out = {}
     for score in ALARM_SCORES:
         clean = [v for r in records if r["clean"] for v in values(r, score)]
+        if not clean:  # no clean run judged it (a group score with too few samples per class)
+            continue
         low = max(max(clean, default=0.0) / CLEAN_KEEP, 1e-3)
         firing = sorted(
             max(values(r, score, (learnt, learnt + 1)), default=0.0)
@@ -391,14 +427,19 @@ def judge(record: dict[str, Any], thresholds: dict[str, float], margin: float) -
 
 def set_margin(records: Sequence[dict[str, Any]], thresholds: dict[str, float]) -> float:
     """The clearing margin the setting seeds need: the largest share of its threshold by which
-    the alarm of a score named for the run's cue fell back while the cue stayed learnt, rounded
-    up to 0.05 (another score may cross on the way and fall to nothing: no margin holds it)."""
+    the alarm of a score named for the run's cue fell back while the cue stayed learnt and no
+    other alarm was past its threshold (alarms clear together), rounded up to 0.05."""
     need = 0.0
     for r in records:
         if r["clean"] or learnt_epoch(r) is None:
             continue
         raised: set[tuple[str, str]] = set()
         for epoch, judged in enumerate(r["judged"]):
+            held = any(  # alarms clear together: none clears while one is past its threshold
+                scores.get(score, math.nan) > threshold
+                for scores in judged.values()
+                for score, threshold in thresholds.items()
+            )
             for method, scores in judged.items():
                 for score in NAMED[r["cue"]]:
                     value, threshold = scores.get(score, math.nan), thresholds.get(score)
@@ -406,7 +447,7 @@ def set_margin(records: Sequence[dict[str, Any]], thresholds: dict[str, float]) 
                         continue
                     if value > threshold:
                         raised.add((method, score))
-                    elif (method, score) in raised and still_learnt(r, epoch):
+                    elif (method, score) in raised and still_learnt(r, epoch) and not held:
                         need = max(need, 1 - value / threshold)
     return max(0.05, math.ceil(need * 20 - 1e-9) / 20)
 
@@ -424,31 +465,115 @@ def report(records: Sequence[dict[str, Any]]) -> str:
     held = [r for r in records if r["seed"] in HELD_OUT_SEEDS]
     thresholds = set_thresholds(setting)
     margin = set_margin(setting, thresholds)
-    lines = [
-        f"Thresholds set on seeds {SETTING_SEEDS[0]}-{SETTING_SEEDS[-1]} "
-        f"({len(setting)} runs): "
-        + ", ".join(
-            f"`{s}` {t:g}" + (" (off)" if t > 1 and s in UNIT_SCORES else "")
-            for s, t in thresholds.items()
-        )
-        + f"; clearing margin needed {margin:.2f} (the callback's `CLEAR_MARGIN` is "
-        f"{CLEAR_MARGIN:.2f}). Judged on seeds {HELD_OUT_SEEDS[0]}-{HELD_OUT_SEEDS[-1]} "
+    lines = _setting_line("Thresholds", setting, held, _listed(thresholds), margin)
+    judged = [(r, judge(r, thresholds, CLEAR_MARGIN)) for r in held]
+    lines += _cell_table(judged, thresholds)
+    lines += ["", "Pooled over carriers (held-out seeds, runs whose cue was learnt):", ""]
+    lines += ["| cue | p = 1, whole class | p = 0.9 | 30 % of a class |", "|---|---|---|---|"]
+    from carriers import CUES
+
+    for cue in CUES:
+        row = [
+            _rate(*_pooled(judged, cue, p, share))
+            for p, share in ((1.0, 1.0), (0.9, 1.0), (1.0, 0.3))
+        ]
+        lines.append(f"| {cue} | " + " | ".join(row) + " |")
+    return "\n".join(lines + ["", *_summary(records, judged)])
+
+
+def report_subclass(records: Sequence[dict[str, Any]]) -> str:
+    """The sub-class study's tables: the group scores' thresholds set on its setting seeds,
+    the others as the callback ships them (the main study's); judged on the held-out seeds,
+    with and without the group scores."""
+    from lightning_saliency.evaluate.alarms import default_thresholds
+    from lightning_saliency.evaluate.hysteresis import CLEAR_MARGIN
+
+    setting = [r for r in records if r["seed"] in SETTING_SEEDS]
+    held = [r for r in records if r["seed"] in HELD_OUT_SEEDS]
+    shipped = {s: t for s, t in default_thresholds().items() if s in ALARM_SCORES}
+    means = {s: t for s, t in shipped.items() if s not in GROUP_SCORES}
+    found = set_thresholds(setting)
+    groups = {s: t for s, t in found.items() if s in GROUP_SCORES}
+    thresholds = {**means, **groups}
+    margin = set_margin(setting, thresholds)
+    ships = _listed({s: shipped[s] for s in groups if s in shipped})
+    set_here = f"{_listed(groups)} (the callback ships {ships}; the other scores at its own)"
+    lines = _setting_line("Group-score thresholds", setting, held, set_here, margin)
+    judged = [(r, judge(r, thresholds, CLEAR_MARGIN)) for r in held]
+    lines += _cell_table(judged, thresholds)
+    without = [(r, judge(r, means, CLEAR_MARGIN)) for r in held]
+    lines += ["", "Pooled over carriers (held-out seeds, runs whose cue was learnt):", ""]
+    lines += [
+        "| cue (30 % of a class) | mean scores only | with the group scores |",
+        "|---|---|---|",
+    ]
+    from carriers import CUES
+
+    for cue in CUES:
+        row = [_rate(*_pooled(j, cue, 1.0, 0.3)) for j in (without, judged)]
+        lines.append(f"| {cue} | " + " | ".join(row) + " |")
+    return "\n".join(lines + ["", *_summary(records, judged)])
+
+
+def _setting_line(
+    what: str,
+    setting: Sequence[dict[str, Any]],
+    held: Sequence[dict[str, Any]],
+    thresholds: str,
+    margin: float,
+) -> list[str]:
+    """The line that says what the setting seeds set and what is judged on."""
+    from lightning_saliency.evaluate.hysteresis import CLEAR_MARGIN
+
+    return [
+        f"{what} set on seeds {SETTING_SEEDS[0]}-{SETTING_SEEDS[-1]} ({len(setting)} runs): "
+        f"{thresholds}; clearing margin needed {margin:.2f} (the callback's `CLEAR_MARGIN` "
+        f"is {CLEAR_MARGIN:.2f}). Judged on seeds {HELD_OUT_SEEDS[0]}-{HELD_OUT_SEEDS[-1]} "
         f"({len(held)} runs).",
         "",
+    ]
+
+
+def _listed(thresholds: dict[str, float]) -> str:
+    return ", ".join(
+        f"`{s}` {t:g}" + (" (off)" if t > 1 and s in UNIT_SCORES else "")
+        for s, t in thresholds.items()
+    )
+
+
+def _pooled(
+    judged: Sequence[tuple[dict[str, Any], Outcome]], cue: str, p: float, share: float
+) -> tuple[int, int]:
+    """Detected and learnt held-out runs of ``cue`` at ``p`` and ``share``, over carriers."""
+    pool = [
+        o
+        for r, o in judged
+        if r["cue"] == cue
+        and not r["clean"]
+        and r["p"] == p
+        and r["share"] == share
+        and o.learnt is not None
+    ]
+    return sum(o.detected for o in pool), len(pool)
+
+
+def _cell_table(
+    judged: Sequence[tuple[dict[str, Any], Outcome]], thresholds: dict[str, float]
+) -> list[str]:
+    """A row per cell: learnt, detected in time, delays, alarming scores, flickers; for
+    clean cells, the false alarms and the worst value against its threshold."""
+    lines = [
         "| cell | learnt (runs) | detected in time | first alarm − learnt | alarms by | "
         "flickers (runs gone quiet) | clean worst / threshold |",
         "|---|---|---|---|---|---|---|",
     ]
-    judged = [(r, judge(r, thresholds, CLEAR_MARGIN)) for r in held]
     by_cell: dict[str, list[tuple[dict[str, Any], Outcome]]] = {}
     for r, o in judged:
         by_cell.setdefault(r["cell"], []).append((r, o))
     for name, runs in by_cell.items():
         if runs[0][0]["clean"]:
             worst = max(
-                max(values(r, s), default=0.0) / thresholds[s]
-                for r, _ in runs
-                for s in ALARM_SCORES
+                max(values(r, s), default=0.0) / t for r, _ in runs for s, t in thresholds.items()
             )
             false = sum(o.first is not None for _, o in runs)
             lines.append(
@@ -468,31 +593,19 @@ def report(records: Sequence[dict[str, Any]]) -> str:
             f"{', '.join(sorted({s for o in learnt for s in o.scores})) or '–'} | "
             f"{sum(o.flickers for o in learnt)} ({sum(o.went_quiet for o in learnt)}) | – |"
         )
-    lines += ["", "Pooled over carriers (held-out seeds, runs whose cue was learnt):", ""]
-    lines += ["| cue | p = 1, whole class | p = 0.9 | 30 % of a class |", "|---|---|---|---|"]
-    from carriers import CUES
+    return lines
 
-    for cue in CUES:
-        row = []
-        for p, share in ((1.0, 1.0), (0.9, 1.0), (1.0, 0.3)):
-            pool = [
-                o
-                for r, o in judged
-                if r["cue"] == cue
-                and not r["clean"]
-                and r["p"] == p
-                and r["share"] == share
-                and o.learnt is not None
-            ]
-            row.append(_rate(sum(o.detected for o in pool), len(pool)))
-        lines.append(f"| {cue} | " + " | ".join(row) + " |")
+
+def _summary(
+    records: Sequence[dict[str, Any]], judged: Sequence[tuple[dict[str, Any], Outcome]]
+) -> list[str]:
+    """False alarms over the clean held-out runs, flickers, and what the runs cost."""
     clean = [(r, o) for r, o in judged if r["clean"]]
     epochs = sum(len(r["judged"]) for r, _ in clean)
     minutes = sum(r.get("seconds", 0.0) for r in records) / 60
     false_runs = sum(o.first is not None for _, o in clean)
     false_epochs = sum(o.alarmed_epochs for _, o in clean)
-    lines += [
-        "",
+    return [
         f"Clean runs with a false alarm: {_rate(false_runs, len(clean))}; "
         f"logged epochs under a false alarm: {_rate(false_epochs, epochs)}. "
         f"Alarms cleared while the cue stayed learnt: "
@@ -501,11 +614,11 @@ def report(records: Sequence[dict[str, Any]]) -> str:
         "",
         f"{len(records)} runs, {minutes:.0f} minutes of runs (one core each).",
     ]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", choices=sorted(STUDIES), default=MAIN.name)
     parser.add_argument("--cells", nargs="+", help="cell names (default: every cell)")
     parser.add_argument("--carriers", nargs="+", help="only these carriers (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[*SETTING_SEEDS, *HELD_OUT_SEEDS])
@@ -513,32 +626,43 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--report", action="store_true", help="no training: tables only")
     parser.add_argument("--write", action="store_true", help="put the tables in README.md")
     args = parser.parse_args(argv)
+    study = STUDIES[args.study]
     chosen = [
         c
-        for c in cells()
+        for c in cells(study)
         if (not args.cells or c.name in args.cells)
         and (not args.carriers or c.carrier in args.carriers)
     ]
     if not args.report:
-        todo = [(c, s) for s in args.seeds for c in chosen if not os.path.exists(_path(c, s))]
+        todo = [
+            (c, s, study)
+            for s in args.seeds
+            for c in chosen
+            if not os.path.exists(_path(c, s, study))
+        ]
         start = time.perf_counter()
         with ProcessPoolExecutor(args.jobs) as pool:
             for done, path in enumerate(pool.map(run_and_keep, *zip(*todo)) if todo else [], 1):
                 elapsed = time.perf_counter() - start
                 where = os.path.relpath(path, ROOT)
                 print(f"[{done}/{len(todo)} {elapsed:.0f} s] {where}", flush=True)
-    text = report(load(chosen, range(max(HELD_OUT_SEEDS) + 1)))
+    records = load(chosen, range(max(HELD_OUT_SEEDS) + 1), study)
+    text = report(records) if study is MAIN else report_subclass(records)
     print(text)
     if args.write:
-        write_readme(text)
+        write_readme(text, marker=study.name)
     return text
 
 
-def write_readme(text: str, path: str = os.path.join(ROOT, "benchmarks", "README.md")) -> None:
-    """Put ``text`` between the detection markers of ``benchmarks/README.md``."""
+def write_readme(
+    text: str,
+    path: str = os.path.join(ROOT, "benchmarks", "README.md"),
+    marker: str = MAIN.name,
+) -> None:
+    """Put ``text`` between the ``marker`` markers of ``benchmarks/README.md``."""
     with open(path) as f:
         page = f.read()
-    start, end = "<!-- detection:start -->\n", "<!-- detection:end -->"
+    start, end = f"<!-- {marker}:start -->\n", f"<!-- {marker}:end -->"
     head, rest = page.split(start)
     _, tail = rest.split(end)
     with open(path, "w") as f:

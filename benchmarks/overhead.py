@@ -343,6 +343,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ig-memory-child", type=int, default=None)
     p.add_argument("--ddp", action="store_true", help="the explanation per epoch at W=1, W=2")
+    p.add_argument("--subclass", action="store_true", help="only: what sub-class groups cost")
     p.add_argument("--ddp-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--n", type=int, default=8)
@@ -360,8 +361,10 @@ def main() -> None:
     logging.getLogger("lightning_saliency").setLevel(logging.ERROR)
     device = torch.device(args.device)
     targets_met: Targets = []
-    if not (args.fit_only or args.ddp):
+    if not (args.fit_only or args.ddp or args.subclass):
         engine(args, device, targets_met)
+    if args.subclass or not (args.fit_only or args.ddp):
+        subclass_section(device, targets_met)
     if args.fit or args.fit_only:
         fit_section(device, targets_met)
     if args.ddp:
@@ -482,6 +485,54 @@ def engine(args: argparse.Namespace, device: torch.device, targets_met: Targets)
                 f"IG peak GPU memory, {c} images per pass: "
                 f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MB"
             )
+
+
+def subclass_section(device: torch.device, targets_met: Targets, classes: int = 4) -> None:
+    """What finding sub-class strategies costs per logged run
+    (:mod:`lightning_saliency.evaluate.strategies`): the grouping itself against the probes it
+    rides on (no extra forward: the crops' likeness is the probes'), and the 16 samples per
+    class it needs against the callback's default 16 samples, on the demo's model and images
+    (Grad-CAM, 40 px, as the detection benchmark's sub-class study)."""
+    from lightning_saliency import shortcut_scores
+    from lightning_saliency.demos import ShapesClassifier
+    from lightning_saliency.demos.shapes import make_shortcut_images
+    from lightning_saliency.evaluate.strategies import sub_class_stamped_cue
+
+    torch.manual_seed(0)
+    model = ShapesClassifier(num_classes=classes).to(device).eval()
+    data = make_shortcut_images(16 * classes, size=40, seed=0, num_classes=classes)
+    images, labels = data["images"].to(device), data["labels"].to(device)
+
+    def per_run(n: int) -> tuple[float, float]:
+        out = explain(model, images[:n], labels[:n], ["gradcam"])
+        explained = timed(lambda: explain(model, images[:n], labels[:n], ["gradcam"]), repeat=5)
+        probed = timed(
+            lambda: shortcut_scores(model, images[:n], out, out.targets, labels[:n]), repeat=5
+        )
+        return explained, probed
+
+    few_explain, few_probes = per_run(16)
+    many_explain, many_probes = per_run(16 * classes)
+    n = 16 * classes
+    similarity = torch.rand(n, n, device=device)
+    cue = torch.rand(n, device=device)
+    grouping = timed(lambda: sub_class_stamped_cue(similarity, cue, labels, None), repeat=20)
+    few, many = few_explain + few_probes, many_explain + many_probes
+    print(
+        f"\nSub-class strategies on {device} ({classes} classes, Grad-CAM, 40 px): the "
+        f"grouping {grouping * 1e3:.2f} ms per logged run, the probes on {n} samples "
+        f"{many_probes * 1e3:.1f} ms; explain() + probes {few * 1e3:.1f} ms at 16 samples, "
+        f"{many * 1e3:.1f} ms at {n} ({many / few:.2f} x)"
+    )
+    targets_met.append(
+        (
+            "sub-class grouping / probes",
+            grouping / many_probes,
+            "<= 0.10",
+            grouping <= 0.1 * many_probes,
+        )
+    )
+    targets_met.append((f"logged run at {n} / at 16 samples", many / few, "(info)", None))
 
 
 def fit_section(device: torch.device, targets_met: Targets) -> None:

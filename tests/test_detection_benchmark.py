@@ -63,6 +63,23 @@ def test_thresholds_keep_every_clean_setting_run_under_two_thirds(detection):
     weak = [_record([0.1, 0.1], [0.5, 0.05], seed=s) for s in range(3)]
     quiet = bench.set_thresholds(clean + weak)["small_cue_reliance"]
     assert quiet == pytest.approx(0.06 / 0.67, 0.05)
+    # a score no run judged (a group score with too few samples per class) sets nothing
+    assert "sub_class_stamped_cue" not in thresholds
+
+
+def test_alarms_replayed_clear_together_and_the_margin_counts_only_quiet_falls(detection):
+    """A score that fades while another alarm of the run trips does not ask for a margin (the
+    callback holds it raised); one that fades while nothing else trips does."""
+    bench, _ = detection
+    corner = [{"gradcam": {"small_cue_reliance": v, "corner_enrichment": c}} for v, c in
+              ((0.5, 9.0), (0.1, 9.0), (0.1, 9.0))]  # fmt: skip
+    held = dict(_record([0, 0, 0], [0.05, 0.05, 0.05]), judged=corner)
+    limits = {"small_cue_reliance": 0.2, "corner_enrichment": 4.8}
+    assert bench.set_margin([held], limits) == 0.05
+    assert bench.judge(held, limits, 0.25).flickers == 0
+    alone = _record([0.5, 0.1, 0.1], [0.05, 0.05, 0.05])
+    assert bench.set_margin([alone], {"small_cue_reliance": 0.2}) == 0.5
+    assert bench.judge(alone, {"small_cue_reliance": 0.2}, 0.25).flickers == 2  # both methods
 
 
 def test_a_detection_is_an_alarm_by_one_epoch_after_the_cue_is_learnt(detection):

@@ -133,11 +133,12 @@ def test_the_docstring_table_gives_the_default_thresholds():
     import lightning_saliency.evaluate.scores as scores
 
     shortcut_scores = importlib.import_module("lightning_saliency.evaluate.shortcut_probes")
+    strategies = importlib.import_module("lightning_saliency.evaluate.strategies")
     from lightning_saliency.evaluate.alarms import LOW_IS_BAD, default_thresholds
 
     lines = [
         line
-        for module in (scores, shortcut_scores)
+        for module in (scores, shortcut_scores, strategies)
         for line in (module.__doc__ or "").splitlines()
         if line.startswith("``")
     ]

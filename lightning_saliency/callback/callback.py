@@ -48,7 +48,7 @@ class SaliencyCallback(L.Callback):
 
     Args:
         methods: maps to compute; see :func:`lightning_saliency.available_methods`.
-        num_samples: how many fixed validation images.
+        num_samples: how many fixed validation images (sub-class scores: 16 per class).
         every_n_epochs: cadence of logged epochs.
         method_every_n_epochs: a slower cadence for expensive methods, e.g.
             ``{"integrated_gradients": 5}``.

@@ -30,6 +30,10 @@ MAP_SCORE_THRESHOLDS: dict[str, float] = {
     "stamped_cue_reliance": 0.12,
     "colour_reliance": 0.72,
     "texture_reliance": 0.84,
+    # sub-class strategies (lightning_saliency.evaluate.strategies): set by the benchmark's
+    # sub-class study (64 samples, Grad-CAM); clean models of small identical shapes reach
+    # 0.25, so it is 0.19 where no such objects are (benchmarks/README.md)
+    "sub_class_stamped_cue": 0.38,
 }
 # Scores that alarm only when the user gives a threshold. attended_consensus reads where the
 # maps point, not what the model uses: clean controls whose maps rest on an uninformative
@@ -47,6 +51,9 @@ LOW_IS_BAD = frozenset({"object_enrichment"})
 # *absence* of the others' features gets maps that point nowhere, so its object_enrichment is low
 # while the other classes keep the mean high. The other scores alarm on the mean only.
 PER_CLASS_ALARMS = frozenset({"object_enrichment"})
+# Scores of a group of images, not of one (:mod:`.strategies`): every image carries its group's
+# value, and the strongest group counts, so they are judged and logged by their largest value.
+GROUP_SCORES = frozenset({"sub_class_stamped_cue"})
 MAP_SCORE_MEANING: dict[str, str] = {
     "object_enrichment": "attention left the object: the map puts less mass on the labelled "
     "object than an even spread would; the model likely uses background or a planted cue",
@@ -69,6 +76,8 @@ MAP_SCORE_MEANING: dict[str, str] = {
     "colours (a tint, a colour cast), not shapes",
     "texture_reliance": "the decision survives shuffling the image's small tiles, and not a "
     "blur: the model reads a texture, not the object's shape",
+    "sub_class_stamped_cue": "a group of images of one class attends to alike content and "
+    "loses its decision with it: part of the class carries a stamped cue (a tag, a watermark)",
 }
 
 

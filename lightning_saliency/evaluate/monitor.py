@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -101,6 +102,14 @@ def _masked_nanmean(table: Tensor, rows: Tensor) -> Tensor:
     present = rows[None] & ~torch.isnan(table)[:, None, :]  # (S, G, N)
     total = torch.where(present, table[:, None, :], torch.zeros_like(table[:, None, :])).sum(-1)
     return total / present.sum(-1)  # 0 / 0 = NaN: nothing to average
+
+
+def _masked_nanmax(table: Tensor, rows: Tensor) -> Tensor:
+    """As :func:`_masked_nanmean`, the largest value instead of the mean."""
+    present = rows[None] & ~torch.isnan(table)[:, None, :]  # (S, G, N)
+    ninf = torch.full_like(table[:, None, :], -math.inf)
+    top = torch.where(present, table[:, None, :], ninf).amax(-1)
+    return torch.where(present.any(-1), top, torch.full_like(top, math.nan))
 
 
 def _finite(values: dict[str, float]) -> dict[str, float]:
@@ -355,6 +364,9 @@ class ScoreMonitor:
         )
         counts = rows.sum(dim=1).tolist()
         means_table = _masked_nanmean(table, rows)  # (S, G)
+        largest = torch.tensor([k in rules.GROUP_SCORES for k in names], device=table.device)
+        if bool(largest.any()):  # a group's score: its strongest group, not the average
+            means_table = torch.where(largest[:, None], _masked_nanmax(table, rows), means_table)
         fill_table = _masked_nanmean(fills, rows)
         chosen = torch.where(torch.isnan(means_table), fill_table, means_table).tolist()
 

@@ -52,6 +52,7 @@ SHORTCUT_SCORES: tuple[str, ...] = (
     "background_reliance",
     "colour_reliance",
     "texture_reliance",
+    "sub_class_stamped_cue",
 )
 """The mask-free probes' scores (:mod:`lightning_saliency.shortcut_scores`): they need the
 model, so they are computed there and handed to the monitor."""

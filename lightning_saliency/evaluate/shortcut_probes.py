@@ -100,6 +100,7 @@ from lightning_saliency.evaluate.scores import (
     hottest_points,
     relevance,
 )
+from lightning_saliency.evaluate.strategies import sub_class_stamped_cue
 
 _EPS = 1e-12
 CHANCE_PLACES = 8  # random crops per image for attended consensus's chance level
@@ -303,7 +304,8 @@ def attended_consensus(
     settings = settings or ProbeSettings()
     x = images.float()
     mass = smoothed_mass(maps.to(x.device), settings.smooth_fraction, signed_mass)
-    return _consensus(x, mass, groups, peers, settings, _chance_similarity(x, settings))
+    attended = _attended_similarity(x, mass, settings)
+    return _consensus_of(attended, groups, peers, _chance_similarity(x, settings))
 
 
 def _crop_geometry(images: Tensor, settings: ProbeSettings) -> tuple[int, int]:
@@ -327,23 +329,21 @@ def _chance_similarity(images: Tensor, settings: ProbeSettings) -> Tensor:
     return torch.stack(levels)[:, others].mean() if n > 1 else images.new_zeros(())
 
 
-def _consensus(
-    images: Tensor,
-    mass: Tensor,
-    groups: Tensor,
-    peers: Tensor | None,
-    settings: ProbeSettings,
-    chance: Tensor,
-) -> Tensor:
-    """Attended consensus from the smoothed ``mass`` and the ``chance`` level."""
-    n = images.shape[0]
+def _attended_similarity(images: Tensor, mass: Tensor, settings: ProbeSettings) -> Tensor:
+    """``(N, N)``: how alike the crops around each map's hottest point are."""
     side, shift = _crop_geometry(images, settings)
-    attended = _crop_similarity(images, hottest_points(mass, tie=_EPS), side, shift)
-    groups = groups.to(images.device)
+    return _crop_similarity(images, hottest_points(mass, tie=_EPS), side, shift)
+
+
+def _consensus_of(attended: Tensor, groups: Tensor, peers: Tensor | None, chance: Tensor) -> Tensor:
+    """Attended consensus from the crops' similarity ``attended`` ``(N, N)``."""
+    n = attended.shape[0]
+    device = attended.device
+    groups = groups.to(device)
     same = groups[:, None] == groups[None, :]
     if peers is not None:
-        same &= peers.to(images.device)[None, :].bool()
-    same &= ~torch.eye(n, dtype=torch.bool, device=images.device)
+        same &= peers.to(device)[None, :].bool()
+    same &= ~torch.eye(n, dtype=torch.bool, device=device)
     count = same.sum(1)
     excess = (attended * same).sum(1) / count.clamp(min=1) - chance
     return torch.where(count > 0, excess, torch.full_like(excess, math.nan))
@@ -435,7 +435,9 @@ def shortcut_scores(
         for i, method in enumerate(named):
             hot, ring, _ = perturbed[i].unbind(1)
             small_cue = ((ring - hot) / (1 - chance)).clamp(-1, 1)
-            consensus = _consensus(images, masses[i], group_of, peers, settings, crops_by_chance)
+            attended = _attended_similarity(images, masses[i], settings)
+            consensus = _consensus_of(attended, group_of, peers, crops_by_chance)
+            judged_peers = None if peers is None else peers.to(x.device)
             scores = {
                 "small_cue_reliance": small_cue,
                 "attended_consensus": consensus,
@@ -443,6 +445,9 @@ def shortcut_scores(
                 "background_reliance": kept_decision(per_method[i, :, 2], wanted),
                 "colour_reliance": colour,
                 "texture_reliance": texture,
+                "sub_class_stamped_cue": sub_class_stamped_cue(
+                    attended, small_cue, group_of, judged_peers
+                ),
             }
             if not judged:  # no decision to probe: nothing is judged
                 scores = {k: torch.full_like(v, math.nan) for k, v in scores.items()}
