@@ -1,5 +1,5 @@
 """Cost of each registered method per image (resnet18, 224 px, CPU threads as set), and the
-README's methods table: name, what it shows, passes per image and cost class come from the
+docs/methods.md's methods table: name, what it shows, passes per image and cost class come from the
 registry, the seconds from this run.
 
     python benchmarks/methods.py [--n 2] [--size 224]

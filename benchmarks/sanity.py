@@ -1,5 +1,5 @@
-"""The README's "Can I trust this map?" tables: the sanity check and the faithfulness test on a
-model trained here on the generated shapes (no shortcut), and what they cost.
+"""The "Can I trust this map?" tables (docs/trust.md): the sanity check and the faithfulness
+test on a model trained here on the generated shapes (no shortcut), and what they cost.
 
     python benchmarks/sanity.py demo       # the demo CNN, 48 px, 4 epochs on 1000 images
     python benchmarks/sanity.py resnet18   # torchvision's resnet18, 64 px, 4 epochs on 3000

@@ -1,5 +1,5 @@
-"""The README's table of every method's options, generated from the registry (a test keeps the
-README equal to it).
+"""The table of every method's options (``docs/methods.md``), generated from the registry: the
+documentation site's build puts it in the page (``docs/site_hooks.py``).
 
     python docs/options_table.py
 """
@@ -16,7 +16,7 @@ def option_docs(method: SaliencyMethod) -> dict[str, str]:
     """Each option's one-paragraph description, from the ``Attributes:`` section of the
     options dataclass's docstring.
 
-    Example:
+    Examples:
         >>> option_docs(METHODS["dff"])["components"]
         'how many concepts (K) to factorise the layer into.'
     """
@@ -41,7 +41,7 @@ def option_docs(method: SaliencyMethod) -> dict[str, str]:
 
 
 def options_markdown() -> str:
-    """The README's table of every method's options (generated; a test keeps them equal)."""
+    """The table of every method's options, as the methods page shows it."""
     rows = [
         "| method | option | default | flat name | meaning |",
         "| --- | --- | --- | --- | --- |",

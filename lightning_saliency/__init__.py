@@ -5,7 +5,7 @@ subpackages behind it are ``engine`` (``explain()`` and the methods), ``evaluate
 probes, sanity check, alarms), ``viz`` (pictures), ``publish`` (loggers), ``callback`` and
 ``cli``.
 
-Example:
+Examples:
     >>> from lightning_saliency import SaliencyCallback, explain
     >>> from lightning_saliency import MethodOptions, cam_method, register
 """

@@ -6,7 +6,7 @@ setup (or pytest's ``caplog``) receives them; when nothing is configured at all,
 handler of our own prints them as bare lines, without the source path that ``warnings.warn``
 adds.
 
-Example:
+Examples:
     >>> import logging
     >>> logging.getLogger("lightning_saliency").name
     'lightning_saliency'
@@ -54,7 +54,7 @@ def moved(old: str, new: str) -> None:
     """Say that the module ``old`` moved to ``new`` (a ``FutureWarning``: the old path keeps
     working for one release).
 
-    Example:
+    Examples:
         >>> import warnings
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")

@@ -9,7 +9,7 @@ class SaliencyConfigError(MisconfigurationException, ValueError):
     It is a Lightning ``MisconfigurationException`` (so it reads like Lightning's own errors)
     and a ``ValueError`` (so plain ``explain()`` users can catch it without Lightning).
 
-    Example:
+    Examples:
         >>> try:
         ...     raise SaliencyConfigError("unknown method 'gradcan'")
         ... except ValueError as err:

@@ -130,7 +130,7 @@ def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 
 def options_table() -> Any:
-    """``docs/options_table.py``, the generator of the README's options table, as a module."""
+    """``docs/options_table.py``, the generator of the methods page's options table, as a module."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "options_table.py")

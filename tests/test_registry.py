@@ -287,13 +287,13 @@ def test_a_method_without_a_dataclass_for_options_is_refused():
 
 
 def test_the_readme_example_of_adding_a_method_works(images, tmp_path, monkeypatch):
-    """The README's "Adding a method" snippet, run as written."""
+    """The methods page's "Adding a method" snippet, run as written."""
     from pathlib import Path
 
     from helpers import options_table
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("### Adding a method") :]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "methods.md").read_text()
+    section = page[page.index("## Adding a method") :]
     code = section[section.index("```python") + len("```python") : section.index("```\n", 10)]
     (tmp_path / "powercam_example.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -3,7 +3,7 @@ weights, a small input, the four default methods; Grad-CAM against pytorch-grad-
 
 The table is written by hand: each architecture's expected auto-detected layer, the layer
 pytorch-grad-cam's docs use, and how that layer's output is read (``layout``). Running this
-file with ``ZOO_TABLE=path`` writes the README's "Supported models" table from the run.
+file with ``ZOO_TABLE=path`` writes the "Supported models" table of docs/models.md from the run.
 """
 
 from __future__ import annotations

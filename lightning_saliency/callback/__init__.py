@@ -1,7 +1,7 @@
 """``SaliencyCallback`` and its parts: the checked configuration, the pre-flight dry run, the
 fixed samples, one logged run, the failure policy, DDP sharing, and ``SaliencyEarlyStopping``.
 
-Example:
+Examples:
     >>> from lightning_saliency.callback import SaliencyCallback
 """
 

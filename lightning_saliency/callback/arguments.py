@@ -22,7 +22,7 @@ from lightning_saliency.errors import SaliencyConfigError
 def positive_int(name: str, value: Any, minimum: int = 1) -> int:
     """``value`` if it is an int ``>= minimum``.
 
-    Example:
+    Examples:
         >>> positive_int("num_samples", 4)
         4
         >>> try:
@@ -59,7 +59,7 @@ def labels_tensor(labels: Any, count: int | None) -> Tensor | None:
     """Labels of explicit samples: ints (a list, as YAML gives, or a tensor), one per sample,
     none negative.
 
-    Example:
+    Examples:
         >>> labels_tensor([0, 1, 2], 3).tolist()
         [0, 1, 2]
     """
@@ -91,7 +91,7 @@ def masks_tensor(masks: Any, samples: Tensor | None) -> Tensor | None:
     """Object masks of explicit samples: ``(N, H, W)`` or ``(N, 1, H, W)``, one per sample, at
     the samples' size; returned as booleans ``(N, H, W)``.
 
-    Example:
+    Examples:
         >>> masks_tensor(torch.ones(2, 1, 4, 4), torch.zeros(2, 3, 4, 4)).shape
         torch.Size([2, 4, 4])
     """
@@ -122,7 +122,7 @@ def normalisation(
     """``mean`` and ``std`` to undo for display: both or neither, one finite number per
     channel, ``std > 0``.
 
-    Example:
+    Examples:
         >>> normalisation([0.5, 0.5, 0.5], [0.2, 0.2, 0.2], channels=3)
         ([0.5, 0.5, 0.5], [0.2, 0.2, 0.2])
     """
@@ -216,7 +216,7 @@ def display_sign(
     signed method, or a dict ``{method: sign}`` naming methods among ``methods`` whose maps are
     ``signed``.
 
-    Example:
+    Examples:
         >>> display_sign({"m": "positive"}, ["m"], ["m"], str)
         {'m': 'positive'}
     """

@@ -58,7 +58,9 @@ class SaliencyCallback(L.Callback):
         samples: explicit images ``N×C×H×W`` instead of sampling the val set.
         labels: labels of explicit ``samples``.
         masks: object masks ``N×H×W`` of explicit ``samples`` (enable localisation scores).
-        image_key, label_key, mask_key: dict-batch keys.
+        image_key: the images' key in dict batches.
+        label_key: the labels' key.
+        mask_key: the object masks' key.
         dataloader_idx: which val dataloader to sample from when there are several.
         ig_steps: integration steps, or ``"auto"`` (fewest steps with <= 1 % completeness error).
         ig_internal_batch_size: images per IG pass (bounds memory); ``None``: the memory of 16
@@ -67,7 +69,8 @@ class SaliencyCallback(L.Callback):
         method_options: any method's options, ``{"smoothgrad": {"samples": 16}}``; see
             :func:`lightning_saliency.available_options`.
         denormalize: undo the input normalisation for display (auto-detected ``Normalize``).
-        mean, std: normalisation to undo when it cannot be detected.
+        mean: the normalisation's mean, to undo when it cannot be detected.
+        std: its standard deviation.
         class_names: names for captions; default: the datamodule's or dataset's ``classes``.
         tile_size: side of each tile in pixels (caps event-file size).
         thresholds: alarm thresholds over the defaults of
@@ -90,15 +93,12 @@ class SaliencyCallback(L.Callback):
             explained class; default) or ``"absolute"`` (magnitude, both signs).
         sanity_check: run :func:`lightning_saliency.sanity_check` (the cascading
             randomisation test) and :func:`lightning_saliency.faithfulness` once, at the first
-            logged run of a fit, on the fixed samples; their tables and figure go to the
-            loggers (``saliency/sanity``). It costs about five explanations of the samples,
-            once. ``check_sanity()`` runs it on demand.
+            logged run of a fit, on the fixed samples (``saliency/sanity``; about five
+            explanations, once). ``check_sanity()`` runs it on demand.
         sanity_gate: a method that fails the sanity check keeps its pictures and scores, but
             raises no alarm (``False``: it alarms as the others).
         shortcut_probes: score every logged run's maps for shortcuts without masks, by
-            asking the model (:func:`lightning_saliency.shortcut_scores`: small-cue reliance,
-            attended-content consensus, background reliance). Three extra forwards per sample
-            and method; ``False`` leaves them out.
+            asking the model (:func:`lightning_saliency.shortcut_scores`); ``False``: none.
         layout: how to read the target layer's output: ``"auto"``, ``"nchw"``, ``"nhwc"``
             (channels last, e.g. Swin) or ``"tokens"`` (ViTs, any prefix tokens).
         reshape: a function from the layer's output to ``(N, C, h, w)`` for other layouts.
@@ -122,7 +122,7 @@ class SaliencyCallback(L.Callback):
             an unusable target layer, labels or target out of range, mean/std that do not fit
             the channels, outputs that are not finite, a sharded strategy).
 
-    Example:
+    Examples:
         >>> from lightning_saliency import SaliencyCallback
         >>> cb = SaliencyCallback(methods=("gradcam", "ig"), num_samples=4, every_n_epochs=2)
         >>> cb.methods, cb.config.every_n_epochs

@@ -17,7 +17,7 @@ samples as one process. Where the order is not fixed (a random or custom sampler
 validation run are taken, on rank zero (:attr:`SampleCapture.kept` says why); the caller keeps
 the first it gets.
 
-Example:
+Examples:
     >>> from torch.utils.data import DataLoader
     >>> data = [(torch.full((1, 2, 2), float(i)), i % 2) for i in range(6)]
     >>> loader = DataLoader(data, batch_size=4)
@@ -63,7 +63,7 @@ def rank_batches(loader: Any, world: int = 1) -> list[list[list[int]]] | None:
     the dataset itself, under the default ``BatchSampler``; ``None`` otherwise. No RNG is
     drawn and the loader is not iterated.
 
-    Example:
+    Examples:
         >>> from torch.utils.data import DataLoader
         >>> rank_batches(DataLoader(list(range(5)), batch_size=2))
         [[[0, 1], [2, 3], [4]]]
@@ -103,7 +103,7 @@ def rank_batches(loader: Any, world: int = 1) -> list[list[list[int]]] | None:
 def unfixed_reason(loader: Any) -> str:
     """Why a loader's order is not fixed, for the message.
 
-    Example:
+    Examples:
         >>> from torch.utils.data import DataLoader
         >>> unfixed_reason(DataLoader(list(range(4)), shuffle=True))
         'its sampler is a RandomSampler'

@@ -8,7 +8,7 @@ its fix, before any training. What depends on the model or the data is checked l
 dry run (:mod:`.dry_run`). The callback's signature stays flat, so LightningCLI and YAML set
 the same argument names.
 
-Example:
+Examples:
     >>> config = SaliencyConfig.check({"methods": ("gradcam", "ig"), "name": "deep"})
     >>> config.methods, config.prefix
     (('gradcam', 'integrated_gradients'), 'saliency/deep')

@@ -15,7 +15,7 @@ A plain ``EarlyStopping`` on a saliency key is refused when the fit starts
 an unchanged value is never better than itself, so with its default ``save_top_k=1`` it saves
 at logged runs only.
 
-Example:
+Examples:
     >>> stop = SaliencyEarlyStopping(monitor="saliency/gradcam/corner_enrichment", mode="min")
     >>> stop.patience
     3

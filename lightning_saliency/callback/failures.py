@@ -12,7 +12,7 @@
 - what happened joins the run's alarm text (:meth:`FailurePolicy.news`) for people who only
   look at TensorBoard.
 
-Example:
+Examples:
     >>> policy = FailurePolicy()
     >>> with policy.step("scores", "scoring", "no scores this run"):
     ...     raise ValueError("NaN")
@@ -117,7 +117,7 @@ class FailurePolicy:
 def describe(err: BaseException) -> str:
     """``Type: first line of the message``.
 
-    Example:
+    Examples:
         >>> describe(ValueError("bad value\\nmore"))
         'ValueError: bad value'
     """

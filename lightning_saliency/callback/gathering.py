@@ -38,7 +38,7 @@ class Gathers(Protocol):
 def share_of(n: int, rank: int, world: int) -> list[int]:
     """The sample indices rank ``rank`` of ``world`` explains.
 
-    Example:
+    Examples:
         >>> share_of(5, 0, 2), share_of(5, 1, 2)
         ([0, 2, 4], [1, 3])
     """
@@ -48,7 +48,7 @@ def share_of(n: int, rank: int, world: int) -> list[int]:
 def shareable(methods: Sequence[str]) -> tuple[list[str], list[str]]:
     """The methods whose samples can be split across ranks, and the others (concepts).
 
-    Example:
+    Examples:
         >>> shareable(["gradcam", "dff", "integrated_gradients"])
         (['gradcam', 'integrated_gradients'], ['dff'])
     """

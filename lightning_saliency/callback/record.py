@@ -9,7 +9,7 @@ loads with ``torch.load(weights_only=True)``; a resumed fit loads it and continu
 story. It also holds, unsaved, what the pre-flight found for display: the normalisation to
 undo and the class names.
 
-Example:
+Examples:
     >>> from lightning_saliency.callback.config import SaliencyConfig
     >>> record = FitRecord(SaliencyConfig.check({"methods": ["gradcam"]}))
     >>> sorted(record.state_dict())[:3]
@@ -169,7 +169,7 @@ class FitRecord:
 def method_of(tag: str, prefixes: tuple[str, ...]) -> str | None:
     """The method a logged tag belongs to, under any of ``prefixes``.
 
-    Example:
+    Examples:
         >>> method_of("saliency/gradcam/consensus", ("saliency", "saliency_alarms"))
         'gradcam'
     """

@@ -50,7 +50,7 @@ class FixedSamples:
     def subset(self, rows: Sequence[int]) -> FixedSamples:
         """The samples at ``rows`` (positions in this set), in that order.
 
-        Example:
+        Examples:
             >>> s = FixedSamples(torch.zeros(4, 3, 2, 2), torch.arange(4), indices=[7, 8, 9, 10])
             >>> part = s.subset([1, 3]); part.labels.tolist(), part.indices
             ([1, 3], [8, 10])
@@ -86,7 +86,7 @@ class FixedSamples:
     ) -> FixedSamples:
         """Samples the user passed explicitly (masks ``N×1×H×W`` or ``N×H×W``).
 
-        Example:
+        Examples:
             >>> given = FixedSamples.given(torch.zeros(2, 3, 4, 4), masks=torch.ones(2, 1, 4, 4))
             >>> given.masks.shape
             torch.Size([2, 4, 4])
@@ -170,7 +170,7 @@ def read_labels(raw: Any, n: int) -> LabelReading:
     one). Multi-hot rows (several ones) are a multi-label task; other forms are not classes,
     and ``problem`` says what they are.
 
-    Example:
+    Examples:
         >>> read_labels(torch.tensor([[0, 1.0], [0.9, 0.1]]), 2).labels.tolist()
         [1, 0]
         >>> read_labels(torch.tensor([[1, 1.0], [0, 1.0]]), 2).multi_hot
@@ -209,7 +209,7 @@ def split_batch(
     """``(images, labels, masks)`` from a batch, the labels read as classes
     (:func:`read_labels`; ``None`` when they are not).
 
-    Example:
+    Examples:
         >>> x, y, m = split_batch({"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([0, 1])})
         >>> x.shape, y.tolist(), m
         (torch.Size([2, 3, 8, 8]), [0, 1], None)
@@ -257,7 +257,7 @@ def choose_indices(
     private generator and spread over classes (round robin) when labels are known. The global
     RNG is never touched.
 
-    Example:
+    Examples:
         >>> ds = [(torch.zeros(3, 4, 4), i % 2) for i in range(10)]
         >>> idx = choose_indices(ds, 4, seed=0)
         >>> sorted(ds[i][1] for i in idx)
@@ -328,7 +328,7 @@ def find_normalize(dataset: Any) -> tuple[list[float], list[float]] | None:
     """``(mean, std)`` of a torchvision ``Normalize`` (``transforms`` or ``transforms.v2``)
     among the dataset's transforms, through ``Subset``/``ConcatDataset`` chains, if any.
 
-    Example:
+    Examples:
         >>> from torchvision.transforms import v2
         >>> from torch.utils.data import Subset
         >>> class Data(list):
@@ -351,7 +351,7 @@ def find_class_names(*owners: Any) -> list[str] | None:
     """Class names from the first ``classes`` list among ``owners`` (the datamodule, the
     loader's dataset) and the datasets they wrap (``Subset``, ``ConcatDataset``).
 
-    Example:
+    Examples:
         >>> from torch.utils.data import Subset
         >>> class Data(list):
         ...     classes = ["cat", "dog"]

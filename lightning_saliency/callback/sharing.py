@@ -12,7 +12,7 @@ The pipeline asks two things of the ranks and never looks at the world size itse
 - :meth:`Sharing.any_rank`: which flags are raised on any rank, in one collective (the failure
   policy's agreement); one process answers alone.
 
-Example:
+Examples:
     >>> Sharing().any_rank([True, False])
     [True, False]
 """

@@ -1,7 +1,7 @@
 """What the demo and the tests train on, with nothing downloaded: generated shapes with a
 planted shortcut (:mod:`.shapes`) and a small classifier (:mod:`.classifier`).
 
-Example:
+Examples:
     >>> from lightning_saliency.demos import ShapesClassifier, ShortcutDataModule
 """
 

@@ -15,7 +15,7 @@ class ShapesClassifier(L.LightningModule):
     """A small CNN (conv-BN-ReLU blocks, dropout, linear head) for ``{"image", "label"}``
     batches, logging accuracy per validation dataloader (``val_acc/dataloader_idx_N``).
 
-    Example:
+    Examples:
         >>> model = ShapesClassifier(num_classes=4)
         >>> model(torch.zeros(2, 3, 48, 48)).shape
         torch.Size([2, 4])
@@ -91,7 +91,7 @@ def demo_trainer(max_epochs: int, logger: Any, callbacks: list[L.Callback]) -> L
     """The quiet, deterministic ``Trainer`` the demo and the benchmarks fit with: no progress
     bar, summary or checkpoints, metrics logged every 10 steps.
 
-    Example:
+    Examples:
         >>> demo_trainer(1, False, []).max_epochs
         1
     """

@@ -61,7 +61,7 @@ def draw_shapes(
     top and left edges, on random smooth backgrounds: ``images`` (shape painted),
     ``background`` (without it), ``colours``, ``labels`` and ``masks``.
 
-    Example:
+    Examples:
         >>> out = draw_shapes(2, 32, 4, torch.Generator().manual_seed(0), radius=(0.07, 0.03))
         >>> out["images"].shape, bool(out["masks"].float().mean() < 0.05)
         (torch.Size([2, 3, 32, 32]), True)
@@ -102,7 +102,7 @@ def make_shortcut_images(
     the cue's class (``patch_labels``), the corner patch's mask (``patch_mask``) and where each
     image's cue is (``cue_masks``, ``(N, size, size)``).
 
-    Example:
+    Examples:
         >>> data = make_shortcut_images(8, size=32, shortcut_p=1.0)
         >>> data["images"].shape, bool((data["patch_labels"] == data["labels"]).all())
         (torch.Size([8, 3, 32, 32]), True)
@@ -181,7 +181,7 @@ class ShortcutShapes(Dataset[dict[str, Tensor]]):
     ``"mask"`` with ``masks=False``, as most real data sets), with a torchvision ``Normalize``
     in ``transform`` (the callback finds it to de-normalise).
 
-    Example:
+    Examples:
         >>> ds = ShortcutShapes(4, size=32)
         >>> sorted(ds[0]), ds.classes[:2]
         (['image', 'label', 'mask'], ['circle', 'square'])
@@ -223,7 +223,7 @@ class ShortcutDataModule(L.LightningDataModule):
     intact, index 1 with it broken (the cue always lies). ``masks=False`` leaves the object
     masks out of the batches.
 
-    Example:
+    Examples:
         >>> dm = ShortcutDataModule(n_train=16, n_val=8, size=32)
         >>> dm.setup("fit"); len(dm.val_dataloader())
         2

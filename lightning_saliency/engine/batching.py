@@ -14,7 +14,7 @@ def internal_batch_size(option: int | None, images: Tensor) -> int:
     """Rows per pass on the CPU: the option, or (``None``) as many as take the memory of 16
     images at 224 x 224, so small inputs run in few large passes and large ones stay bounded.
 
-    Example:
+    Examples:
         >>> import torch
         >>> internal_batch_size(None, torch.zeros(8, 3, 224, 224))
         16

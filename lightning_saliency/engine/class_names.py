@@ -10,7 +10,7 @@ from collections.abc import Sequence
 def class_name(names: Sequence[str] | None, index: int) -> str:
     """The name of class ``index`` (its number when no names are known).
 
-    Example:
+    Examples:
         >>> class_name(["cat", "dog"], 1), class_name(None, 7)
         ('dog', '7')
     """

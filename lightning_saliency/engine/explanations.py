@@ -67,7 +67,7 @@ class Explanations(Mapping[str, Tensor]):
 def normalize_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
     """Canonical, de-duplicated method names; raises listing the known ones.
 
-    Example:
+    Examples:
         >>> normalize_methods("gradcam,ig")
         ('gradcam', 'integrated_gradients')
     """
@@ -96,7 +96,7 @@ def explanation_context(model: nn.Module) -> Iterator[None]:
     :func:`~lightning_saliency.engine.module_state.buffers_kept`) and RNG states are exactly as
     found.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
         >>> with torch.no_grad(), explanation_context(net):
         ...     print(net.training, torch.is_grad_enabled(), net[0].weight.requires_grad)
@@ -132,7 +132,7 @@ def eager_module(model: nn.Module) -> nn.Module:
     """The module ``torch.compile`` wrapped (hooks belong on it, and it is explained eagerly),
     or ``model`` itself.
 
-    Example:
+    Examples:
         >>> net = nn.Linear(2, 2)
         >>> eager_module(torch.compile(net, backend="eager")) is net
         True
@@ -186,8 +186,9 @@ def explain(
         method_options: per-method options, ``{"smoothgrad": {"samples": 16}}``; every
             method's options and defaults are listed by
             :func:`lightning_saliency.available_options`.
-        ig_steps, ig_internal_batch_size, dff_components: the common options, as the callback
-            takes them (``None``: the method's default).
+        ig_steps: IG's steps, as the callback takes them (``None``: the method's default).
+        ig_internal_batch_size: images per IG pass (``None``: the method's default).
+        dff_components: DFF's concepts (``None``: the method's default).
         seed: the noise seed of methods that draw noise (the global RNG is never used).
         warm_start: a dict the methods keep state in from one call to the next (the callback
             passes one so that ``ig_steps="auto"`` starts near last epoch's count).
@@ -209,7 +210,7 @@ def explain(
         SaliencyConfigError: an unknown method or option, an option of the wrong type, images
             that are not ``(N, C, H, W)`` floats, targets out of range, or no usable layer.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
         ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
         >>> maps = explain(net, torch.rand(2, 3, 16, 16), methods=("gradcam", "ig"), ig_steps=8)
@@ -312,7 +313,7 @@ def layer_activations(
     ``(N, C, h, w)`` whatever the layout, and the layer's name. One forward, in the same
     safety context.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
         ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
         >>> acts, name = layer_activations(net, torch.rand(2, 3, 16, 16))

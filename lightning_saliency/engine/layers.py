@@ -23,7 +23,7 @@ _PATCH_EMBED_HINTS = ("patch_embed", "conv_proj", "to_patch", "patchify", "stem.
 def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
     """Return ``(dotted_name, module)`` for a dotted path or a module of ``model``.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
         >>> resolve_layer(net, "0")[0]
         '0'
@@ -60,7 +60,7 @@ def choose_layer(
     """The target layer: ``layer`` resolved (a dotted path or a module), or auto-detected on
     ``images`` when it is ``None`` (``scores`` turns the model's output into class scores).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
         >>> x = torch.zeros(1, 3, 8, 8)
         >>> choose_layer(net, x)[0], choose_layer(net, x, "0")[0]
@@ -99,7 +99,7 @@ class LayerLayout:
     def to_spatial(self, output: Tensor) -> Tensor:
         """``output`` as ``(N, C, h, w)``.
 
-        Example:
+        Examples:
             >>> LayerLayout("tokens", (4, 4), prefix=1).to_spatial(torch.zeros(2, 17, 8)).shape
             torch.Size([2, 8, 4, 4])
         """
@@ -154,7 +154,7 @@ def read_layout(
     grid has the image's aspect and divides it), with the module's type as a tie-breaker;
     otherwise ``layout=`` (or ``reshape=``) must say it.
 
-    Example:
+    Examples:
         >>> read_layout(torch.zeros(2, 96, 8, 8), 2, (64, 64)).layout
         'nchw'
         >>> read_layout(torch.zeros(2, 8, 8, 96), 2, (64, 64)).layout
@@ -281,7 +281,7 @@ def find_target_layer(
     the class score must reach its grid cells through autograd (after a ViT's last attention
     only the class token does).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
         ...                     nn.Flatten(), nn.Linear(8, 2))
         >>> find_target_layer(net, torch.zeros(1, 3, 16, 16))[0]
@@ -365,7 +365,7 @@ def _with_gradient(logits: object, found: list[Any]) -> list[Any]:
 def find_classifier_head(model: nn.Module, channels: int) -> nn.Module | None:
     """The last ``nn.Linear`` taking ``channels`` features: DFF sends its concepts through it.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 2))
         >>> find_classifier_head(net, 8)
         Linear(in_features=8, out_features=2, bias=True)

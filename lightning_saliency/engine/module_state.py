@@ -11,7 +11,7 @@ Why our own: neither captum nor pytorch-grad-cam touches module state (they leav
 caller), and ``torch.ao`` offers ``disable_observer`` for its own observers only. A snapshot of
 every buffer, restored in place, holds for any module.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> class Counting(nn.Linear):

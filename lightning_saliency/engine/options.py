@@ -91,7 +91,7 @@ def resolve_options(
     ``method_options`` entry that disagree are an error, as are options of methods not in
     ``methods`` and values of the wrong type.
 
-    Example:
+    Examples:
         >>> opts = resolve_options(("integrated_gradients", "occlusion"),
         ...                        {"occlusion": {"window": 8}}, {"ig_steps": 16})
         >>> opts["occlusion"].window, opts["integrated_gradients"].steps
@@ -137,7 +137,7 @@ def parse_option_assignment(text: str) -> tuple[str, str, Any]:
     """``"smoothgrad.samples=16"`` -> ``("smoothgrad", "samples", 16)``: numbers, ``true``/
     ``false`` and ``none`` are converted, anything else stays a string.
 
-    Example:
+    Examples:
         >>> parse_option_assignment("integrated_gradients.steps=auto")
         ('integrated_gradients', 'steps', 'auto')
         >>> parse_option_assignment("occlusion.window=8")

@@ -5,7 +5,7 @@ module called on its own then (DFF's classifier head scoring concepts) must be g
 tensors, and gathering one is a collective that every rank joins, in the same order: every rank
 explains the same samples with the same methods, so they do.
 
-Example:
+Examples:
     >>> import torch
     >>> head = torch.nn.Linear(3, 2)
     >>> call_with_full_weights(head, torch.zeros(1, 3)).shape

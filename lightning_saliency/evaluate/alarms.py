@@ -84,7 +84,7 @@ MAP_SCORE_MEANING: dict[str, str] = {
 def default_thresholds() -> dict[str, float]:
     """Thresholds of the map scores and of every registered method's own scores.
 
-    Example:
+    Examples:
         >>> default_thresholds()["corner_enrichment"]
         4.8
     """
@@ -101,7 +101,7 @@ def is_health(score: str) -> bool:
     error and every score a method declares about its own maps), not about the model (an
     alarm).
 
-    Example:
+    Examples:
         >>> is_health("ig_completeness_error"), is_health("dead_maps"), is_health("consensus")
         (True, True, False)
     """
@@ -141,7 +141,7 @@ def merge_thresholds(user: Mapping[str, float] | None) -> dict[str, float]:
 
     Scores in :data:`OPT_IN_ALARMS` alarm only when given a threshold here.
 
-    Example:
+    Examples:
         >>> merge_thresholds({"consensus": 0.9})["consensus"]
         0.9
         >>> "attended_consensus" in merge_thresholds(None)
@@ -172,7 +172,7 @@ def clear_of(value: float, score: str, threshold: float, margin: float) -> bool:
     """Whether ``value`` lies on the safe side of ``threshold`` by ``margin`` (a share of the
     threshold): what a raised alarm needs to count a logged run towards clearing.
 
-    Example:
+    Examples:
         >>> [clear_of(v, "corner_enrichment", 3.8, 0.25) for v in (3.65, 2.8)]
         [False, True]
         >>> [clear_of(v, "object_enrichment", 1.0, 0.25) for v in (1.2, 1.3)]
@@ -192,7 +192,7 @@ def worst_value(
     :data:`PER_CLASS_ALARMS`, the most alarming of the mean and each class's mean (so that a
     class's alarm clears by that class, not by the average of all of them).
 
-    Example:
+    Examples:
         >>> worst_value("object_enrichment", {"object_enrichment": 2.3},
         ...             {"cat": {"object_enrichment": 0.9}, "dog": {"object_enrichment": 3.0}})
         0.9
@@ -214,7 +214,7 @@ def check(
     """Alarms for one method: every score on its mean over samples; the scores in
     :data:`PER_CLASS_ALARMS` also on each class's mean (the worst class is reported).
 
-    Example:
+    Examples:
         >>> thresholds = default_thresholds()
         >>> [a.score for a in check("gradcam", {"corner_enrichment": 6.0}, {}, thresholds)]
         ['corner_enrichment']

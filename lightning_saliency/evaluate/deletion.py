@@ -83,7 +83,7 @@ class FaithfulnessReport:
 def blurred(images: Tensor, sigma: float | None = None) -> Tensor:
     """A Gaussian blur of ``(N, C, H, W)`` images (``sigma``: 1/16 of the shorter side).
 
-    Example:
+    Examples:
         >>> x = torch.zeros(1, 1, 16, 16); x[..., 8, 8] = 1
         >>> b = blurred(x); round(float(b.sum()), 3), float(b.max()) < 1
         (1.0, True)
@@ -109,7 +109,7 @@ def target_probabilities(
     """The softmax probability of ``targets[i]`` for each of ``rows``, ``chunk`` rows per
     forward, and the number of classes.
 
-    Example:
+    Examples:
         >>> net = nn.Linear(2, 4)
         >>> probs, classes = target_probabilities(net, torch.zeros(3, 2), torch.zeros(3).long(), 2)
         >>> probs.shape, classes
@@ -125,7 +125,7 @@ def class_probabilities(
     """``(R, K)``: the softmax over the classes for each of ``rows``, ``chunk`` rows per
     forward.
 
-    Example:
+    Examples:
         >>> class_probabilities(nn.Linear(2, 4), torch.zeros(3, 2), 2).shape
         torch.Size([3, 4])
     """
@@ -198,7 +198,7 @@ def faithfulness(
         batch_size: perturbed images per forward (``None``: the memory of 16 images at 224 px).
         output_transform: as :func:`~lightning_saliency.explain`.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
         ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
         >>> x = torch.rand(2, 3, 16, 16)

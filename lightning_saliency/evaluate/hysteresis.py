@@ -13,7 +13,7 @@ the cue stayed learnt from 6 to 0). Method-health notes clear one by one. The
 the model (shortcut and localisation scores), and the **notes**, about a method's own health
 (IG's completeness error, dead maps), which are never counted or shown as alarms.
 
-Example:
+Examples:
     >>> from lightning_saliency.evaluate.alarms import Alarm
     >>> ledger = Ledger("alarm")
     >>> [e.state for e in ledger.update(0, [Alarm("gradcam", "consensus", 0.9, 0.8)], {})]

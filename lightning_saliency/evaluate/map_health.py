@@ -7,7 +7,7 @@ there; an input gradient can vanish below float precision through a deep, satura
 (MobileNetV3's hard-swish, EfficientNet's stochastic depth at random weights). The callback
 says so once per method, with the reason, rather than drawing an empty grid in silence.
 
-Example:
+Examples:
     >>> import torch
     >>> blank_maps({"gradcam": torch.stack([torch.zeros(4, 4), torch.rand(4, 4) + 0.1])})
     {'gradcam': 1}
@@ -29,7 +29,7 @@ def blank(maps: Tensor) -> Tensor:
     """Per image, whether its map (or all its concept maps) is constant or below
     :data:`FLOOR` everywhere.
 
-    Example:
+    Examples:
         >>> blank(torch.tensor([[[1.0, 1.0]], [[0.0, 1e-20]], [[0.0, 1.0]]])).tolist()
         [True, True, False]
     """
@@ -48,7 +48,7 @@ def blank_maps(out: Mapping[str, Tensor]) -> dict[str, int]:
 def blank_reason(method: str, layer: str | None) -> str:
     """Why a method's map can be blank, and what to do.
 
-    Example:
+    Examples:
         >>> blank_reason("gradcam", "layer4").startswith("the class evidence at layer 'layer4'")
         True
     """

@@ -6,7 +6,7 @@ keeps the public record a user reads after (or during) a run: ``alarms`` (every 
 cleared and back again) and ``history`` (the scores of each logged epoch). It needs no
 Trainer: every rank of a distributed run feeds it the same maps and so holds the same record.
 
-Example:
+Examples:
     >>> import torch
     >>> from lightning_saliency.engine.explanations import Explanations
     >>> maps = torch.zeros(4, 12, 12); maps[:, :2, :2] = 1.0       # every map in one corner

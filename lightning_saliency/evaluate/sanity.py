@@ -55,7 +55,7 @@ def randomisation_order(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The modules the cascade randomises, head first: those with ``reset_parameters``, in
     reverse ``named_modules()`` order (Quantus's ``top_down``).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
         >>> [name for name, _ in randomisation_order(net)]
         ['3', '0']
@@ -67,7 +67,7 @@ def cascade_depths(layers: int, depths: int | Sequence[int] | None) -> list[int]
     """How many layers are randomised at each comparison: ``None`` every depth; an int ``k``
     that many, evenly spread from the head alone (1) to the whole model; or the given list.
 
-    Example:
+    Examples:
         >>> cascade_depths(10, 4), cascade_depths(3, None), cascade_depths(10, [2, 5])
         ([1, 4, 7, 10], [1, 2, 3], [2, 5])
     """
@@ -248,8 +248,11 @@ def sanity_check(
 
     Args:
         model: the trained classifier (left untouched: the test randomises a copy).
-        images, targets, methods, target_layer: as :func:`lightning_saliency.explain`; the
-            targets stay those of the trained model all the way down the cascade.
+        images: as :func:`lightning_saliency.explain`.
+        targets: as :func:`lightning_saliency.explain`; they stay those of the trained model
+            all the way down the cascade.
+        methods: as :func:`lightning_saliency.explain`.
+        target_layer: as :func:`lightning_saliency.explain`.
         depths: where to compare (:func:`cascade_depths`): ``4`` comparisons from the head
             alone to the whole model; ``None`` after every layer (as Quantus).
         threshold: the pass mark on the mean absolute-map Spearman.
@@ -264,7 +267,7 @@ def sanity_check(
         :class:`SanityReport`. It costs ``1 + len(depths)`` explanations of ``images`` (one
         fewer with ``original``) and one copy of the model.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
         ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
         >>> report = sanity_check(net, torch.rand(2, 3, 16, 16), methods=("gradcam",))
@@ -285,7 +288,7 @@ def randomisable(model: nn.Module) -> Iterator[nn.Module]:
     refuses copies), the model itself, every parameter and buffer put back bit for bit
     afterwards, also after an error. Every rank randomises and restores together.
 
-    Example:
+    Examples:
         >>> net = nn.Linear(2, 2); before = net.weight.clone()
         >>> with randomisable(net) as twin:
         ...     twin is net

@@ -69,7 +69,7 @@ def relevance(maps: Tensor, signed_mass: SignedMass = "positive") -> Tensor:
     as Quantus does with ``abs=False`` on a positive map; ``"absolute"`` counts both by
     magnitude (Quantus ``abs=True``). Non-negative maps are the same under either rule.
 
-    Example:
+    Examples:
         >>> m = torch.tensor([[[-3.0, 1.0]]])
         >>> relevance(m).tolist(), relevance(m, "absolute").tolist()
         ([[[0.0, 1.0]]], [[[3.0, 1.0]]])
@@ -110,7 +110,7 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     at their mean rank as scipy's ``spearmanr`` (0 where a row is constant). One sort per
     stack: torchmetrics' ``spearman_corrcoef`` loops over the ties in Python.
 
-    Example:
+    Examples:
         >>> rank_correlation(torch.tensor([[1.0, 2, 2, 5]]), torch.tensor([[0.0, 1, 1, 9]]))
         tensor([1.])
     """
@@ -121,7 +121,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample Spearman rank correlation of two ``(N, H, W)`` map stacks (0 if constant),
     at most 32 pixels a side (what drift compares).
 
-    Example:
+    Examples:
         >>> m = torch.rand(2, 8, 8)
         >>> spearman(m, m * 3 + 1).round(decimals=4).tolist()
         [1.0, 1.0]
@@ -136,7 +136,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 def object_energy(maps: Tensor, masks: Tensor, signed_mass: SignedMass = "positive") -> Tensor:
     """Share of each map's mass inside its object mask (Quantus ``RelevanceMassAccuracy``).
 
-    Example:
+    Examples:
         >>> maps = torch.tensor([[[3.0, 1.0]]]); masks = torch.tensor([[[True, False]]])
         >>> object_energy(maps, masks).item()
         0.75
@@ -149,7 +149,7 @@ def object_energy(maps: Tensor, masks: Tensor, signed_mass: SignedMass = "positi
 def enrichment(maps: Tensor, region: Tensor, signed_mass: SignedMass = "positive") -> Tensor:
     """Mass share in ``region`` divided by the region's area share (1 = indifferent).
 
-    Example:
+    Examples:
         >>> maps = torch.zeros(1, 4, 4); maps[0, 0, 0] = 1
         >>> region = torch.zeros(4, 4, dtype=torch.bool); region[:2, :2] = True
         >>> enrichment(maps, region).item()
@@ -181,7 +181,7 @@ def pointing_game(
     favours the top-left corner). With ``tolerance=0`` and a single maximum this is Quantus
     ``PointingGame``.
 
-    Example:
+    Examples:
         >>> maps = torch.zeros(1, 5, 5); maps[0, 1:4, 1:4] = 1  # a flat 3x3 top
         >>> masks = torch.zeros(1, 5, 5, dtype=torch.bool); masks[0, 2, 2] = True
         >>> pointing_game(maps, masks, tolerance=0).item()  # its centre, not (1, 1)
@@ -200,7 +200,7 @@ def hottest_points(mass: Tensor, tie: float = 0.0) -> Tensor:
     """``(N, 2)`` row and column of each ``(N, H, W)`` map's maximum; where several pixels
     are within ``tie`` of it, the centre of those maxima (never the first in raster order).
 
-    Example:
+    Examples:
         >>> m = torch.zeros(1, 5, 5); m[0, 1:4, 1:4] = 1
         >>> hottest_points(m).tolist()
         [[2, 2]]
@@ -221,7 +221,7 @@ def pointing_tolerance(size: tuple[int, int], cells: tuple[int, int] | None) -> 
     resolution a layer map has (``ceil(side / cells)``, the larger of height and width);
     0 (pixel-exact) when no target layer was used.
 
-    Example:
+    Examples:
         >>> pointing_tolerance((48, 48), (12, 12)), pointing_tolerance((224, 224), (7, 7))
         (4, 32)
         >>> pointing_tolerance((48, 48), None)
@@ -297,7 +297,7 @@ def map_scores(
     with no mass under ``signed_mass`` (a signed map with no evidence for its class) points
     nowhere: both leave the localisation and enrichment scores NaN for that sample.
 
-    Example:
+    Examples:
         >>> maps = torch.rand(3, 16, 16); masks = torch.zeros(3, 16, 16, dtype=torch.bool)
         >>> sorted(map_scores(maps, masks))[:3]
         ['border_enrichment', 'consensus', 'corner_enrichment']
@@ -340,7 +340,7 @@ def chance_levels(masks: Tensor | None, n: int, device: torch.device) -> dict[st
     the rank accuracy and the pointing game are the object's share of the image. Alarms never
     judge these values; they keep a logged key present and finite when every map is dead.
 
-    Example:
+    Examples:
         >>> masks = torch.zeros(2, 4, 4, dtype=torch.bool); masks[:, :2] = True
         >>> levels = chance_levels(masks, 2, torch.device("cpu"))
         >>> levels["corner_enrichment"].tolist(), levels["pointing_game"].tolist()

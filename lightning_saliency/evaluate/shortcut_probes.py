@@ -138,7 +138,7 @@ def has_decision(groups: Tensor, peers: Tensor | None, min_peers: float = 0.5) -
     """Whether the model has a decision to probe: right on at least ``min_peers`` of the
     images, and, where they hold several classes (``groups``), right on more than one.
 
-    Example:
+    Examples:
         >>> labels = torch.tensor([0, 0, 1, 1])
         >>> has_decision(labels, labels == 0)  # one answer for all: half right, one class
         False
@@ -161,7 +161,7 @@ def kept_decision(probs: Tensor, targets: Tensor) -> Tensor:
     class for every perturbed image keeps nothing, however sure it is; without images of
     another target, the level is chance (``1/K``).
 
-    Example:
+    Examples:
         >>> same = torch.tensor([[0.9, 0.1], [0.9, 0.1]])    # one answer for both images
         >>> kept_decision(same, torch.tensor([0, 1])).tolist()
         [0.0, 0.0]
@@ -185,7 +185,7 @@ def smoothed_mass(maps: Tensor, fraction: float, signed_mass: SignedMass = "posi
     """:func:`~.scores.relevance` under a box filter of ``fraction`` of the
     side (odd, at least 3 pixels): the blobs regions are cut from.
 
-    Example:
+    Examples:
         >>> m = torch.zeros(1, 10, 10); m[0, 5, 5] = 9.0
         >>> smoothed_mass(m, 0.3)[0, 4:7, 4:7].tolist() == [[1.0] * 3] * 3
         True
@@ -199,7 +199,7 @@ def pixel_ranks(mass: Tensor) -> Tensor:
     """``(N, H, W)``: each pixel's place in its map's descending order (0 = the hottest; ties
     in raster order).
 
-    Example:
+    Examples:
         >>> pixel_ranks(torch.tensor([[[1.0, 3.0], [2.0, 3.0]]])).tolist()
         [[[3, 0], [2, 1]]]
     """
@@ -213,7 +213,7 @@ def pixel_ranks(mass: Tensor) -> Tensor:
 def top_region(mass: Tensor, counts: Tensor) -> Tensor:
     """Boolean ``(N, H, W)``: each map's ``counts[i]`` hottest pixels (ties in raster order).
 
-    Example:
+    Examples:
         >>> m = torch.arange(6.0).reshape(1, 2, 3)
         >>> top_region(m, torch.tensor([2])).int().tolist()
         [[[0, 0, 0], [0, 1, 1]]]
@@ -226,7 +226,7 @@ def shuffled_tiles(images: Tensor, fraction: float, seed: int = 0) -> Tensor:
     drawn from a private generator (the same for every image; pixels past the last whole tile
     stay): shapes larger than a tile go, colours and textures stay.
 
-    Example:
+    Examples:
         >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
         >>> y = shuffled_tiles(x, 0.5)
         >>> sorted(y.flatten().tolist()) == x.flatten().tolist(), y.equal(x)
@@ -293,7 +293,7 @@ def attended_consensus(
     """Per sample ``(N,)``: the mean similarity of its attended crop with those of the other
     ``peers`` of its group, minus the same for crops at random places (NaN without a peer).
 
-    Example:
+    Examples:
         >>> images = torch.rand(4, 3, 32, 32)
         >>> images[:, :, 10:15, 10:15] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
         >>> images[:, :, 11:14, 11:14] = 0.0                        # the same mark everywhere
@@ -379,7 +379,7 @@ def shortcut_scores(
         batch_size: perturbed images per forward (``None``: the memory of 16 images at 224 px).
         output_transform: as :func:`~lightning_saliency.explain`.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
         ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
         >>> out = shortcut_scores(net, torch.rand(2, 3, 16, 16), {"m": torch.rand(2, 16, 16)},

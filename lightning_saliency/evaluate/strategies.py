@@ -55,7 +55,7 @@ def group_size(count: int, share: float = GROUP_SHARE) -> int | None:
     """How many images of a class with ``count`` judged images make a group (``None``: too
     few to tell a part of the class from all of it).
 
-    Example:
+    Examples:
         >>> group_size(12), group_size(24), group_size(8)
         (3, 5, None)
     """
@@ -81,7 +81,7 @@ def sub_class_stamped_cue(
     judged images, clamped to 0..1. NaN for images not judged, or whose class is too small
     (:func:`group_size`).
 
-    Example:
+    Examples:
         >>> sim = torch.full((10, 10), 0.1); sim[:3, :3] = 0.9  # three images share a tag
         >>> sim[3:, 3:] = 0.3                                  # the others are objects
         >>> cue = torch.tensor([0.6, 0.5, 0.7, 0.0, 0.1, 0.0, 0.0, 0.1, 0.0, 0.0])

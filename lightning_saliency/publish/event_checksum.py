@@ -14,7 +14,7 @@ same bytes. Where ``google-crc32c`` has only its pure-Python fallback (no wheel 
 platform), or is not installed, TensorBoard's function is left alone: the fallback is no
 faster.
 
-Example:
+Examples:
     >>> from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
     >>> data = bytes(range(256)) * 40
     >>> masked(data) == masked_crc32c(data)
@@ -57,7 +57,7 @@ def installed() -> Iterator[bool]:
     does (``False``: no C implementation here, or TensorBoard's layout changed; nothing was
     touched).
 
-    Example:
+    Examples:
         >>> from tensorboard.summary.writer import record_writer
         >>> with installed() as done:
         ...     done == (record_writer.masked_crc32c is masked)

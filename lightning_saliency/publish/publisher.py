@@ -33,7 +33,7 @@ class Publisher:
     records are checksummed by :mod:`.event_checksum` (the same bytes, ~20x
     faster than its pure-Python loop) until :meth:`close`.
 
-    Example:
+    Examples:
         >>> publisher = Publisher([])
         >>> publisher.images({"saliency/x": torch.zeros(3, 4, 4, dtype=torch.uint8)}, step=0)
         >>> publisher.flush(), publisher.failures()

@@ -46,7 +46,7 @@ PNG_LEVEL = 1  # zlib level: 3.4x faster than PIL's default 6 on our grids, file
 def encode_png(picture: Tensor) -> bytes:
     """A ``uint8 (3, H, W)`` host picture as PNG bytes, at :data:`PNG_LEVEL`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> encode_png(torch.zeros(3, 2, 2, dtype=torch.uint8))[:4]
         b'\x89PNG'

@@ -15,7 +15,7 @@ in the order they were submitted, through a bounded queue:
 - :meth:`flush` waits for every job submitted so far: the callback flushes at the end of
   ``fit``, ``validate`` and ``test``, and on an exception, before Lightning closes its loggers.
 
-Example:
+Examples:
     >>> writer = BackgroundWriter(capacity=8)
     >>> seen = []
     >>> for i in range(5):

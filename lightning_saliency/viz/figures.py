@@ -33,7 +33,7 @@ def captions(
     ``pred 93%`` and, when the explained class is not the prediction, ``t=<target>``. With
     ``width`` (pixels), class names are abbreviated until the caption fits, never cut.
 
-    Example:
+    Examples:
         >>> import torch
         >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
         >>> captions(logits, labels=torch.tensor([0, 0]), names=["cat", "dog"])
@@ -67,7 +67,7 @@ def explanation_captions(
     """Captions of ``out``: :func:`captions`, or ``score 2.31`` per image when the maps explain
     a target function's score (a segmentation region, a regression value).
 
-    Example:
+    Examples:
         >>> import torch
         >>> out = Explanations({}, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
         ...                    extras={"target_scores": torch.tensor([2.314])})
@@ -90,7 +90,7 @@ def concept_legend(
     concept, from ``maps`` ``(N, K, H, W)``) and its two most likely classes through the
     model's head.
 
-    Example:
+    Examples:
         >>> import torch
         >>> concept_legend(torch.tensor([[3.0, 0.0], [0.0, 3.0]]), 2, ["cat", "dog"])
         ['c0: cat 95%, dog 5%', 'c1: dog 95%, cat 5%']
@@ -122,7 +122,7 @@ def tile_shape(image_size: tuple[int, int], tile_size: int) -> tuple[int, int]:
     """Tiles at most ``tile_size``; small inputs are enlarged by a whole factor (crisp
     pixels, and PNGs that compress well), large ones shrunk.
 
-    Example:
+    Examples:
         >>> tile_shape((32, 32), 112), tile_shape((224, 224), 112)
         ((96, 96), (112, 112))
     """
@@ -140,7 +140,7 @@ def display_of(method: str, sign: Signs = "all") -> render.Display:
     signed maps as ``sign`` says (one of :data:`render.SIGNS`, or a dict method -> sign; a
     method it does not name is drawn ``"all"``, zero-centred).
 
-    Example:
+    Examples:
         >>> display_of("gradcam", "absolute_value").sign, display_of("integrated_gradients").sign
         ('non_negative', 'all')
         >>> display_of("integrated_gradients", {"integrated_gradients": "positive"}).cmap
@@ -306,7 +306,7 @@ class Timeline:
     an even spread between them (by position, the epoch), so the early epochs where a shortcut
     is learnt stay in the picture however long the run.
 
-    Example:
+    Examples:
         >>> import torch
         >>> timeline = Timeline(capacity=4)
         >>> for epoch in range(10):
@@ -380,7 +380,7 @@ def spread(positions: Sequence[float], count: int) -> list[int]:
     """Indices of ``count`` of the (increasing) ``positions``: the first, the last, and for
     each evenly spaced point between them the nearest position not yet taken.
 
-    Example:
+    Examples:
         >>> spread([0, 1, 2, 3, 4, 5, 6, 7, 8], 3)
         [0, 4, 8]
         >>> spread([0, 0, 0, 0, 0, 0, 0, 0, 0], 3)  # equal positions: spread by order

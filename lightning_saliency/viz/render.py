@@ -32,7 +32,7 @@ def _lut_cpu(name: str) -> Tensor:
 def colormap_lut(name: str, device: torch.device) -> Tensor:
     """A ``(256, 3)`` float LUT of a matplotlib colour map, on ``device``.
 
-    Example:
+    Examples:
         >>> colormap_lut("jet", torch.device("cpu")).shape
         torch.Size([256, 3])
     """
@@ -58,7 +58,7 @@ class Display:
     ``"all"`` on a diverging scale around zero (blue -, red +), ``"positive"`` (reds) or
     ``"negative"`` (blues) for one part only, ``"absolute_value"`` for the magnitude.
 
-    Example:
+    Examples:
         >>> view = Display("negative")
         >>> view.part(torch.tensor([[[-2.0, 1.0]]])).tolist(), view.signed, view.cmap
         ([[[2.0, 0.0]]], False, 'Blues')
@@ -104,7 +104,7 @@ def display_scale(maps: Tensor, signed: bool = False, quantile: float = 0.995) -
     """The value shown at full colour: a high quantile of the maps' (absolute) values, one for
     the whole stack so that its tiles compare (a few hot pixels cannot wash the rest out).
 
-    Example:
+    Examples:
         >>> float(display_scale(torch.tensor([[[0.0, 2.0]], [[1.0, 4.0]]]), quantile=1.0))
         4.0
     """
@@ -123,7 +123,7 @@ def scale_maps(
     :func:`display_scale`). Unsigned maps: ``0 -> 0``, ``top -> 1``. Signed maps: ``0 -> 0.5``,
     ``-top -> 0``, ``+top -> 1``. Constant maps become zeros (or 0.5), never NaN.
 
-    Example:
+    Examples:
         >>> scale_maps(torch.zeros(1, 2, 2)).sum().item()
         0.0
         >>> scale_maps(torch.tensor([[[-2.0, 0.0, 2.0]]]), signed=True, quantile=1.0).tolist()
@@ -203,7 +203,7 @@ def colour_bar(
     ``[-top, top]`` for signed maps; ``display`` for another sign choice) and its end values,
     so a reader knows what the colours mean.
 
-    Example:
+    Examples:
         >>> colour_bar(120, 0.5, True, torch.device("cpu")).shape
         torch.Size([3, 32, 120])
     """
@@ -270,7 +270,7 @@ CONCEPT_COLORS = (
 def concept_palette(k: int, device: torch.device) -> Tensor:
     """The ``(K, 3)`` colours :func:`concept_overlay` uses (repeating past 8).
 
-    Example:
+    Examples:
         >>> concept_palette(10, torch.device("cpu")).shape
         torch.Size([10, 3])
     """
@@ -306,7 +306,7 @@ def _glyphs_cpu() -> list[Tensor]:
 def text_width(text: str) -> int:
     """The width in pixels :func:`text_mask` gives ``text``.
 
-    Example:
+    Examples:
         >>> text_width("ok") == text_mask("ok", torch.device("cpu")).shape[1]
         True
     """
@@ -330,7 +330,7 @@ def _text_mask_cpu(text: str) -> Tensor:
 def text_mask(text: str, device: torch.device) -> Tensor:
     """A ``(18, width)`` float mask of ``text`` (ASCII; others become '?'), on ``device``.
 
-    Example:
+    Examples:
         >>> text_mask("ok", torch.device("cpu")).shape[0]
         18
     """
@@ -353,7 +353,7 @@ def fit(text: str, width: int) -> str:
     names (never numbers, percentages or the ``ok``/``X`` mark), so captions are abbreviated
     deliberately, not cut.
 
-    Example:
+    Examples:
         >>> fit("triangle>triangle 100% ok", 10_000)
         'triangle>triangle 100% ok'
         >>> fit("triangle>triangle 100% ok", text_width("tri>tri 100% ok"))

@@ -73,7 +73,7 @@ class SaliencyMethod:
     Attributes:
         name: the canonical name (``aliases`` resolve to it).
         compute: ``(session, options) -> maps``.
-        description: one line for ``available_methods()``, the README and ``--help``.
+        description: one line for ``available_methods()``, the docs' methods table and ``--help``.
         options: the method's options dataclass (a :class:`MethodOptions` subclass).
         kind: ``"map"`` (``(N, H, W)``) or ``"concepts"`` (``(N, K, H, W)``).
         sign: ``"non_negative"`` or ``"signed"`` maps (signed ones render on a diverging scale).
@@ -160,7 +160,7 @@ def unregister(name: str) -> None:
 def canonical_name(name: str) -> str:
     """Resolve an alias (``ig``) to its method name, or raise listing the known ones.
 
-    Example:
+    Examples:
         >>> canonical_name("ig")
         'integrated_gradients'
     """
@@ -177,7 +177,7 @@ def canonical_name(name: str) -> str:
 def available_methods() -> dict[str, str]:
     """Every method name with a one-line description.
 
-    Example:
+    Examples:
         >>> "gradcam" in available_methods()
         True
     """
@@ -187,7 +187,7 @@ def available_methods() -> dict[str, str]:
 def available_options() -> dict[str, dict[str, Any]]:
     """Every method's options with their defaults, as ``method_options`` takes them.
 
-    Example:
+    Examples:
         >>> available_options()["occlusion"]["window"] is None
         True
     """
@@ -236,7 +236,7 @@ def _describe(hint: Any) -> str:
 def build_options(method: SaliencyMethod, values: Mapping[str, Any]) -> MethodOptions:
     """The method's options dataclass from user values, each checked against its type.
 
-    Example:
+    Examples:
         >>> build_options(METHODS["occlusion"], {"window": 8}).window
         8
         >>> try:

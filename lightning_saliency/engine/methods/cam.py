@@ -50,7 +50,7 @@ def cam_method(
 ) -> SaliencyMethod:
     """Register a CAM variant given by its weight function ``weights(session, options)``.
 
-    Example:
+    Examples:
         >>> from lightning_saliency.engine.methods import METHODS, unregister
         >>> toy = cam_method("toycam", lambda s, o: s.layer_gradients().abs().mean((2, 3)),
         ...                  "Toy CAM: mean absolute gradient weights (an example).")

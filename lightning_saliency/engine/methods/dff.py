@@ -70,7 +70,7 @@ def nmf(v: Tensor, k: int, iterations: int = 100, tol: float = 1e-3) -> tuple[Te
     """Factor a non-negative ``(C, M)`` matrix as ``W (C, K) @ H (K, M)`` on ``v.device``
     (multiplicative updates, Frobenius loss; stops early once the error stalls).
 
-    Example:
+    Examples:
         >>> v = torch.rand(6, 2) @ torch.rand(2, 10)
         >>> w, h = nmf(v, 2)
         >>> bool(((w @ h - v).norm() / v.norm()) < 0.05)
@@ -95,7 +95,7 @@ def match_concepts(previous: Tensor, current: Tensor) -> Tensor:
     ``previous`` one (cosine similarity, most similar pairs first), so a concept keeps its
     colour from one epoch to the next.
 
-    Example:
+    Examples:
         >>> old = torch.eye(3)
         >>> match_concepts(old, old[[2, 0, 1]]).tolist()
         [1, 2, 0]

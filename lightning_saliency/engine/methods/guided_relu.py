@@ -73,7 +73,7 @@ _INPLACE_CALLS = {torch.relu_, Tensor.relu_, F.relu_}
 class GuidedReLUMode(TorchFunctionMode):
     """Route every ReLU of a forward pass through a switchable backward.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([-1.0, 2.0], requires_grad=True)
         >>> with GuidedReLUMode() as mode:
         ...     y = F.relu(x, inplace=False)

@@ -125,7 +125,7 @@ class ChunkSizer:
     memory is retried at half the size (said once); a single row that does is an error.
     ``free_memory`` and ``allocated`` stand in for the CUDA functions in tests.
 
-    Example:
+    Examples:
         >>> sizer = ChunkSizer(16, cuda=True, free_memory=lambda: 8 * 2**30, allocated=lambda: 0)
         >>> sizer.rows
         16
@@ -290,7 +290,7 @@ def clenshaw_curtis(steps: int) -> tuple[Tensor, Tensor]:
     other point of ``2 * steps`` (nested) and include both ends. As accurate as Gauss-Legendre
     on IG's integrands (it clusters points near the ends too), unlike the trapezoid rule.
 
-    Example:
+    Examples:
         >>> nodes, weights = clenshaw_curtis(2)  # Simpson's rule
         >>> nodes.tolist(), [round(w, 4) for w in weights.tolist()]
         ([0.0, 0.5, 1.0], [0.1667, 0.6667, 0.1667])

@@ -142,7 +142,7 @@ def ablationcam_weights(session: ExplainSession, options: PerturbationOptions) -
 def occlusion_window(size: tuple[int, int]) -> tuple[int, int]:
     """Default window side and stride: 1/8 of the shorter side (at least 3), half-overlapping.
 
-    Example:
+    Examples:
         >>> occlusion_window((224, 224)), occlusion_window((32, 32))
         ((28, 14), (4, 2))
     """

@@ -32,7 +32,7 @@ def as_logits(output: Any, transform: OutputTransform | None = None) -> Tensor:
     single-logit binary classifier ``(N, 1)`` (or ``(N,)``) becomes two classes
     ``[-z/2, z/2]``: their softmax is ``sigmoid(z)``, class 1 is a positive logit.
 
-    Example:
+    Examples:
         >>> as_logits({"logits": torch.zeros(2, 3)}).shape
         torch.Size([2, 3])
         >>> as_logits(torch.tensor([[2.0], [-4.0]])).tolist()

@@ -103,7 +103,7 @@ def shared_noise(shape: tuple[int, ...], samples: int, seed: int) -> Tensor:
     """``(samples, *shape)`` standard Gaussian noise from a private generator seeded by
     ``seed``: the same for every image and every call, on the CPU (move it where it is used).
 
-    Example:
+    Examples:
         >>> a = shared_noise((1, 4, 4), 2, seed=0)
         >>> a.shape, torch.equal(a, shared_noise((1, 4, 4), 2, seed=0))
         (torch.Size([2, 1, 4, 4]), True)
