@@ -40,12 +40,14 @@ def trainer(log_dir: str | None, callbacks: list, **kwargs: Any) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, **defaults)
 
 
-def read_events(log_dir: str) -> EventAccumulator:
-    """All images and scalars of the (single) run under ``log_dir``."""
+def read_events(log_dir: str, thresholds: bool = False) -> EventAccumulator:
+    """All images and scalars of the (single) run under ``log_dir``, or of its thresholds' run
+    (``<run>/thresholds``, written beside it)."""
     runs = sorted(
         {
             os.path.dirname(p)
             for p in glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True)
+            if (os.path.basename(os.path.dirname(p)) == "thresholds") == thresholds
         }
     )
     assert len(runs) == 1, runs
@@ -139,3 +141,33 @@ def options_table() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def wandb_offline_records(path: Any) -> list[Any]:
+    """The records of an offline W&B run file (``run-*.wandb``), as W&B's protobuf ``Record``s.
+    The file is a LevelDB-style log (wandb 0.31 has no Python reader): a 7-byte header, then
+    32 KiB blocks of chunks, each with a 7-byte header (CRC, length, type: full, first, middle,
+    last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert raw[:4] == b":W&B", path
+    block, pos, pending, out = 32768, 7, b"", []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        body, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):
+            pending = body
+        elif kind in (3, 4):
+            pending += body
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out

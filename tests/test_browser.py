@@ -1,4 +1,5 @@
-"""A real browser looks at TensorBoard's Images dashboard: the logged grid is on screen.
+"""A real browser looks at TensorBoard: the logged grid is on the Images dashboard, and each
+custom-scalars chart draws a threshold in another colour than its score.
 
 Headless Debian Chromium (no downloaded browser) takes a screenshot of the dashboard that a
 real TensorBoard server serves over the callback's logs; the test finds the colour bar's known
@@ -61,45 +62,75 @@ def colour_bar_rows(screenshot: np.ndarray, tolerance: int = 40, run: int = 120)
     return found
 
 
-@pytest.mark.slow
-def test_the_images_dashboard_shows_the_grid_with_its_colour_bar(tmp_path):
+def _screenshot(logdir, page: str, shot, ready: str) -> np.ndarray:
+    """A screenshot of TensorBoard's ``page`` (``#images``, ``#custom_scalars``) served over
+    ``logdir`` by a real server, once its ``ready`` data route answers."""
     if CHROMIUM is None:
         if os.environ.get("REQUIRE_BROWSER"):
             pytest.fail("REQUIRE_BROWSER is set but no chromium is installed")
         pytest.skip("no chromium installed (CI installs it and sets REQUIRE_BROWSER=1)")
-    L.seed_everything(0)
-    callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
-    trainer(str(tmp_path / "logs"), [callback], max_epochs=1).fit(
-        tiny_model(), tiny_datamodule(n_train=16, n_val=8)
-    )
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "logs"),
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
          "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    shot = tmp_path / "dashboard.png"
     try:
         deadline = time.time() + 40
         while time.time() < deadline:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/images/tags")
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/{ready}")
                 break
             except OSError:
                 time.sleep(0.5)
         subprocess.run(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              "--window-size=1400,1000", "--virtual-time-budget=20000",
-             f"--screenshot={shot}", f"http://127.0.0.1:{port}/#images"],
+             f"--screenshot={shot}", f"http://127.0.0.1:{port}/{page}"],
             capture_output=True, timeout=60, check=False,
         )  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=30)
     assert shot.exists(), "chromium took no screenshot"
-    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    return np.asarray(Image.open(shot).convert("RGB"))
+
+
+@pytest.mark.slow
+def test_the_images_dashboard_shows_the_grid_with_its_colour_bar(tmp_path):
+    if CHROMIUM is None and not os.environ.get("REQUIRE_BROWSER"):
+        pytest.skip("no chromium installed (CI installs it and sets REQUIRE_BROWSER=1)")
+    L.seed_everything(0)
+    callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
+    trainer(str(tmp_path / "logs"), [callback], max_epochs=1).fit(
+        tiny_model(), tiny_datamodule(n_train=16, n_val=8)
+    )
+    pixels = _screenshot(tmp_path / "logs", "#images", tmp_path / "dashboard.png", "images/tags")
     rows = colour_bar_rows(pixels)
     assert rows, "the grid's colour bar is not on the Images dashboard"
+
+
+def _near(pixels: np.ndarray, colour: tuple[int, int, int], tolerance: int = 30) -> int:
+    return int((np.abs(pixels.astype(np.int32) - colour).max(axis=2) <= tolerance).sum())
+
+
+@pytest.mark.slow
+def test_the_custom_scalars_charts_draw_each_threshold_apart_from_its_score(tmp_path):
+    """Each chart pairs a score with its threshold. In one run both lines took the run's
+    colour and only the marker told them apart; the thresholds are now a run of their own,
+    which TensorBoard colours differently (its first two run colours, orange and blue)."""
+    if CHROMIUM is None and not os.environ.get("REQUIRE_BROWSER"):
+        pytest.skip("no chromium installed (CI installs it and sets REQUIRE_BROWSER=1)")
+    L.seed_everything(0)
+    callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
+    trainer(str(tmp_path / "logs"), [callback], max_epochs=3).fit(
+        tiny_model(), tiny_datamodule(n_train=16, n_val=8)
+    )
+    shot = tmp_path / "custom_scalars.png"
+    pixels = _screenshot(tmp_path / "logs", "#custom_scalars", shot, "custom_scalars/layout")
+    charts = pixels[150:, 380:]  # right of the runs' list: the charts only
+    scores, thresholds = _near(charts, (255, 112, 67)), _near(charts, (0, 119, 187))
+    assert scores > 500 and thresholds > 500, (scores, thresholds)
 
 
 def test_the_colour_bar_finder_finds_a_bar_and_nothing_else():

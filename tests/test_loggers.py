@@ -1,118 +1,171 @@
-"""Non-TensorBoard loggers get the same pictures through their own image APIs."""
+"""Every logger gets the pictures, scores and alarms in its own idiom, read back from the real
+stores as a person would see them: MLflow on a SQLite store, W&B offline, CSV files,
+TensorBoard's event files. No fakes: each library runs for real, without a server or account."""
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
 import pytest
 from helpers import tiny_datamodule, tiny_model, trainer
-from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
 from lightning.pytorch.loggers.logger import DummyLogger
+from PIL import Image
 
 from lightning_saliency import SaliencyCallback
 from lightning_saliency.publish.sinks import FileSink, MLFlowSink, WandbSink, sink_for
 
 
-class Offline:
-    """What a fake logger needs besides its image API: no account, no files, no server."""
+@pytest.fixture(scope="module")
+def real_loggers(tmp_path_factory):
+    """One fit of 2 epochs with the real loggers: MLflow on a SQLite store, W&B offline, CSV.
+    ``corner_enrichment`` alarms at any value (threshold 0), so every logged run has news. W&B
+    sends nothing offline: its alerts are seen through the call on the real run."""
+    import wandb
 
-    def __init__(self):
-        L.pytorch.loggers.Logger.__init__(self)
-
-    def finalize(self, status="success"):
-        pass
-
-    def after_save_checkpoint(self, checkpoint_callback):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        pass
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    @property
-    def name(self):
-        return "fake"
-
-    @property
-    def version(self):
-        return 0
-
-    @property
-    def save_dir(self):
-        return None
-
-
-class FakeWandb(Offline, WandbLogger):
-    """A WandbLogger that records ``log_image`` calls instead of needing a wandb account."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-        self.texts = []
-        self._experiment = None
-
-    @property
-    def experiment(self):
-        return None
-
-    def log_image(self, key, images, step=None, **kwargs):
-        self.calls.append((key, images, step))
-
-    def log_text(self, key, columns=None, data=None, step=None, **kwargs):
-        self.texts.append((key, data, step))
-
-
-class FakeMlflowClient:
-    def __init__(self):
-        self.calls = []
-        self.texts = []
-
-    def log_image(self, run_id, image, key=None, step=None):
-        self.calls.append((run_id, image, key, step))
-
-    def log_text(self, run_id, text, artifact_file):
-        self.texts.append((run_id, text, artifact_file))
-
-
-class FakeMLFlow(Offline, MLFlowLogger):
-    """An MLFlowLogger whose client records ``log_image`` calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.client = FakeMlflowClient()
-
-    @property
-    def experiment(self):
-        return self.client
-
-    @property
-    def run_id(self):
-        return "run-1"
-
-
-def test_dispatch_by_logger_type():
-    assert isinstance(sink_for(FakeWandb()), WandbSink)
-    assert isinstance(sink_for(FakeMLFlow()), MLFlowSink)
-    assert sink_for(DummyLogger()) is None
-    assert isinstance(sink_for(L.pytorch.loggers.CSVLogger("x")), FileSink)
-
-
-def test_wandb_and_mlflow_receive_every_grid(tmp_path):
-    wandb, mlflow = FakeWandb(), FakeMLFlow()
-    callback = SaliencyCallback(num_samples=4, methods=("gradcam", "dff"))
-    L.seed_everything(0)
-    trainer(None, [callback], logger=[wandb, mlflow], max_epochs=2).fit(
-        tiny_model(), tiny_datamodule()
+    root = tmp_path_factory.mktemp("real_loggers")
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(root),
+        "WANDB_CONFIG_DIR": str(root / "wandb_config"),
+        "WANDB_CACHE_DIR": str(root / "wandb_cache"),
+        "WANDB_DATA_DIR": str(root / "wandb_data"),  # artifacts staged offline
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        mlflow = MLFlowLogger(
+            experiment_name="saliency",
+            tracking_uri=f"sqlite:///{root}/mlflow.db",
+            artifact_location=(root / "mlartifacts").as_uri(),
+        )
+        w_and_b = WandbLogger(project="saliency", save_dir=str(root), offline=True)
+        alerts = []
+        w_and_b.experiment.alert = lambda **kwargs: alerts.append(kwargs)
+        csv = CSVLogger(str(root), name="csv")
+        callback = SaliencyCallback(
+            num_samples=4, methods=("gradcam", "dff"), thresholds={"corner_enrichment": 0.0}
+        )
+        L.seed_everything(0)
+        fit = trainer(None, [callback], logger=[w_and_b, mlflow, csv], max_epochs=2)
+        fit.fit(tiny_model(), tiny_datamodule(n_train=256))  # right on the samples: judged
+        wandb.finish()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return SimpleNamespace(
+        root=root, mlflow=mlflow, csv=Path(csv.log_dir), alerts=alerts, callback=callback
     )
-    keys = [c[0] for c in wandb.calls]
-    assert keys.count("saliency/gradcam") == 2 and "saliency/overview" in keys
-    image = wandb.calls[0][1][0]
-    assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape[2] == 3
-    ml_keys = [c[2] for c in mlflow.client.calls]
-    assert ml_keys.count("saliency_gradcam") == 2
-    assert all(c[0] == "run-1" and c[3] is not None for c in mlflow.client.calls)
-    assert [t[0] for t in wandb.texts].count("saliency_alarms/alarms") == 2  # each logged run
-    assert sum("saliency_alarms/alarms" in t[2] for t in mlflow.client.texts) == 2
+
+
+def test_dispatch_by_logger_type(tmp_path):
+    mlflow = MLFlowLogger(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert isinstance(sink_for(WandbLogger(offline=True, save_dir=str(tmp_path))), WandbSink)
+    assert isinstance(sink_for(mlflow), MLFlowSink)
+    assert sink_for(DummyLogger()) is None
+    assert isinstance(sink_for(CSVLogger(str(tmp_path))), FileSink)
+
+
+def test_mlflow_stores_every_grid_score_alarm_and_the_trust_reports(real_loggers):
+    """Read back through MLflow's own client, from its SQLite store and artifact folder."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{real_loggers.root}/mlflow.db")
+    run_id = real_loggers.mlflow.run_id
+    history = client.get_metric_history(run_id, "saliency/gradcam/corner_enrichment")
+    assert len(history) == 2 and len({m.step for m in history}) == 2
+    files = []
+
+    def walk(path=None):
+        for item in client.list_artifacts(run_id, path):
+            (walk(item.path) if item.is_dir else files.append(item.path))
+
+    walk()
+    grids = [f for f in files if f.startswith("images/saliency_gradcam+") and f.endswith(".png")]
+    assert len(grids) == 2  # one per logged run, at its step
+    local = client.download_artifacts(run_id, grids[0], str(real_loggers.root / "download"))
+    picture = Image.open(local)
+    assert picture.mode == "RGB" and picture.size[0] > 100
+    assert sum(f.startswith("saliency_alarms/alarms/") for f in files) == 2
+    text = Path(client.download_artifacts(run_id, "saliency_alarms/alarms", str(real_loggers.root)))
+    assert all("corner_enrichment" in t.read_text() for t in text.glob("*.txt"))
+    (report,) = [f for f in files if f.startswith("saliency/sanity/") and f.endswith(".json")]
+    data = json.loads(
+        Path(client.download_artifacts(run_id, report, str(real_loggers.root))).read_text()
+    )
+    assert set(data["sanity"]["methods"]) == {"gradcam"}  # DFF draws concepts, not maps
+    assert isinstance(data["sanity"]["methods"]["gradcam"]["passes"], bool)
+    assert set(data["faithfulness"]["methods"]) == {"gradcam"}
+    assert any(f.startswith("saliency/sanity/") and f.endswith(".txt") for f in files)
+
+
+def test_wandb_offline_run_holds_every_grid_score_and_alarm_and_alerts_once_a_run(real_loggers):
+    """Read back from the offline run's files: its media and its history records."""
+    from helpers import wandb_offline_records
+
+    (run_dir,) = (real_loggers.root / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    assert len(list((media / "images" / "saliency").glob("gradcam_*.png"))) == 2
+    assert len(list((media / "images" / "saliency").glob("overview_*.png"))) == 2
+    tables = list((media / "table" / "saliency_alarms").glob("alarms_*.table.json"))
+    assert len(tables) == 2
+    assert any("corner_enrichment" in t.read_text() for t in tables)
+    records = wandb_offline_records(next(run_dir.glob("run-*.wandb")))
+    keys = {
+        item.key or "/".join(item.nested_key)
+        for record in records
+        if record.WhichOneof("record_type") == "history"
+        for item in record.history.item
+    }
+    assert "saliency/gradcam/corner_enrichment" in keys  # the score's chart
+    assert "saliency/gradcam/_type" in keys  # the grid, an image in the history
+    # a row per fixed sample at each logged run: its input (with its object mask as an
+    # overlay), label, prediction, confidence, each method's tile and its scores. Offline, W&B
+    # keeps a table's pictures in the run's table artifact (staged until a sync)
+    staged = [
+        (entry.path, Path(entry.local_path))
+        for record in records
+        if record.WhichOneof("record_type") == "artifact"
+        and "saliencysamples" in record.artifact.name
+        for entry in record.artifact.manifest.contents
+    ]
+    tables = [local for path, local in staged if path == "saliency/samples.table.json"]
+    assert len(tables) == 2  # each logged run
+    table = json.loads(tables[-1].read_text())
+    columns = table["columns"]
+    assert columns[:5] == ["sample", "image", "label", "prediction", "confidence"]
+    assert {"gradcam", "dff", "gradcam/corner_enrichment", "gradcam/drift_prev"} <= set(columns)
+    assert len(table["data"]) == 4
+    row = dict(zip(columns, table["data"][0]))
+    assert row["image"]["_type"] == "image-file" and "object" in row["image"]["masks"]
+    assert row["gradcam"]["_type"] == "image-file"
+    assert isinstance(row["gradcam/corner_enrichment"], float) and 0 <= row["confidence"] <= 1
+    pictures = {path: local for path, local in staged if path.endswith(".png")}
+    tile = Image.open(pictures[row["gradcam"]["path"]])
+    assert tile.mode == "RGB" and tile.size[0] >= 32
+    # one alert per logged run with news about the model (the corner alarm, raised at the
+    # first); W&B itself sends one of a title per wait_duration at most
+    assert len(real_loggers.alerts) == 1
+    (alert,) = real_loggers.alerts
+    assert "corner_enrichment" in alert["text"] and alert["level"] == "WARN"
+    assert alert["wait_duration"] == WandbSink.ALERT_EVERY_S
+
+
+def test_csv_gets_metrics_pictures_alarms_and_the_trust_report_as_files(real_loggers):
+    folder = real_loggers.csv
+    header = (folder / "metrics.csv").read_text().splitlines()[0]
+    assert "saliency/gradcam/corner_enrichment" in header
+    assert len(list((folder / "saliency" / "gradcam").glob("step_*.png"))) == 2
+    assert "corner_enrichment" in (folder / "alarms.txt").read_text()
+    (report,) = folder.glob("sanity_step_*.json")
+    assert "gradcam" in json.loads(report.read_text())["sanity"]["methods"]
 
 
 def test_two_named_callbacks_merge_their_custom_scalars_layouts(tmp_path):

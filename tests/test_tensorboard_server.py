@@ -91,6 +91,14 @@ def test_tensorboard_server_serves_saliency_images(tmp_path):
         tags = charts["gradcam corner_enrichment"]["multiline"]["tag"]
         assert tags == ["saliency/gradcam/corner_enrichment",
                         "saliency_alarms/gradcam/corner_enrichment/threshold"]  # fmt: skip
+        # the thresholds are a run of their own, which TensorBoard colours apart from the
+        # scores; the score stays in the callback's run
+        scalars = json.loads(_get(f"{root}/scalars/tags"))
+        threshold = "saliency_alarms/gradcam/corner_enrichment/threshold"
+        assert threshold in scalars.get(f"{run}/thresholds", {})
+        assert (
+            threshold not in scalars[run] and "saliency/gradcam/corner_enrichment" in scalars[run]
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)

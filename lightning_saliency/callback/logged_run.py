@@ -22,11 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_saliency import console
+from lightning_saliency.callback.alarm_text import alarm_alert, alarm_text
 from lightning_saliency.callback.failures import FailurePolicy, describe
 from lightning_saliency.callback.record import FitRecord, method_of
 from lightning_saliency.callback.samples import FixedSamples
 from lightning_saliency.callback.sharing import Sharing
-from lightning_saliency.callback.trust import trust_checks, trust_text, verdict_lines
+from lightning_saliency.callback.trust import trust_checks, trust_record, trust_text, verdict_lines
 from lightning_saliency.engine.class_names import class_name
 from lightning_saliency.engine.explanations import Explanations
 from lightning_saliency.engine.methods import METHODS
@@ -40,6 +41,7 @@ from lightning_saliency.evaluate.scores import pointing_tolerance
 from lightning_saliency.evaluate.shortcut_probes import shortcut_scores
 from lightning_saliency.publish.publisher import Publisher
 from lightning_saliency.viz.figures import EpochFigures
+from lightning_saliency.viz.sample_table import sample_table
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ class LoggedRun:
         self._agree(methods, {} if report is None else report.errors)
         outcome = RunOutcome(ran=True) if report is None else self._metrics(ctx, report)
         if self.publisher is not None and report is not None:
-            self._publish(ctx, samples, out)
+            self._publish(ctx, samples, out, report.per_sample)
         self.policy.agree(self.sharing, methods)  # pictures fail on rank zero alone
         return outcome
 
@@ -307,12 +309,20 @@ class LoggedRun:
         with self.policy.step("loggers", "writing to the loggers", "training goes on"):
             tag = f"{self.config.prefix}/sanity"
             self.publisher.text(tag, trust_text(report, faith), ctx.step)
+            self.publisher.record(tag, trust_record(report, faith), ctx.step)
             self.publisher.drawn(tag, report.picture, ctx.step)
 
     # -- pictures and text, rank zero ---------------------------------------------------------
-    def _publish(self, ctx: RunContext, samples: FixedSamples, out: Explanations) -> None:
-        """This run's pictures: a method whose pictures fail is reported to the policy (every
-        rank switches it off at the next agreement); a logger that fails warns once."""
+    def _publish(
+        self,
+        ctx: RunContext,
+        samples: FixedSamples,
+        out: Explanations,
+        scores: Mapping[str, Mapping[str, Tensor]],
+    ) -> None:
+        """This run's pictures, and a row per sample for the loggers that keep tables: a
+        method whose pictures fail is reported to the policy (every rank switches it off at
+        the next agreement); a logger that fails warns once."""
         assert self.publisher is not None
         record, config = self.record, self.config
         figures = None
@@ -342,6 +352,14 @@ class LoggedRun:
             self.publisher.images(pictures, ctx.step)
             self.publisher.text(f"{config.prefix}/captions", "  \n".join(figures.texts), ctx.step)
             self._thresholds_and_layout(list(out), ctx.step)
+            if self.publisher.takes_tables:
+                table = sample_table(
+                    figures.picture, figures.tiles, out, samples.labels, record.class_names,
+                    scores, samples.masks,
+                )  # fmt: skip
+                self.publisher.table(
+                    f"{config.prefix}/samples", table.columns, table.rows, ctx.step
+                )
 
     def _timeline(self, ctx: RunContext, samples: FixedSamples, figures: EpochFigures) -> Tensor:
         """The timeline with this run's column (at most 32 columns)."""
@@ -379,25 +397,17 @@ class LoggedRun:
             self.publisher.layout({self.config.prefix: charts})
 
     def _write_alarm_text(self, ctx: RunContext, events: Sequence[AlarmEvent]) -> None:
-        """The run's alarm text (TensorBoard text, W&B and MLflow text, ``alarms.txt``)."""
+        """The run's alarm text (TensorBoard text, W&B and MLflow text, ``alarms.txt``), and
+        one alert where loggers send them (W&B) when the run raised news about the model."""
         news = self.policy.news()
         if self.publisher is None:
             return
-        monitor = self.record.monitor
-        lines = [f"- {e.message()}" for e in events if e.kind == "alarm"]
-        raised = ", ".join(f"{m} {s}" for m, s in monitor.raised) or "none"
-        lines.append(f"- raised now: {raised}")
-        health = [f"- {e.message()}" for e in events if e.kind == "note"]
-        health += [f"- {n}" for n in news]
-        if monitor.noted:
-            health.append(f"- noted now: {', '.join(f'{m} {s}' for m, s in monitor.noted)}")
-        if self.policy.switched_off:
-            health.append(f"- switched off: {', '.join(self.policy.switched_off)}")
-        if health:  # about the methods, not the model: never counted or shown as alarms
-            lines += ["", "**method health**", *health]
-        text = f"**epoch {ctx.epoch}**  \n" + "  \n".join(lines)
+        text = alarm_text(ctx.epoch, events, self.record.monitor, self.policy, news)
+        alert = alarm_alert(events)
         with self.policy.step("loggers", "writing to the loggers", "training goes on"):
             self.publisher.text(f"{self._alarm_prefix}/alarms", text, ctx.step)
+            if alert is not None:
+                self.publisher.alert(*alert)
 
     # -- the writer ---------------------------------------------------------------------------
     def report_writer_failures(self) -> None:

@@ -10,12 +10,15 @@ weights give the same verdict), so a sharded model has every rank in every forwa
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from lightning_saliency.callback.config import SaliencyConfig
 from lightning_saliency.callback.explainer import Explainer
 from lightning_saliency.callback.samples import FixedSamples
 from lightning_saliency.engine.explanations import Explanations
+from lightning_saliency.engine.methods import METHODS
 from lightning_saliency.evaluate.deletion import FaithfulnessReport, faithfulness
 from lightning_saliency.evaluate.sanity import SanityReport, sanity_check
 
@@ -73,6 +76,51 @@ def verdict_lines(report: SanityReport, config: SaliencyConfig) -> list[str]:
         f"< {report.threshold}); {consequence}."
         for method in report.failed
     ]
+
+
+def trust_record(report: SanityReport, faith: FaithfulnessReport) -> dict[str, Any]:
+    """The sanity check and the faithfulness test as plain data, for the loggers that keep
+    files (MLflow artifacts, ``sanity.json`` beside CSV logs): per method, the similarity the
+    verdict reads at each depth and its mean, the verdict; the deletion and insertion areas,
+    and chance's."""
+    sanity = {
+        m: {
+            "similarity": report.similarity(m),
+            "by_depth": (
+                report.spearman_signed if METHODS[m].sign == "signed" else report.spearman_abs
+            )[m]
+            .mean(1)
+            .tolist(),
+            "abs_spearman": float(report.spearman_abs[m].mean()),
+            "ssim": float(report.ssim[m].mean()),
+            "passes": report.passed[m],
+        }
+        for m in report.methods
+    }
+    faithful = {
+        m: {
+            "deletion_auc": float(faith.deletion[m].mean()),
+            "insertion_auc": float(faith.insertion[m].mean()),
+            "beats_random": faith.beats_random(m),
+        }
+        for m in faith.deletion
+    }
+    return {
+        "sanity": {
+            "threshold": report.threshold,
+            "layers": [[depth, name] for depth, name in report.layers],
+            "methods": sanity,
+            "errors": {m: f"{type(e).__name__}: {e}" for m, e in report.errors.items()},
+        },
+        "faithfulness": {
+            "steps": faith.steps,
+            "methods": faithful,
+            "random": {
+                "deletion_auc": float(faith.random_deletion.mean()),
+                "insertion_auc": float(faith.random_insertion.mean()),
+            },
+        },
+    }
 
 
 def trust_text(report: SanityReport, faith: FaithfulnessReport) -> str:

@@ -82,6 +82,8 @@ class EpochReport:
     metrics: dict[str, float]
     events: list[AlarmEvent]
     errors: dict[str, BaseException] = field(default_factory=dict)
+    per_sample: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    """method -> score -> ``(N,)`` each sample's value (NaN: not scored), on the maps' device."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class _MethodScoring:
     reference: Tensor
     flagged: set[tuple[str, str]]
     judged_means: dict[str, float]
+    per_sample: dict[str, Tensor]
 
 
 def _masked_nanmean(table: Tensor, rows: Tensor) -> Tensor:
@@ -226,6 +229,7 @@ class ScoreMonitor:
         if labels is not None:
             correct = out.logits.argmax(1) == labels.to(out.logits.device)
         errors: dict[str, BaseException] = {}
+        per_sample: dict[str, dict[str, Tensor]] = {}
         for method, maps in out.items():
             if METHODS[method].kind != "map":
                 continue
@@ -236,6 +240,7 @@ class ScoreMonitor:
                 errors[method] = err
                 continue
             metrics.update(scored.metrics)
+            per_sample[method] = scored.per_sample
             means_by_method[method] = scored.means
             per_class_by_method[method] = scored.per_class
             judged_by_method[method] = scored.judged_means
@@ -264,7 +269,7 @@ class ScoreMonitor:
             judged_by_method,
         )
         self.history.append(record)
-        return EpochReport(record, metrics, events, errors)
+        return EpochReport(record, metrics, events, errors, per_sample)
 
     def _score(
         self,
@@ -323,6 +328,7 @@ class ScoreMonitor:
             small,
             flagged,
             {} if method in self.insensitive else means,
+            {k: v.detach() for k, v in scores.items()},
         )
 
     def _method_scores(

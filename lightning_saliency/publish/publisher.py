@@ -93,6 +93,25 @@ class Publisher:
     def text(self, tag: str, text: str, step: int) -> None:
         self._each_sink(lambda sink: sink.text(tag, text, step))
 
+    def record(self, tag: str, data: Mapping[str, Any], step: int) -> None:
+        """A report as data, to the loggers that keep files."""
+        self._each_sink(lambda sink: sink.record(tag, data, step))
+
+    @property
+    def takes_tables(self) -> bool:
+        """Whether any logger shows per-sample tables (W&B)."""
+        return any(sink.takes_tables for sink in self.sinks)
+
+    def table(
+        self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int
+    ) -> None:
+        """A table with a row per sample, to the loggers that show tables."""
+        self._each_sink(lambda sink: sink.table(tag, columns, rows, step))
+
+    def alert(self, title: str, text: str) -> None:
+        """A notice to the loggers that reach people outside the dashboard (W&B alerts)."""
+        self._each_sink(lambda sink: sink.alert(title, text))
+
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """Scalars for TensorBoard beside Lightning's metrics (thresholds)."""
         frozen = dict(values)
@@ -146,6 +165,8 @@ class Publisher:
         try:
             if self.writer is not None:
                 self.writer.close()
+            for sink in self.sinks:
+                sink.close()
         finally:
             self._checksum.close()
 
