@@ -62,13 +62,17 @@ def colour_bar_rows(screenshot: np.ndarray, tolerance: int = 40, run: int = 120)
     return found
 
 
-def _screenshot(logdir, page: str, shot, ready: str) -> np.ndarray:
-    """A screenshot of TensorBoard's ``page`` (``#images``, ``#custom_scalars``) served over
-    ``logdir`` by a real server, once its ``ready`` data route answers."""
+def _need_browser() -> None:
+    """Skip without Chromium, unless CI asked for it (then fail)."""
     if CHROMIUM is None:
         if os.environ.get("REQUIRE_BROWSER"):
             pytest.fail("REQUIRE_BROWSER is set but no chromium is installed")
         pytest.skip("no chromium installed (CI installs it and sets REQUIRE_BROWSER=1)")
+
+
+def _screenshot(logdir, page: str, shot, ready: str) -> np.ndarray:
+    """A screenshot of TensorBoard's ``page`` (``#images``, ``#custom_scalars``) served over
+    ``logdir`` by a real server, once its ``ready`` data route answers."""
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
@@ -98,8 +102,7 @@ def _screenshot(logdir, page: str, shot, ready: str) -> np.ndarray:
 
 @pytest.mark.slow
 def test_the_images_dashboard_shows_the_grid_with_its_colour_bar(tmp_path):
-    if CHROMIUM is None and not os.environ.get("REQUIRE_BROWSER"):
-        pytest.skip("no chromium installed (CI installs it and sets REQUIRE_BROWSER=1)")
+    _need_browser()
     L.seed_everything(0)
     callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
     trainer(str(tmp_path / "logs"), [callback], max_epochs=1).fit(
@@ -119,8 +122,7 @@ def test_the_custom_scalars_charts_draw_each_threshold_apart_from_its_score(tmp_
     """Each chart pairs a score with its threshold. In one run both lines took the run's
     colour and only the marker told them apart; the thresholds are now a run of their own,
     which TensorBoard colours differently (its first two run colours, orange and blue)."""
-    if CHROMIUM is None and not os.environ.get("REQUIRE_BROWSER"):
-        pytest.skip("no chromium installed (CI installs it and sets REQUIRE_BROWSER=1)")
+    _need_browser()
     L.seed_everything(0)
     callback = SaliencyCallback(num_samples=4, methods=("gradcam",))
     trainer(str(tmp_path / "logs"), [callback], max_epochs=3).fit(
