@@ -18,7 +18,6 @@ from lightning_saliency.callback.config import SaliencyConfig
 from lightning_saliency.callback.explainer import Explainer
 from lightning_saliency.callback.samples import FixedSamples
 from lightning_saliency.engine.explanations import Explanations
-from lightning_saliency.engine.methods import METHODS
 from lightning_saliency.evaluate.deletion import FaithfulnessReport, faithfulness
 from lightning_saliency.evaluate.sanity import SanityReport, sanity_check
 
@@ -86,11 +85,7 @@ def trust_record(report: SanityReport, faith: FaithfulnessReport) -> dict[str, A
     sanity = {
         m: {
             "similarity": report.similarity(m),
-            "by_depth": (
-                report.spearman_signed if METHODS[m].sign == "signed" else report.spearman_abs
-            )[m]
-            .mean(1)
-            .tolist(),
+            "by_depth": report.read(m).mean(1).tolist(),
             "abs_spearman": float(report.spearman_abs[m].mean()),
             "ssim": float(report.ssim[m].mean()),
             "passes": report.passed[m],

@@ -132,13 +132,16 @@ class SanityReport:
     maps: dict[str, Tensor] = field(default_factory=dict)
     errors: dict[str, BaseException] = field(default_factory=dict)
 
-    def similarity(self, method: str) -> float:
-        """What pass/fail reads: the Spearman that matches how the map is read, averaged over
-        samples and depths: of the signed maps for a signed method (their sign is part of
-        what they say, and the scores read their positive part), of the maps for a
-        non-negative one."""
+    def read(self, method: str) -> Tensor:
+        """``(depths, N)``: the Spearman that matches how the map is read: of the signed maps
+        for a signed method (their sign is part of what they say, and the scores read their
+        positive part), of the absolute maps for a non-negative one."""
         signed = METHODS[method].sign == "signed"
-        return float((self.spearman_signed if signed else self.spearman_abs)[method].mean())
+        return (self.spearman_signed if signed else self.spearman_abs)[method]
+
+    def similarity(self, method: str) -> float:
+        """What pass/fail reads: :meth:`read`, averaged over samples and depths."""
+        return float(self.read(method).mean())
 
     @property
     def passed(self) -> dict[str, bool]:
@@ -156,10 +159,8 @@ class SanityReport:
         head += ["mean", "abs. Spearman", "SSIM", "verdict"]
         rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in self.methods:
-            signed = METHODS[m].sign == "signed"
-            read = (self.spearman_signed if signed else self.spearman_abs)[m]
-            cells = [f"`{m}`", "signed" if signed else "map"]
-            cells += [f"{v:.2f}" for v in read.mean(1).tolist()]
+            cells = [f"`{m}`", "signed" if METHODS[m].sign == "signed" else "map"]
+            cells += [f"{v:.2f}" for v in self.read(m).mean(1).tolist()]
             cells += [
                 f"{self.similarity(m):.2f}",
                 f"{float(self.spearman_abs[m].mean()):.2f}",
@@ -198,11 +199,9 @@ class SanityReport:
         tab20 = matplotlib.colormaps["tab20"]
         palette = [tab20(k) for k in range(20)]  # then the markers differ
         for i, m in enumerate(self.methods):
-            signed = METHODS[m].sign == "signed"
-            read = (self.spearman_signed if signed else self.spearman_abs)[m]
             colour = palette[(2 * i) % 20 + (i // 10) % 2]
             marker = "osD^v"[i // 4 % 5]
-            curve.plot(x, read.mean(1).tolist(), label=m, color=colour, marker=marker)
+            curve.plot(x, self.read(m).mean(1).tolist(), label=m, color=colour, marker=marker)
         curve.axhline(self.threshold, color="grey", linestyle="--", linewidth=1)
         curve.set_xticks(x, [name for _, name in self.layers], rotation=60, fontsize=7)
         lowest = min([float(t.mean(1).min()) for t in self.spearman_signed.values()] + [-0.2])

@@ -437,7 +437,6 @@ def shortcut_scores(
             small_cue = ((ring - hot) / (1 - chance)).clamp(-1, 1)
             attended = _attended_similarity(images, masses[i], settings)
             consensus = _consensus_of(attended, group_of, peers, crops_by_chance)
-            judged_peers = None if peers is None else peers.to(x.device)
             scores = {
                 "small_cue_reliance": small_cue,
                 "attended_consensus": consensus,
@@ -446,7 +445,7 @@ def shortcut_scores(
                 "colour_reliance": colour,
                 "texture_reliance": texture,
                 "sub_class_stamped_cue": sub_class_stamped_cue(
-                    attended, small_cue, group_of, judged_peers
+                    attended, small_cue, group_of, peers
                 ),
             }
             if not judged:  # no decision to probe: nothing is judged

@@ -72,11 +72,10 @@ def sample_table(
     n = pictures.shape[0]
     probs = out.logits.detach().float().softmax(1).cpu()
     confidence, predicted = probs.max(1)
-    host_scores = {
-        (m, k): v.detach().float().reshape(-1).cpu().tolist()
-        for m, named in scores.items()
-        for k, v in named.items()
-    }
+    keys = [(m, k) for m, named in scores.items() for k in named]
+    stacked = [scores[m][k].detach().float().reshape(-1) for m, k in keys]
+    values = torch.stack(stacked).cpu().tolist() if stacked else []  # one host copy
+    host_scores = dict(zip(keys, values))
     host_masks = None
     if masks is not None:
         size = tuple(pictures.shape[-2:])
