@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightning_saliency.callback.callback import SaliencyCallback
     from lightning_saliency.callback.early_stopping import SaliencyEarlyStopping
+    from lightning_saliency.engine.attention import register_attention
     from lightning_saliency.engine.explanations import Explanations, explain
     from lightning_saliency.engine.methods import (
         DEFAULT_METHODS,
@@ -63,6 +64,7 @@ _WHERE = {
     "register": _METHODS,
     "register_input_method": _METHODS,
     "unregister": _METHODS,
+    "register_attention": "lightning_saliency.engine.attention",
     "AlarmEvent": "lightning_saliency.evaluate.hysteresis",
     "EpochScores": "lightning_saliency.evaluate.monitor",
     "sanity_check": "lightning_saliency.evaluate.sanity",
@@ -101,6 +103,7 @@ __all__ = [
     "explain",
     "faithfulness",
     "register",
+    "register_attention",
     "register_input_method",
     "sanity_check",
     "shortcut_scores",

@@ -75,6 +75,31 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class SmallViT(nn.Module):
+    """torchvision's ViT at 32 px in 8-px patches, 2 blocks of 2 heads, with dropout: what the
+    attention methods explain where the others explain :class:`SmallCNN`."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        from torchvision.models import VisionTransformer
+
+        self.vit = VisionTransformer(
+            32, 8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, dropout=0.1,
+            attention_dropout=0.1, num_classes=num_classes,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.vit(x)
+        return logits
+
+
+def small_model_for(method: str) -> nn.Module:
+    """A :class:`SmallViT` for a method that reads attention, else a :class:`SmallCNN`."""
+    from lightning_saliency.engine.methods import METHODS
+
+    return SmallViT() if METHODS[method].needs_attention else SmallCNN()
+
+
 def seeded(model: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Module:
     """Re-initialise a model's parameters and BN statistics from ``seed``."""
     gen = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from captum.attr import GuidedGradCam, IntegratedGradients, Occlusion
 from helpers import assert_same, minmax, per_image_corr, snapshot
-from models import FunctionalCNN, ModuleCNN, SmallCNN, seeded
+from models import FunctionalCNN, ModuleCNN, SmallCNN, seeded, small_model_for
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -154,14 +154,18 @@ def test_occlusion_matches_captum(images):
 
 @pytest.fixture
 def model_mid_training(images):
-    model = seeded(SmallCNN()).train()
-    model(images).sum().backward()
-    model.fc.bias.requires_grad_(False)
-    return model
+    def mid_training(method: str) -> torch.nn.Module:
+        model = seeded(small_model_for(method)).train()
+        model(images).sum().backward()
+        list(model.parameters())[-1].requires_grad_(False)  # the head's bias
+        return model
+
+    return mid_training
 
 
 @pytest.mark.parametrize("method", sorted(available_methods()))
 def test_every_method_leaves_the_model_as_found(model_mid_training, images, method):
+    model_mid_training = model_mid_training(method)
     before = snapshot(model_mid_training)
     with torch.inference_mode():
         inputs = images * 1.0

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
-from models import SmallCNN, seeded
+from models import SmallCNN, seeded, small_model_for
 
 from lightning_saliency import available_methods, explain
 from lightning_saliency.engine.methods import METHODS
@@ -122,7 +122,7 @@ def test_a_map_does_not_depend_on_the_other_images_in_its_batch(name):
     """Bug: smoothgrad's noise was drawn for the whole batch, so the same image alone and in
     a batch of 8 had maps at Spearman 0.83. DFF is the exception by design (its concepts are
     factorised jointly over the samples), so it is not here."""
-    model = seeded(SmallCNN()).eval()
+    model = seeded(small_model_for(name)).eval()
     batch = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     batch[5] *= 4  # a neighbour with another value range
     options = {name: FEW[name]} if name in FEW else None

@@ -6,8 +6,10 @@ The setups are those where a monitor can reach into training: a batch augmentati
 ``on_after_batch_transfer`` gated on ``trainer.training`` (Lightning's recipe), a
 ``val_dataloader()`` that draws a random subset, quantization-aware training (observers update
 in eval mode), a buffer the forward writes, manual optimization, ``StochasticWeightAveraging``,
-gradient clipping with accumulation, ``channels_last``, spectral norm, ``bf16-mixed``, and
-validation in the middle of an epoch with Lightning's sanity check.
+gradient clipping with accumulation, ``channels_last``, spectral norm, ``bf16-mixed``,
+validation in the middle of an epoch with Lightning's sanity check, and two vision transformers
+(timm's, whose fused attention the attention methods switch off while they read it, and
+torchvision's, whose ``nn.MultiheadAttention`` they hook), explained by the attention methods.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lightning_saliency import SaliencyCallback
+from lightning_saliency import DEFAULT_METHODS, SaliencyCallback
 
 SETUPS = (
     "transfer_hook_augmentation",
@@ -38,6 +40,15 @@ SETUPS = (
     "spectral_norm",
     "bf16_mixed",
     "mid_epoch_validation",
+    "timm_vit",
+    "torchvision_vit",
+)
+ATTENTION_METHODS = (
+    "gradcam",
+    "attention_rollout",
+    "generic_attention",
+    "legrad",
+    "transformer_lrp",
 )
 
 
@@ -75,6 +86,21 @@ class Net(L.LightningModule):
             self.register_buffer("input_mean", torch.zeros(3))
         if setup_name == "manual_optimization":
             self.automatic_optimization = False
+        if setup_name == "timm_vit":  # attention dropout on: the modes matter
+            import timm
+
+            self.vit = timm.create_model(
+                "vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=24,
+                patch_size=6, embed_dim=16, depth=2, num_heads=2, attn_drop_rate=0.1,
+                drop_rate=0.1,
+            )  # fmt: skip
+        if setup_name == "torchvision_vit":
+            from torchvision.models import VisionTransformer
+
+            self.vit = VisionTransformer(
+                24, 6, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, dropout=0.1,
+                attention_dropout=0.1, num_classes=4,
+            )  # fmt: skip
         if setup_name == "quantization_aware":
             self.qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
             torch.ao.quantization.prepare_qat(self, inplace=True)
@@ -83,6 +109,9 @@ class Net(L.LightningModule):
         if self.setup_name == "forward_writes_a_buffer":
             self.seen += x.shape[0]
             self.input_mean.mul_(0.9).add_(0.1 * x.detach().float().mean(dim=(0, 2, 3)))
+        if self.setup_name.endswith("_vit"):
+            logits: torch.Tensor = self.vit(x)
+            return logits
         h = self.features(x).mean(dim=(2, 3))
         return self.head(self.drop(h))
 
@@ -168,10 +197,12 @@ def _fit(tmp_path: Any, setup_name: str, callback: SaliencyCallback | None) -> d
 @pytest.mark.parametrize("setup_name", SETUPS)
 def test_training_is_bitwise_unchanged(tmp_path, setup_name):
     without = _fit(tmp_path / "without", setup_name, None)
-    callback = SaliencyCallback(num_samples=4, ig_steps=8)
+    methods = ATTENTION_METHODS if setup_name.endswith("_vit") else DEFAULT_METHODS
+    callback = SaliencyCallback(num_samples=4, ig_steps=8, methods=methods)
     with_it = _fit(tmp_path / "with", setup_name, callback)
 
     assert callback.history, "the callback did explain"
+    assert set(methods) <= set(callback.history[-1].means), callback.history[-1].means.keys()
     assert not callback.switched_off, callback.switched_off
     assert with_it["calls"] == without["calls"]  # the user's hooks: the same calls and stages
     a, b = without["state"], with_it["state"]

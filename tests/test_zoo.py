@@ -1,5 +1,6 @@
 """Every model a user brings: the smallest member of each torchvision and timm family, random
-weights, a small input, the four default methods; Grad-CAM against pytorch-grad-cam.
+weights, a small input, the four default methods; Grad-CAM against pytorch-grad-cam; and the
+attention methods on every transformer.
 
 The table is written by hand: each architecture's expected auto-detected layer, the layer
 pytorch-grad-cam's docs use, and how that layer's output is read (``layout``). Running this
@@ -22,7 +23,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from lightning_saliency import explain
+from lightning_saliency import SaliencyConfigError, explain
 from lightning_saliency.engine.layers import prefix_tokens_of, read_layout, resolve_layer
 
 METHODS = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
@@ -165,3 +166,43 @@ def _write_table() -> None:
             )
     with open(path, "w") as f:
         f.write("\n".join(rows) + "\n")
+
+
+ATTENTION_METHODS = ("attention_rollout", "generic_attention", "legrad", "transformer_lrp")
+# every transformer of the zoo: the attention methods' maps, or the setup error that says why
+# attention cannot be multiplied through to the image there (docs/models.md)
+TRANSFORMERS = {
+    "torchvision:vit_b_16": None,
+    "timm:vit_tiny_patch16_224": None,
+    "timm:deit_tiny_distilled_patch16_224": None,
+    "timm:vit_little_patch16_reg4_gap_256": None,
+    "torchvision:swin_t": "attends within windows",
+    "torchvision:swin_v2_t": "attends within windows",
+    "timm:swin_tiny_patch4_window7_224": "attends within windows",
+    "torchvision:maxvit_t": "attends within windows",
+    "timm:mobilevit_xxs": "batch is not the images'",
+    "timm:levit_128s": "no rule reads",
+}
+TRANSFORMER_ARCHS = [a for a in ZOO if f"{a.library}:{a.name}" in TRANSFORMERS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch", TRANSFORMER_ARCHS, ids=[f"{a.library}:{a.name}" for a in TRANSFORMER_ARCHS]
+)
+def test_attention_methods_on_every_transformer(arch):
+    model = build(arch)
+    images = torch.randn(2, 3, arch.size, arch.size, generator=torch.Generator().manual_seed(1))
+    refused = TRANSFORMERS[f"{arch.library}:{arch.name}"]
+    if refused is not None:
+        for method in ATTENTION_METHODS:
+            with pytest.raises(SaliencyConfigError, match=refused):
+                explain(model, images, methods=(method,))
+        return
+    out = explain(model, images, methods=ATTENTION_METHODS)
+    for method, maps in out.items():
+        assert maps.shape == (2, arch.size, arch.size), method
+        assert bool(torch.isfinite(maps).all()), method
+        flat = maps.flatten(1).double()
+        spread = flat.std(1) / flat.abs().amax(1).clamp(min=1e-300)
+        assert float(spread.min()) > 1e-3, f"{method} gives a constant map"

@@ -11,7 +11,8 @@ METHOD_NAMES = (
     "layercam", "hirescam", "eigencam", "scorecam", "ablationcam", "smoothgrad", "occlusion",
     "smoothgrad_sq", "vargrad", "ig_smoothgrad_sq", "saliency", "input_x_gradient",
     "guided_backprop", "deconvolution", "deeplift", "gradient_shap", "cam", "iscam", "sscam",
-    "smoothgradcam++",
+    "smoothgradcam++", "attention_rollout", "generic_attention", "legrad",
+    "transformer_lrp",
 )  # fmt: skip
 DEFAULT_METHODS = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
 COMMAND = "lightning-saliency explain: a comparison figure of saliency methods for your own images."

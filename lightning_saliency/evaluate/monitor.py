@@ -134,7 +134,8 @@ class ScoreMonitor:
             class, default) or ``"absolute"`` (:func:`.scores.relevance`).
 
     Methods in ``insensitive`` (they failed the sanity check,
-    :func:`lightning_saliency.sanity_check`) are scored but never alarm.
+    :func:`lightning_saliency.sanity_check`) and class-agnostic methods (the same map for every
+    class: ``SaliencyMethod.class_specific``) are scored but never alarm.
 
     Alarms have hysteresis: raised when a score crosses its threshold, cleared only after
     :data:`CLEAR_AFTER` logged epochs in a row back on the safe side.
@@ -306,7 +307,10 @@ class ScoreMonitor:
         found = rules.check(method, all_means, {}, health)
         flagged = {(method, score) for score in health if score in all_means}
         judged.update({(method, score): all_means[score] for score in health if score in all_means})
-        if method not in self.insensitive:  # not model-sensitive: its scores show, never alarm
+        # a method that fails the sanity check, or whose maps are the same for every class,
+        # is not about the decision: its scores show, never alarm
+        alarmable = method not in self.insensitive and METHODS[method].class_specific
+        if alarmable:
             alarms = rules.check(method, means, per_class, model)
             found += alarms
             names = {a.score for a in alarms}
@@ -327,7 +331,7 @@ class ScoreMonitor:
             judged,
             small,
             flagged,
-            {} if method in self.insensitive else means,
+            means if alarmable else {},
             {k: v.detach() for k, v in scores.items()},
         )
 

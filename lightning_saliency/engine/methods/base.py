@@ -82,6 +82,11 @@ class SaliencyMethod:
         passes: forward (F) and backward (B) passes per image, as text for tables.
         needs_layer: whether a target layer is needed.
         needs_guided_backward: whether the shared forward must route ReLUs for guided backprop.
+        needs_attention: whether the method reads every block's attention (transformers
+            only: :mod:`lightning_saliency.engine.attention` says which).
+        class_specific: whether a map depends on the class it explains. Class-agnostic maps
+            (EigenCAM, attention rollout) are scored and shown, never alarmed: an alarm says
+            what the model's decision rests on.
         flat_names: flat argument name -> option field (``{"ig_steps": "steps"}``): the
             callback's first-class arguments and ``explain()``'s deprecated flat options.
         scores: per-image numbers the method reports about its maps (see :class:`MethodScore`).
@@ -104,6 +109,8 @@ class SaliencyMethod:
     passes: str = "1F + 1B"
     needs_layer: bool = True
     needs_guided_backward: bool = False
+    needs_attention: bool = False
+    class_specific: bool = True
     flat_names: Mapping[str, str] = field(default_factory=dict)
     scores: tuple[MethodScore, ...] = ()
     extras: Mapping[str, str] = field(default_factory=dict)

@@ -88,5 +88,6 @@ register(
         eigencam,
         "EigenCAM: first principal component of the layer (class-agnostic).",
         passes="1F",
+        class_specific=False,
     )
 )

@@ -126,6 +126,14 @@ class ExplainSession:
         self._requested_targets = targets
         self._forward: dict[str, Any] | None = None
         self._cache: dict[str, Tensor] = {}
+        self._shared: dict[str, Any] = {}
+
+    def shared(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``'s value, computed once per ``explain()`` call and shared by every
+        method that asks for ``key`` (a pass that several methods read)."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
 
     def class_scores(self, x: Tensor) -> Tensor:
         """The model's ``(N, classes)`` scores for ``x``, by :func:`as_logits`'s rule."""
@@ -159,6 +167,24 @@ class ExplainSession:
             return (logits * weights.to(logits.device, logits.dtype)).sum(1)
         targets = self.targets if image is None else self.targets[image].expand(len(logits))
         return logits.gather(1, targets[:, None]).squeeze(1)
+
+    def explained_scores(self, output: Any) -> Tensor:
+        """The score each image's map explains, ``(N,)``, from a model output of the images."""
+        return self._target_of_output(output)
+
+    def class_score(self, logits: Tensor, method: str) -> Tensor:
+        """The explained score ``(N,)`` from class scores ``(N, classes)`` that a method computed
+        itself (a block's tokens through the head): the target class's, or the sum of the
+        labels' (multi-hot targets). ``method`` names the method in the error a target
+        function gets."""
+        if self._score_fn is not None:
+            raise SaliencyConfigError(
+                f"{method} scores intermediate tokens by class: it needs class targets, not a "
+                "target function."
+            )
+        if self._weights is not None:
+            return (logits * self._weights.to(logits.device, logits.dtype)).sum(1)
+        return logits.gather(1, self.targets.to(logits.device)[:, None]).squeeze(1)
 
     def target_scores(self, x: Tensor) -> Tensor:
         """The explained score of each image of ``x`` (``(N,)``, the same N as the images)."""
