@@ -84,12 +84,14 @@ FIRING_HEADROOM = 1.5  # learnt cues of the setting seeds fire at this many time
 
 @dataclass(frozen=True)
 class Study:
-    """How the runs of a study watch: ``samples`` fixed samples, ``methods``; its records go
-    to ``benchmarks/results/<name>/``."""
+    """How the runs of a study watch: ``samples`` fixed samples, ``methods``; the model they
+    train (``"cnn"``: the demo's; ``"vit"``: :func:`vit_classifier`); its records go to
+    ``benchmarks/results/<name>/``."""
 
     name: str
     samples: int
     methods: tuple[str, ...]
+    model: str = "cnn"
 
     @property
     def results(self) -> str:
@@ -102,7 +104,19 @@ MAIN = Study("detection", 16, METHODS)
 # the cells where 30 % of each class carries a stamped cue (corner, mark), and the clean
 # controls, watched by Grad-CAM
 SUBCLASS = Study("subclass", 64, ("gradcam",))
-STUDIES = {s.name: s for s in (MAIN, SUBCLASS)}
+# transformers explained as transformers: the corner and mark cells and the clean controls of
+# two carriers, on a small ViT trained from scratch, watched by Grad-CAM on its tokens and by
+# the attention methods; judged with the shipped thresholds on the held-out seeds only
+VIT = Study(
+    "vit",
+    16,
+    ("gradcam", "attention_rollout", "generic_attention", "legrad", "transformer_lrp"),
+    model="vit",
+)
+# the carriers this ViT learns in the benchmark's 6 epochs (on shapes it stays at chance, clean
+# or with a cue: 0/10 runs learnt the mark, 10/10 the corner; the first 40 runs)
+VIT_CARRIERS = ("digits", "faces")
+STUDIES = {s.name: s for s in (MAIN, SUBCLASS, VIT)}
 
 
 @dataclass(frozen=True)
@@ -145,7 +159,38 @@ def cells(study: Study = MAIN) -> list[Cell]:
         out += [Cell(carrier, "none", None), Cell(carrier, "mark", None)]
     if study is SUBCLASS:  # what a group of alike attended crops can show: stamped cues
         out = [c for c in out if c.clean or (c.share != 1.0 and c.cue in ("corner", "mark"))]
+    if study is VIT:  # the fixed and the roaming stamped cue, where they are learnt at p = 1
+        out = [
+            c
+            for c in out
+            if c.carrier in VIT_CARRIERS
+            and (c.clean or (c.cue in ("corner", "mark") and c.p == 1.0 and c.share == 1.0))
+        ]
     return out
+
+
+def vit_classifier(num_classes: int, lr: float) -> Any:
+    """The demo's classifier with a small torchvision ViT in place of its CNN: the carriers'
+    40-px images in 5-px patches (an 8 x 8 grid and a class token), 4 blocks of 4 heads,
+    width 64."""
+    from carriers import SIZE
+    from torchvision.models import VisionTransformer
+
+    from lightning_saliency.demos import ShapesClassifier
+
+    class ViTClassifier(ShapesClassifier):
+        def __init__(self) -> None:
+            super().__init__(num_classes=num_classes, lr=lr)
+            del self.features, self.pool, self.dropout, self.fc
+            self.vit = VisionTransformer(
+                SIZE, SIZE // 8, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
+                num_classes=num_classes,
+            )  # fmt: skip
+
+        def forward(self, x: Any) -> Any:
+            return self.vit(x)
+
+    return ViTClassifier()
 
 
 def _datasets(cell: Cell, seed: int) -> tuple[Any, Any, Any, int, Any]:
@@ -254,7 +299,11 @@ def run(cell: Cell, seed: int, study: Study = MAIN) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as logdir:
         logger = TensorBoardLogger(logdir, name="run", default_hp_metric=False)
         trainer = demo_trainer(EPOCHS, logger, [saliency, watch])
-        trainer.fit(ShapesClassifier(num_classes=k, lr=LR), Data())
+        if study.model == "vit":
+            model = vit_classifier(k, LR)
+        else:
+            model = ShapesClassifier(num_classes=k, lr=LR)
+        trainer.fit(model, Data())
     return {
         "cell": cell.name,
         "carrier": cell.carrier,
@@ -268,6 +317,8 @@ def run(cell: Cell, seed: int, study: Study = MAIN) -> dict[str, Any]:
         "acc": watch.acc,
         "acc_broken": watch.broken,
         "judged": [h.judged for h in saliency.history],
+        # every method's means, also of those that never alarm (class-agnostic ones)
+        "means": [h.means for h in saliency.history],
         "alarms": [  # what the callback raised with its own thresholds during the run
             [e.epoch, e.method, e.score, e.value, e.threshold, e.state] for e in saliency.alarms
         ],
@@ -363,7 +414,8 @@ def set_thresholds(records: Sequence[dict[str, Any]]) -> dict[str, float]:
 def replay(record: dict[str, Any], thresholds: dict[str, float], margin: float) -> list[Any]:
     """The alarm events the callback would raise with ``thresholds`` and clearing ``margin``,
     from the run's judged means (the callback's own :class:`Ledger`)."""
-    from lightning_saliency.evaluate.alarms import Alarm, tripped
+    from lightning_saliency.engine.methods import METHODS
+    from lightning_saliency.evaluate.alarms import LOCATION_SCORES, Alarm, tripped
     from lightning_saliency.evaluate.hysteresis import Ledger
 
     ledger = Ledger("alarm", margin=margin)
@@ -372,7 +424,8 @@ def replay(record: dict[str, Any], thresholds: dict[str, float], margin: float) 
         for method, scores in judged.items():
             for score, threshold in thresholds.items():
                 value = scores.get(score, math.nan)
-                if math.isnan(value):
+                where = score in LOCATION_SCORES and not METHODS[method].location_alarms
+                if math.isnan(value) or where:  # as the monitor: never an alarm for it
                     continue
                 seen[(method, score)] = value
                 if tripped(value, score, threshold):
@@ -515,6 +568,79 @@ def report_subclass(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines + ["", *_summary(records, judged)])
 
 
+def _watched_by(record: dict[str, Any], method: str) -> dict[str, Any]:
+    """The run as if ``method`` alone watched it. A class-agnostic method's scores are never
+    judged (it cannot alarm): its means over every sample stand in, to show what it sees."""
+    key = "judged" if any(j.get(method) for j in record["judged"]) else "means"
+    return {**record, "judged": [{method: j.get(method, {})} for j in record[key]]}
+
+
+def report_vit(records: Sequence[dict[str, Any]]) -> str:
+    """The ViT study's tables: per method, the held-out runs whose learnt cue it caught in
+    time, how many epochs after the cue was learnt, and the clean runs it cried wolf on, with
+    the thresholds the callback ships; then each method against Grad-CAM on the tokens."""
+    from lightning_saliency.evaluate.alarms import default_thresholds
+    from lightning_saliency.evaluate.hysteresis import CLEAR_MARGIN
+
+    thresholds = {s: t for s, t in default_thresholds().items() if s in ALARM_SCORES}
+    held = list(records)  # every seed is held out: no threshold was set on these runs
+    methods = VIT.methods
+    outcome = {
+        (r["cell"], r["seed"], m): judge(_watched_by(r, m), thresholds, CLEAR_MARGIN)
+        for r in held
+        for m in methods
+    }
+    lines = [
+        f"Seeds {min(r['seed'] for r in held)}-{max(r['seed'] for r in held)}, the shipped "
+        f"thresholds and clearing margin {CLEAR_MARGIN:g}. A cell: runs whose cue the method "
+        "caught in time (at most one logged epoch after it was learnt) / runs that learnt it, "
+        "and the epochs from learnt to the first alarm; clean controls: runs with a false "
+        "alarm.",
+        "",
+        "| cell | learnt | " + " | ".join(f"`{m}`" for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for cell in sorted({r["cell"] for r in held}, key=lambda c: (c.split("-")[0], c)):
+        runs = [r for r in held if r["cell"] == cell]
+        clean = runs[0]["clean"]
+        learnt = [r for r in runs if learnt_epoch(r) is not None]
+        row = [cell, "clean" if clean else _rate(len(learnt), len(runs))]
+        for m in methods:
+            found = [outcome[(r["cell"], r["seed"], m)] for r in (runs if clean else learnt)]
+            if clean:
+                row.append(f"{sum(o.first is not None for o in found)}/{len(found)} false")
+                continue
+            lags = [
+                o.first - o.learnt for o in found if o.first is not None and o.learnt is not None
+            ]
+            lag = f", lag {sum(lags) / len(lags):+.1f}" if lags else ""
+            row.append(f"{sum(o.detected for o in found)}/{len(found)}{lag}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Each method against Grad-CAM on the tokens, runs that learnt their cue:", ""]
+    lines += ["| method | earlier | same epoch | later | only it | only Grad-CAM | neither |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    learnt_runs = [r for r in held if learnt_epoch(r) is not None]
+    for m in methods[1:]:
+        counts = [0] * 6
+        for r in learnt_runs:
+            ours = outcome[(r["cell"], r["seed"], m)].first
+            base = outcome[(r["cell"], r["seed"], "gradcam")].first
+            if ours is None or base is None:
+                counts[
+                    3
+                    if base is None and ours is not None
+                    else 4
+                    if ours is None and base is not None
+                    else 5
+                ] += 1
+            else:
+                counts[0 if ours < base else 1 if ours == base else 2] += 1
+        lines.append(f"| `{m}` | " + " | ".join(str(c) for c in counts) + " |")
+    minutes = sum(r.get("seconds", 0.0) for r in records) / 60
+    lines += ["", f"{len(records)} runs, {minutes:.0f} minutes of runs (one core each)."]
+    return "\n".join(lines)
+
+
 def _setting_line(
     what: str,
     setting: Sequence[dict[str, Any]],
@@ -647,7 +773,8 @@ def main(argv: list[str] | None = None) -> str:
                 where = os.path.relpath(path, ROOT)
                 print(f"[{done}/{len(todo)} {elapsed:.0f} s] {where}", flush=True)
     records = load(chosen, range(max(HELD_OUT_SEEDS) + 1), study)
-    text = report(records) if study is MAIN else report_subclass(records)
+    reports = {MAIN.name: report, SUBCLASS.name: report_subclass, VIT.name: report_vit}
+    text = reports[study.name](records)
     print(text)
     if args.write:
         write_readme(text, marker=study.name)

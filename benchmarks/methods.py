@@ -24,7 +24,9 @@ from lightning_saliency import explain
 from lightning_saliency.engine.methods import DEFAULT_METHODS, METHODS
 
 
-def main() -> None:
+def batch_arguments() -> argparse.Namespace:
+    """``--n`` images at ``--size`` px on ``--device`` (2 CPU threads on the CPU): what the
+    per-method cost benchmarks run on."""
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=2)
     p.add_argument("--size", type=int, default=224)
@@ -33,6 +35,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return args
+
+
+def main() -> None:
+    args = batch_arguments()
     from overhead import realistic_resnet18
 
     device = torch.device(args.device)

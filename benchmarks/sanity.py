@@ -3,6 +3,8 @@ test on a model trained here on the generated shapes (no shortcut), and what the
 
     python benchmarks/sanity.py demo       # the demo CNN, 48 px, 4 epochs on 1000 images
     python benchmarks/sanity.py resnet18   # torchvision's resnet18, 64 px, 4 epochs on 3000
+    python benchmarks/sanity.py vit        # a small torchvision ViT, 48 px, 8 epochs on 3000,
+                                           # with the attention methods
 
 Eight held-out images, their labels as targets, the cascade compared at 4 depths (the
 callback's default), IG with 16 steps. Prints Markdown.
@@ -39,6 +41,16 @@ METHODS = (
     "vargrad",
 )
 
+VIT_METHODS = (
+    "gradcam",
+    "attention_rollout",
+    "generic_attention",
+    "legrad",
+    "transformer_lrp",
+    "integrated_gradients",
+    "saliency",
+)
+
 
 def train(model: torch.nn.Module, size: int, epochs: int, lr: float, n: int) -> float:
     """Adam on ``n`` clean shapes; returns the accuracy on 256 held-out ones."""
@@ -62,14 +74,21 @@ def train(model: torch.nn.Module, size: int, epochs: int, lr: float, n: int) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("model", choices=["demo", "resnet18"])
+    p.add_argument("model", choices=["demo", "resnet18", "vit"])
     p.add_argument("--figure", default=None, help="save the sanity check's figure here")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)  # the model's initial weights
+    methods = METHODS
     if args.model == "demo":
         model, size, epochs, lr, n = ShapesClassifier(), 48, 4, 2e-3, 1000
+    elif args.model == "vit":
+        from torchvision.models import VisionTransformer
+
+        model = VisionTransformer(48, 6, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
+                                  num_classes=4)  # fmt: skip
+        size, epochs, lr, n, methods = 48, 8, 1e-3, 3000, VIT_METHODS
     else:
         import torchvision
 
@@ -79,10 +98,10 @@ def main() -> None:
     images = torch.stack([held_out[i]["image"] for i in range(8)])
     labels = held_out.labels[:8]
     start = time.perf_counter()
-    out = explain(model, images, labels, METHODS, ig_steps=16, on_error="collect")
+    out = explain(model, images, labels, methods, ig_steps=16, on_error="collect")
     once = time.perf_counter() - start
     start = time.perf_counter()
-    report = sanity_check(model, images, labels, METHODS, original=out, ig_steps=16)
+    report = sanity_check(model, images, labels, methods, original=out, ig_steps=16)
     checked = time.perf_counter() - start
     start = time.perf_counter()
     faith = faithfulness(model, images, {m: out[m] for m in report.methods}, labels)
@@ -90,7 +109,7 @@ def main() -> None:
     print(
         f"{args.model}: {size} px, trained {epochs} epochs on {n} images, held-out accuracy "
         f"{accuracy:.2f}; "
-        f"8 images; explain() of all {len(METHODS)} methods {once:.1f} s, the sanity check "
+        f"8 images; explain() of all {len(methods)} methods {once:.1f} s, the sanity check "
         f"{checked:.1f} s ({len(report.layers)} depths), faithfulness {faithful:.1f} s\n"
     )
     print(report.table())

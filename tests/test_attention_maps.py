@@ -258,15 +258,22 @@ def test_rollout_is_the_same_map_for_every_target_and_never_alarms():
         assert not torch.allclose(maps[t]["legrad"], maps[0]["legrad"])
     assert not METHODS["attention_rollout"].class_specific
     assert METHODS["generic_attention"].class_specific and METHODS["legrad"].class_specific
-    # the same corner-piled maps: the class-specific method alarms, rollout is only scored
+
+
+def test_where_attention_maps_point_is_logged_never_alarmed():
+    """The same corner-piled maps: Grad-CAM's raise the corner and consensus alarms;
+    rollout's (class-agnostic) and gradient-weighted attention's (it marks where attention
+    rests, sinks included) are scored and shown, and raise none."""
     corner = torch.zeros(4, 32, 32)
     corner[:, :4, :4] = 1.0
     labels = torch.tensor([0, 0, 1, 1])
-    out = Explanations({"attention_rollout": corner, "generic_attention": corner},
-                       torch.eye(2)[labels] * 5, labels)  # fmt: skip
-    report = ScoreMonitor().observe(0, out, labels)
-    assert {e.method for e in report.events} == {"generic_attention"}
-    assert "saliency/attention_rollout/corner_enrichment" in report.metrics
+    maps = {m: corner for m in ("gradcam", "attention_rollout", "generic_attention")}
+    report = ScoreMonitor().observe(0, Explanations(maps, torch.eye(2)[labels] * 5, labels), labels)
+    raised = {(e.method, e.score) for e in report.events}
+    assert raised == {("gradcam", "corner_enrichment"), ("gradcam", "consensus")}
+    for method in maps:
+        assert report.metrics[f"saliency/{method}/corner_enrichment"] > 4.8
+    assert not METHODS["generic_attention"].location_alarms and METHODS["gradcam"].location_alarms
 
 
 # -- what they refuse, at setup ------------------------------------------------------------------
@@ -399,3 +406,22 @@ def test_transformer_lrp_by_hand_on_two_blocks_of_two_heads():
     # the rules change the backward: plain gradient x input is another map
     assert not torch.allclose(out["input_x_gradient"], expected, atol=1e-2 * scale)
     assert METHODS["transformer_lrp"].sign == "signed"
+
+
+@pytest.mark.slow
+def test_a_transformer_watched_without_attention_methods_is_told_so_once(tmp_path, caplog):
+    import ddp_vit_script
+    from helpers import tiny_datamodule, trainer
+
+    from lightning_saliency import SaliencyCallback
+
+    for methods, told in ((["gradcam"], True), (["gradcam", "legrad"], False)):
+        caplog.clear()
+        callback = SaliencyCallback(num_samples=4, methods=methods)
+        trainer(str(tmp_path), [callback], max_epochs=1).fit(
+            ddp_vit_script.ViTClassifier(), tiny_datamodule()
+        )
+        said = [r.getMessage() for r in caplog.records if "vision transformer" in r.getMessage()]
+        assert len(said) == (1 if told else 0), said
+        if told:
+            assert "transformer_lrp" in said[0] and "docs/transformers.md" in said[0]

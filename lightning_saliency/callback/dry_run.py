@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_saliency.callback import arguments
+from lightning_saliency.engine.attention import check_transformer
 from lightning_saliency.engine.explanations import (
     Explanations,
     explain,
@@ -121,6 +122,33 @@ def dry_run(
     return _judge(out, few, target_layer, labels, masks)
 
 
+def attention_advice(model: nn.Module, methods: Sequence[str]) -> str | None:
+    """The line to say when a vision transformer is watched only by methods that do not read
+    its attention (the defaults), or ``None``.
+
+    Examples:
+        >>> from torchvision.models import VisionTransformer
+        >>> vit = VisionTransformer(32, 8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+        >>> attention_advice(vit, ["gradcam"]).split(":")[0]
+        'SaliencyCallback'
+        >>> attention_advice(vit, ["gradcam", "legrad"]) is None
+        True
+    """
+    if any(METHODS[m].needs_attention for m in methods):
+        return None
+    try:
+        check_transformer(model)
+    except SaliencyConfigError:  # no attention these methods can read
+        return None
+    reading = sorted(m for m, spec in METHODS.items() if spec.needs_attention)
+    return (
+        f"SaliencyCallback: {type(model).__name__} is a vision transformer, and no method in "
+        f"methods= reads its attention ({', '.join(reading)} do). On the ViTs of the detection "
+        "benchmark, Grad-CAM on the tokens caught 7 of 23 learnt cues, each attention method "
+        "16 to 19 (docs/transformers.md); add them to methods= to watch it as a transformer."
+    )
+
+
 def _judge(
     out: Explanations,
     few: Tensor,
@@ -172,6 +200,11 @@ def _explain_failure(method: str, error: BaseException, layer: Any, found: str |
             "the model's forward runs part of it under torch.no_grad() (a frozen backbone or "
             f"linear probe); drop {method!r} from methods (layer methods after the no_grad "
             "block still work)."
+        )
+    elif spec.needs_attention:
+        fix = (
+            f"{method} reads every block's attention, and cannot on this model ({what}); "
+            f"drop {method!r} from methods."
         )
     elif spec.needs_layer:
         chosen = layer if isinstance(layer, str) else found

@@ -30,7 +30,7 @@ import lightning as L
 
 from lightning_saliency import console
 from lightning_saliency.callback.capture import SampleCapture
-from lightning_saliency.callback.dry_run import dry_run
+from lightning_saliency.callback.dry_run import attention_advice, dry_run
 from lightning_saliency.callback.failures import FailurePolicy
 from lightning_saliency.callback.record import FitRecord
 from lightning_saliency.callback.samples import (
@@ -247,6 +247,9 @@ class SampleIntake:
             reshape=config.reshape,
             output_transform=config.output_transform,
         )
+        advice = attention_advice(pl_module, config.methods)
+        if advice is not None:
+            self._say(advice)
         self.checked = True
         if explainer.layer_name:
             console.info(f"SaliencyCallback: explaining layer '{explainer.layer_name}'.")

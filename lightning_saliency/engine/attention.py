@@ -40,7 +40,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,7 +52,6 @@ from lightning_saliency.engine.layers import LayerLayout, prefix_tokens_of, read
 from lightning_saliency.errors import SaliencyConfigError
 
 Readout = Literal["class_token", "mean"]
-TokenHead = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -105,18 +104,33 @@ def register_attention(
             f"probabilities must name the submodule fed the attention probabilities, got "
             f"{probabilities!r}."
         )
-    name = implementation if isinstance(implementation, str) else _qualified(implementation)
+    name = implementation if isinstance(implementation, str) else qualified_name(implementation)
     ADAPTERS[name] = AttentionAdapter(probabilities, dict(switches or {}))
 
 
-def _qualified(cls: type) -> str:
+def qualified_name(cls: type) -> str:
+    """``module.Class``: how adapters and token heads name an implementation.
+
+    Examples:
+        >>> qualified_name(nn.MultiheadAttention)
+        'torch.nn.modules.activation.MultiheadAttention'
+    """
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+KNOWN_TRANSFORMERS = frozenset(
+    {
+        "torchvision.models.vision_transformer.VisionTransformer",
+        "timm.models.vision_transformer.VisionTransformer",
+    }
+)
+"""Transformers whose token reading (prefix, readout) and head are known."""
 
 
 def adapter_of(module: nn.Module) -> AttentionAdapter | None:
     """The adapter that reads ``module``: its class's, or the nearest base class's."""
     for cls in type(module).__mro__:
-        found = ADAPTERS.get(_qualified(cls))
+        found = ADAPTERS.get(qualified_name(cls))
         if found is not None:
             return found
     return None
@@ -205,7 +219,7 @@ def check_transformer(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if unread:
         name, module = unread[0]
         raise SaliencyConfigError(
-            f"{kind}'s {name} ({_qualified(type(module))}) looks like an attention module that "
+            f"{kind}'s {name} ({qualified_name(type(module))}) looks like an attention module that "
             "no rule reads: the attention methods read nn.MultiheadAttention and timm's "
             "Attention. Teach them yours with lightning_saliency.register_attention("
             f"{type(module).__name__}, probabilities='<the submodule fed the post-softmax "
@@ -376,7 +390,7 @@ def transformer_of(model: nn.Module) -> nn.Module:
     in it (a ViT inside a ``LightningModule``) that is a known transformer or declares prefix
     tokens (timm's ``num_prefix_tokens``, torchvision's ``class_token``)."""
     for module in model.modules():
-        known = any(_qualified(cls) in TOKEN_HEADS for cls in type(module).__mro__)
+        known = any(qualified_name(cls) in KNOWN_TRANSFORMERS for cls in type(module).__mro__)
         declares = prefix_tokens_of(module) is not None or isinstance(
             getattr(module, "class_token", None), Tensor
         )
@@ -456,61 +470,4 @@ def _checked(
         reading,
         readout_of(transformer, reading.prefix),
         recorder.names,
-    )
-
-
-TOKEN_HEADS: dict[str, Callable[[nn.Module], TokenHead | None]] = {}
-"""Per model class (qualified name): ``model -> (tokens -> class scores)``, for a block's
-tokens; see :func:`token_head`."""
-
-
-def _torchvision_head(model: nn.Module) -> TokenHead | None:
-    encoder, heads = getattr(model, "encoder", None), getattr(model, "heads", None)
-    norm = getattr(encoder, "ln", None)
-    if not isinstance(norm, nn.Module) or not isinstance(heads, nn.Module):
-        return None
-    return lambda tokens: heads(norm(tokens.mean(1)))
-
-
-def _timm_head(model: nn.Module) -> TokenHead | None:
-    parts = [getattr(model, key, None) for key in ("norm", "fc_norm", "head_drop", "head")]
-    if not all(isinstance(part, nn.Module) for part in parts):
-        return None
-    modules: list[nn.Module] = [p for p in parts if isinstance(p, nn.Module)]
-
-    def scores(tokens: Tensor) -> Tensor:
-        pooled = tokens.mean(1)
-        for module in modules:
-            pooled = module(pooled)
-        return pooled
-
-    return scores
-
-
-TOKEN_HEADS["torchvision.models.vision_transformer.VisionTransformer"] = _torchvision_head
-TOKEN_HEADS["timm.models.vision_transformer.VisionTransformer"] = _timm_head
-
-
-def token_head(model: nn.Module) -> TokenHead:
-    """The class scores a block's tokens would give: their mean through the model's final
-    norm and head (torchcam's LeGrad rule for torchvision's ViT; the same for timm's).
-
-    Examples:
-        >>> from torchvision.models import VisionTransformer
-        >>> vit = VisionTransformer(32, 8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8,
-        ...                         num_classes=3)
-        >>> token_head(vit)(torch.zeros(2, 17, 8)).shape
-        torch.Size([2, 3])
-    """
-    transformer = transformer_of(model)
-    for cls in type(transformer).__mro__:
-        make = TOKEN_HEADS.get(_qualified(cls))
-        head = make(transformer) if make is not None else None
-        if head is not None:
-            return head
-    raise SaliencyConfigError(
-        f"{type(model).__name__}: scoring a block's tokens needs the model's final norm and "
-        "head, known for torchvision's and timm's VisionTransformer; for another model add "
-        "lightning_saliency.engine.attention.TOKEN_HEADS['module.Class'] = "
-        "lambda model: (lambda tokens: class scores (N, classes))."
     )

@@ -51,6 +51,15 @@ LOW_IS_BAD = frozenset({"object_enrichment"})
 # *absence* of the others' features gets maps that point nowhere, so its object_enrichment is low
 # while the other classes keep the mean high. The other scores alarm on the mean only.
 PER_CLASS_ALARMS = frozenset({"object_enrichment"})
+# Scores that read only where a map points, not what the decision rests on. A method whose
+# record says ``location_alarms=False`` logs them and never alarms on them: the attention
+# methods' maps also mark where attention rests without mattering (attention sinks in
+# background tokens), and on ViTs trained here (benchmarks/README.md, --study vit) they piled
+# into clean digits' and faces' corners (generic_attention: 19/40 clean runs past the corner
+# threshold), while the probes, which ask the decision, raised none and caught as many cues.
+LOCATION_SCORES = frozenset(
+    {"object_enrichment", "corner_enrichment", "consensus", "attended_consensus"}
+)
 # Scores of a group of images, not of one (:mod:`.strategies`): every image carries its group's
 # value, and the strongest group counts, so they are judged and logged by their largest value.
 GROUP_SCORES = frozenset({"sub_class_stamped_cue"})

@@ -301,6 +301,8 @@ class ScoreMonitor:
         recorded = self._group_means(scores, groups, None) if correct is not None else None
         judged: dict[tuple[str, str], float] = {}
         model = {k: v for k, v in self.thresholds.items() if not rules.is_health(k)}
+        if not METHODS[method].location_alarms:  # where its maps point is not evidence
+            model = {k: v for k, v in model.items() if k not in rules.LOCATION_SCORES}
         health = {k: v for k, v in self.thresholds.items() if rules.is_health(k)}
         # a method's health is judged on every sample, also when it failed the sanity check
         all_means = recorded[0] if recorded is not None else means

@@ -38,9 +38,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_saliency.engine.attention import AttentionPass, attention_pass, token_head
+from lightning_saliency.engine.attention import AttentionPass, attention_pass
 from lightning_saliency.engine.methods.base import MethodOptions, SaliencyMethod, register
 from lightning_saliency.engine.methods.session import ExplainSession, upsample
+from lightning_saliency.engine.token_heads import token_head
 from lightning_saliency.errors import SaliencyConfigError
 
 
@@ -206,6 +207,7 @@ register(
         passes="1F",
         needs_layer=False,
         needs_attention=True,
+        location_alarms=False,
         class_specific=False,
         aliases=("rollout",),
     )
@@ -219,6 +221,7 @@ register(
         passes="1F + 1B",
         needs_layer=False,
         needs_attention=True,
+        location_alarms=False,
         aliases=("chefer", "gradient_weighted_attention"),
     )
 )
@@ -233,5 +236,6 @@ register(
         passes="1F + L B (L = blocks)",
         needs_layer=False,
         needs_attention=True,
+        location_alarms=False,
     )
 )

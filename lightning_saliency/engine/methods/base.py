@@ -84,6 +84,9 @@ class SaliencyMethod:
         needs_guided_backward: whether the shared forward must route ReLUs for guided backprop.
         needs_attention: whether the method reads every block's attention (transformers
             only: :mod:`lightning_saliency.engine.attention` says which).
+        location_alarms: whether scores that read only where a map points (the corner and
+            object scores, consensus) may raise alarms for this method; ``False`` for maps
+            that also mark where attention rests without mattering (the attention methods).
         class_specific: whether a map depends on the class it explains. Class-agnostic maps
             (EigenCAM, attention rollout) are scored and shown, never alarmed: an alarm says
             what the model's decision rests on.
@@ -110,6 +113,7 @@ class SaliencyMethod:
     needs_layer: bool = True
     needs_guided_backward: bool = False
     needs_attention: bool = False
+    location_alarms: bool = True
     class_specific: bool = True
     flat_names: Mapping[str, str] = field(default_factory=dict)
     scores: tuple[MethodScore, ...] = ()

@@ -99,5 +99,6 @@ register_input_method(
     signed=True,
     passes="1F + 1B",
     needs_attention=True,
+    location_alarms=False,
     aliases=("conservative_lrp",),
 )
