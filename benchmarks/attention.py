@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_saliency import explain
+from lightning_saliency.engine.methods import available_attention_methods
 
-METHODS = ("gradcam", "attention_rollout", "generic_attention", "legrad", "transformer_lrp")
+METHODS = ("gradcam", *available_attention_methods())
 
 
 def best_of(run: Callable[[], object], times: int = 3) -> float:

@@ -107,10 +107,12 @@ SUBCLASS = Study("subclass", 64, ("gradcam",))
 # transformers explained as transformers: the corner and mark cells and the clean controls of
 # two carriers, on a small ViT trained from scratch, watched by Grad-CAM on its tokens and by
 # the attention methods; judged with the shipped thresholds on the held-out seeds only
+from lightning_saliency.engine.methods import available_attention_methods  # noqa: E402
+
 VIT = Study(
     "vit",
     16,
-    ("gradcam", "attention_rollout", "generic_attention", "legrad", "transformer_lrp"),
+    ("gradcam", *available_attention_methods()),
     model="vit",
 )
 # the carriers this ViT learns in the benchmark's 6 epochs (on shapes it stays at chance, clean

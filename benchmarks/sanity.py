@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lightning_saliency import explain, faithfulness, sanity_check
 from lightning_saliency.demos.classifier import ShapesClassifier
 from lightning_saliency.demos.shapes import ShortcutShapes
+from lightning_saliency.engine.methods import available_attention_methods
 
 METHODS = (
     "gradcam",
@@ -41,15 +42,7 @@ METHODS = (
     "vargrad",
 )
 
-VIT_METHODS = (
-    "gradcam",
-    "attention_rollout",
-    "generic_attention",
-    "legrad",
-    "transformer_lrp",
-    "integrated_gradients",
-    "saliency",
-)
+VIT_METHODS = ("gradcam", *available_attention_methods(), "integrated_gradients", "saliency")
 
 
 def train(model: torch.nn.Module, size: int, epochs: int, lr: float, n: int) -> float:

@@ -18,8 +18,9 @@ from helpers import tiny_datamodule  # noqa: E402
 
 from lightning_saliency import SaliencyCallback, explain  # noqa: E402
 from lightning_saliency.demos import ShapesClassifier  # noqa: E402
+from lightning_saliency.engine.methods import available_attention_methods  # noqa: E402
 
-METHODS = ["gradcam", "attention_rollout", "generic_attention", "legrad", "transformer_lrp"]
+METHODS = ["gradcam", *available_attention_methods()]
 
 
 class ViTClassifier(ShapesClassifier):

@@ -4,6 +4,7 @@
   al.'s code: both were run once from a snapshot of their repositories on a small timm ViT
   (``fixtures/make_attention_references.py``; the maps, the weights and the commits are in
   ``fixtures/attention_references.pt``).
+- Chefer et al.'s CVPR 2021 transformer attribution against their ``ViT_LRP`` code, the same way.
 - LeGrad against torchcam 0.5.0 on torchvision's ``vit_b_16``.
 - Rollout's row normalisation (where ``vit-explain`` divides columns) by hand on two blocks of
   two heads.
@@ -33,6 +34,8 @@ FIXTURE = torch.load(
     Path(__file__).parent / "fixtures" / "attention_references.pt", weights_only=False
 )
 ATTENTION = ("attention_rollout", "generic_attention", "legrad", "transformer_lrp")
+"""The attention methods that read any attention (transformer_attribution: plain ViTs with a
+linear head on the class token)."""
 
 
 def reference_model() -> nn.Module:
@@ -121,6 +124,79 @@ def test_generic_attention_equals_chefers(which):
     assert torch.allclose(out["generic_attention"], theirs, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["predicted", "next"])
+@pytest.mark.parametrize("start_layer", [0, 1])
+def test_transformer_attribution_equals_chefers_cvpr_code(which, start_layer):
+    attribution = FIXTURE["attribution"]
+    options = {"transformer_attribution": {"start_layer": start_layer}}
+    out = explain(reference_model(), FIXTURE["images"], attribution[f"{which}_targets"],
+                  methods=("transformer_attribution",), method_options=options)  # fmt: skip
+    theirs = attribution[f"{which}_start{start_layer}"].reshape(3, 4, 4).float()
+    assert torch.allclose(out["transformer_attribution"], upsample(theirs, (32, 32)), atol=1e-6)
+
+
+def torchvision_copy(model: nn.Module) -> VisionTransformer:
+    """torchvision's ViT with the fixture's timm weights (the same network, another
+    implementation: nn.MultiheadAttention instead of timm's fused Attention)."""
+    twin = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=128,
+                             num_classes=5).eval()  # fmt: skip
+    timm_state = model.state_dict()
+    state = {
+        "class_token": timm_state["cls_token"],
+        "conv_proj.weight": timm_state["patch_embed.proj.weight"],
+        "conv_proj.bias": timm_state["patch_embed.proj.bias"],
+        "encoder.pos_embedding": timm_state["pos_embed"],
+        "encoder.ln.weight": timm_state["norm.weight"],
+        "encoder.ln.bias": timm_state["norm.bias"],
+        "heads.head.weight": timm_state["head.weight"],
+        "heads.head.bias": timm_state["head.bias"],
+    }
+    names = {
+        "norm1": "ln_1",
+        "norm2": "ln_2",
+        "attn.qkv": "self_attention.in_proj",
+        "attn.proj": "self_attention.out_proj",
+        "mlp.fc1": "mlp.0",
+        "mlp.fc2": "mlp.3",
+    }
+    for key, value in timm_state.items():
+        for theirs, ours in names.items():
+            if key.startswith("blocks.") and f".{theirs}." in key:
+                index, rest = key.split(".")[1], key.split(f".{theirs}.")[1]
+                joined = "_" if ours.startswith("self_attention.in_proj") else "."
+                state[f"encoder.layers.encoder_layer_{index}.{ours}{joined}{rest}"] = value
+    twin.load_state_dict(state)
+    return twin
+
+
+def test_torchvision_and_timm_give_the_same_maps_of_the_same_network():
+    """The fixture's weights in torchvision's ViT: nn.MultiheadAttention, replayed from its
+    weights, reads as timm's explicit attention, so every method that reads attention gives
+    the authors' maps through either implementation."""
+    timm_model = reference_model()
+    twin = torchvision_copy(timm_model)
+    images = FIXTURE["images"]
+    assert torch.allclose(twin(images), timm_model(images), atol=1e-5)
+    methods = ("attention_rollout", "generic_attention", "transformer_attribution",
+               "transformer_lrp")  # fmt: skip
+    a, b = explain(timm_model, images, methods=methods), explain(twin, images, methods=methods)
+    for method in methods:
+        scale = float(a[method].abs().max())
+        assert torch.allclose(a[method], b[method], atol=1e-4 * scale), method
+
+
+def test_transformer_attribution_refuses_what_its_rules_do_not_cover():
+    distilled = timm_vit("deit_tiny_distilled_patch16_224")
+    with pytest.raises(SaliencyConfigError, match="linear head on the class token"):
+        explain(distilled, IMAGES, methods=("transformer_attribution",))
+    scaled = timm_vit(init_values=0.1)  # layer scale: no rule of the authors' covers it
+    with pytest.raises(SaliencyConfigError, match="plain ViT blocks"):
+        explain(scaled, IMAGES, methods=("transformer_attribution",))
+    with pytest.raises(SaliencyConfigError, match="start_layer"):
+        explain(tv_vit(), IMAGES, methods=("transformer_attribution",),
+                method_options={"transformer_attribution": {"start_layer": 2}})  # fmt: skip
+
+
 def test_legrad_equals_torchcam_on_vit_b_16():
     from torchcam.methods import LeGrad
 
@@ -207,14 +283,17 @@ def test_every_implementation_batch_independent_and_put_back(name):
     model, prefix, readout = implementations()[name]
     found = attention_pass(model, IMAGES)
     assert (found.reading.prefix, found.reading.grid, found.readout) == (prefix, (4, 4), readout)
+    methods = ATTENTION + (("transformer_attribution",) if readout == "class_token" else ())
+    if name == "timm_distilled":  # two heads averaged: no single linear head to start from
+        methods = ATTENTION
     before = snapshot(model)
     fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
-    together = explain(model, IMAGES, methods=ATTENTION)
+    together = explain(model, IMAGES, methods=methods)
     assert_same(before, snapshot(model))
     assert fused == [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
     for i in range(len(IMAGES)):
-        alone = explain(model, IMAGES[i : i + 1], together.targets[i : i + 1], ATTENTION)
-        for method in ATTENTION:
+        alone = explain(model, IMAGES[i : i + 1], together.targets[i : i + 1], methods)
+        for method in methods:
             scale = float(together[method][i].abs().max())
             assert scale > 0, (method, "a zero map")
             assert torch.allclose(alone[method][0], together[method][i], atol=1e-5 * scale)

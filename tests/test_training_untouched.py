@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_saliency import DEFAULT_METHODS, SaliencyCallback
+from lightning_saliency.engine.methods import available_attention_methods
 
 SETUPS = (
     "transfer_hook_augmentation",
@@ -43,13 +44,7 @@ SETUPS = (
     "timm_vit",
     "torchvision_vit",
 )
-ATTENTION_METHODS = (
-    "gradcam",
-    "attention_rollout",
-    "generic_attention",
-    "legrad",
-    "transformer_lrp",
-)
+ATTENTION_METHODS = ("gradcam", *available_attention_methods())
 
 
 def _data(n: int, seed: int) -> TensorDataset:

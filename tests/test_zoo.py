@@ -184,6 +184,13 @@ TRANSFORMERS = {
     "timm:levit_128s": "no rule reads",
 }
 TRANSFORMER_ARCHS = [a for a in ZOO if f"{a.library}:{a.name}" in TRANSFORMERS]
+# transformer_attribution follows the authors' rules, which cover plain blocks and one linear
+# head on the class token: DeiT's two averaged heads and the register model (layer scale,
+# a pooled head) are refused
+ATTRIBUTION_REFUSED = {
+    "timm:deit_tiny_distilled_patch16_224": "linear head on the class token",
+    "timm:vit_little_patch16_reg4_gap_256": "plain ViT blocks",  # layer scale, pooled
+}
 
 
 @pytest.mark.slow
@@ -193,13 +200,20 @@ TRANSFORMER_ARCHS = [a for a in ZOO if f"{a.library}:{a.name}" in TRANSFORMERS]
 def test_attention_methods_on_every_transformer(arch):
     model = build(arch)
     images = torch.randn(2, 3, arch.size, arch.size, generator=torch.Generator().manual_seed(1))
-    refused = TRANSFORMERS[f"{arch.library}:{arch.name}"]
+    key = f"{arch.library}:{arch.name}"
+    refused = TRANSFORMERS[key]
     if refused is not None:
-        for method in ATTENTION_METHODS:
+        for method in (*ATTENTION_METHODS, "transformer_attribution"):
             with pytest.raises(SaliencyConfigError, match=refused):
                 explain(model, images, methods=(method,))
         return
-    out = explain(model, images, methods=ATTENTION_METHODS)
+    methods = ATTENTION_METHODS
+    if key in ATTRIBUTION_REFUSED:
+        with pytest.raises(SaliencyConfigError, match=ATTRIBUTION_REFUSED[key]):
+            explain(model, images, methods=("transformer_attribution",))
+    else:
+        methods = (*methods, "transformer_attribution")
+    out = explain(model, images, methods=methods)
     for method, maps in out.items():
         assert maps.shape == (2, arch.size, arch.size), method
         assert bool(torch.isfinite(maps).all()), method

@@ -12,7 +12,7 @@ METHOD_NAMES = (
     "smoothgrad_sq", "vargrad", "ig_smoothgrad_sq", "saliency", "input_x_gradient",
     "guided_backprop", "deconvolution", "deeplift", "gradient_shap", "cam", "iscam", "sscam",
     "smoothgradcam++", "attention_rollout", "generic_attention", "legrad",
-    "transformer_lrp",
+    "transformer_lrp", "transformer_attribution",
 )  # fmt: skip
 DEFAULT_METHODS = ("gradcam", "guided_gradcam", "dff", "integrated_gradients")
 COMMAND = "lightning-saliency explain: a comparison figure of saliency methods for your own images."

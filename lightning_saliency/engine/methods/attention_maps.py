@@ -25,9 +25,9 @@ leave their hooks on the model and read timm's attention only with fused attenti
 by hand; torchcam's LeGrad reads torchvision's ViT only. Here one forward serves the three, on
 the device, batched, for torchvision's and timm's ViTs and any registered attention.
 
-Relevance propagation (Ali et al.'s conservative rules) is ``transformer_lrp``, in its own
-module, which also says why AttnLRP and Chefer et al.'s CVPR 2021 transformer attribution are
-left out.
+Chefer et al.'s CVPR 2021 transformer attribution (attention relevance from an LRP pass) is
+``transformer_attribution`` and relevance propagation by Ali et al.'s conservative rules is
+``transformer_lrp``, each in its own module; the latter says why AttnLRP is left out.
 """
 
 from __future__ import annotations

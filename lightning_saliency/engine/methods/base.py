@@ -195,6 +195,16 @@ def available_methods() -> dict[str, str]:
     return {name: method.description for name, method in sorted(METHODS.items())}
 
 
+def available_attention_methods() -> tuple[str, ...]:
+    """The methods that read a transformer's attention (``needs_attention``), by name.
+
+    Examples:
+        >>> "legrad" in available_attention_methods()
+        True
+    """
+    return tuple(sorted(name for name, method in METHODS.items() if method.needs_attention))
+
+
 def available_options() -> dict[str, dict[str, Any]]:
     """Every method's options with their defaults, as ``method_options`` takes them.
 

@@ -177,14 +177,21 @@ class ExplainSession:
         itself (a block's tokens through the head): the target class's, or the sum of the
         labels' (multi-hot targets). ``method`` names the method in the error a target
         function gets."""
+        weights = self.target_weights(logits.shape[1], method)
+        return (logits * weights.to(logits.device, logits.dtype)).sum(1)
+
+    def target_weights(self, classes: int, method: str) -> Tensor:
+        """``(N, classes)``: what each image's map explains as weights on the class scores, the
+        target's one-hot row or the labels' multi-hot one. ``method`` names the method in the
+        error a target function gets (it has no classes to weigh)."""
         if self._score_fn is not None:
             raise SaliencyConfigError(
-                f"{method} scores intermediate tokens by class: it needs class targets, not a "
-                "target function."
+                f"{method} weighs the class scores: it needs class targets, not a target function."
             )
         if self._weights is not None:
-            return (logits * self._weights.to(logits.device, logits.dtype)).sum(1)
-        return logits.gather(1, self.targets.to(logits.device)[:, None]).squeeze(1)
+            return self._weights.float()
+        eye = torch.eye(classes, device=self.images.device)
+        return eye[self.targets.to(eye.device)]
 
     def target_scores(self, x: Tensor) -> Tensor:
         """The explained score of each image of ``x`` (``(N,)``, the same N as the images)."""

@@ -14,11 +14,10 @@ probabilities detached (:func:`~lightning_saliency.engine.attention.attention_pa
 ``nn.LayerNorm``'s output with its standard deviation detached. The values are the model's own
 (checked, else an error), nothing is patched, and the hooks are gone after.
 
-Left out: AttnLRP (Achtibat et al., ICML 2024) and Chefer et al.'s CVPR 2021 transformer
-attribution. Hooks could apply their rules without patching the model too, but each needs a
-rule of its own for every layer type (AttnLRP: softmax, the attention's bilinear products,
-GELU; Chefer: relevance at the attention maps through a full LRP of the network), and a
-reference run to test it against; these rules are the two detachments above.
+Left out: AttnLRP (Achtibat et al., ICML 2024). Hooks could apply its rules without patching
+the model too (as here, and as ``transformer_attribution`` applies Chefer et al.'s), but it
+needs a rule of its own for softmax, the attention's bilinear products and GELU, and a
+reference run to test them against; these rules are the two detachments above.
 """
 
 from __future__ import annotations
