@@ -26,7 +26,12 @@ from lightning_saliency.engine.explanations import (
     model_dtype,
 )
 from lightning_saliency.engine.layers import LayerSpec, Layout, Reshape
-from lightning_saliency.engine.methods import METHODS, MethodOptions, as_logits
+from lightning_saliency.engine.methods import (
+    METHODS,
+    MethodOptions,
+    as_logits,
+    available_attention_methods,
+)
 from lightning_saliency.engine.methods.session import OutputTransform, TargetFunction
 from lightning_saliency.errors import SaliencyConfigError
 from lightning_saliency.evaluate.monitor import ScoreMonitor
@@ -140,7 +145,7 @@ def attention_advice(model: nn.Module, methods: Sequence[str]) -> str | None:
         check_transformer(model)
     except SaliencyConfigError:  # no attention these methods can read
         return None
-    reading = sorted(m for m, spec in METHODS.items() if spec.needs_attention)
+    reading = available_attention_methods()
     return (
         f"SaliencyCallback: {type(model).__name__} is a vision transformer, and no method in "
         f"methods= reads its attention ({', '.join(reading)} do). On the ViTs of the detection "
