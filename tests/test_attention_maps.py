@@ -341,12 +341,12 @@ def test_rollout_is_the_same_map_for_every_target_and_never_alarms():
 
 def test_where_attention_maps_point_is_logged_never_alarmed():
     """The same corner-piled maps: Grad-CAM's raise the corner and consensus alarms;
-    rollout's (class-agnostic) and gradient-weighted attention's (it marks where attention
-    rests, sinks included) are scored and shown, and raise none."""
+    EigenCAM's and rollout's (class-agnostic) and gradient-weighted attention's (it marks where
+    attention rests, sinks included) are scored and shown, and raise none."""
     corner = torch.zeros(4, 32, 32)
     corner[:, :4, :4] = 1.0
     labels = torch.tensor([0, 0, 1, 1])
-    maps = {m: corner for m in ("gradcam", "attention_rollout", "generic_attention")}
+    maps = {m: corner for m in ("gradcam", "eigencam", "attention_rollout", "generic_attention")}
     report = ScoreMonitor().observe(0, Explanations(maps, torch.eye(2)[labels] * 5, labels), labels)
     raised = {(e.method, e.score) for e in report.events}
     assert raised == {("gradcam", "corner_enrichment"), ("gradcam", "consensus")}
