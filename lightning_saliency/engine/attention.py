@@ -180,9 +180,8 @@ _HEAD_POOLS = ("attn_pool", "head")  # an attention that pools for the head is n
 _WINDOWED = ("window", "partition")  # Swin's windows, MaxViT's window and grid partitions
 
 
-def _unreadable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules named like an attention that no rule reads, outside the readable ones."""
-    readable = [name for name, m in model.named_modules() if name and is_attention(m)]
+def _unreadable(model: nn.Module, readable: list[str]) -> list[tuple[str, nn.Module]]:
+    """Modules named like an attention that no rule reads, outside the ``readable`` ones."""
     found = []
     for name, module in model.named_modules():
         if not name or "attention" not in type(module).__name__.lower() or is_attention(module):
@@ -204,7 +203,8 @@ def check_transformer(model: nn.Module) -> list[tuple[str, nn.Module]]:
         ...
         lightning_saliency.errors.SaliencyConfigError: Sequential has no attention ...
     """
-    unread = _unreadable(model)
+    readable = [(n, m) for n, m in model.named_modules() if n and is_attention(m)]
+    unread = _unreadable(model, [name for name, _ in readable])
     windowed = [n for n, m in unread if any(w in type(m).__name__.lower() for w in _WINDOWED)]
     kind = type(model).__name__
     if windowed:
@@ -225,7 +225,6 @@ def check_transformer(model: nn.Module) -> list[tuple[str, nn.Module]]:
             f"{type(module).__name__}, probabilities='<the submodule fed the post-softmax "
             "probabilities>'), or use a CAM method on a block's tokens."
         )
-    readable = [(n, m) for n, m in model.named_modules() if n and is_attention(m)]
     if not readable:
         raise SaliencyConfigError(
             f"{kind} has no attention module (nn.MultiheadAttention, timm's Attention, or one "
@@ -360,20 +359,38 @@ def _check_multihead(
         raise SaliencyConfigError(f"{name}: attention inputs must be (N, T, C) tokens.")
 
 
+def split_heads(tokens: Tensor, heads: int) -> Tensor:
+    """``(N, T, heads * d)`` -> ``(N, heads, T, d)``, as attention splits its projections.
+
+    Examples:
+        >>> split_heads(torch.zeros(2, 5, 8), 2).shape
+        torch.Size([2, 2, 5, 4])
+    """
+    n, count, width = tokens.shape
+    return tokens.reshape(n, count, heads, width // heads).transpose(1, 2)
+
+
 def _replay(module: nn.MultiheadAttention, probs: Tensor, value: Tensor) -> Tensor:
     """``out_proj(probs @ v)``: the attention's output from the kept probabilities."""
-    batch, tokens, dim = value.shape
+    batch, _, dim = value.shape
     bias = module.in_proj_bias
     v = F.linear(value, module.in_proj_weight[2 * dim :], None if bias is None else bias[2 * dim :])
-    v = v.reshape(batch, tokens, module.num_heads, dim // module.num_heads).transpose(1, 2)
+    v = split_heads(v, module.num_heads)
     mixed = (probs @ v).transpose(1, 2).reshape(batch, probs.shape[-2], dim)
     out: Tensor = module.out_proj(mixed)
     return out
 
 
-def _parent(model: nn.Module, name: str) -> nn.Module:
+def enclosing_module(model: nn.Module, name: str) -> nn.Module:
+    """The module that holds submodule ``name`` of ``model`` (an attention's block).
+
+    Examples:
+        >>> net = nn.Sequential(nn.Sequential(nn.ReLU()))
+        >>> enclosing_module(net, "0.0") is net[0]
+        True
+    """
     parent = name.rpartition(".")[0]
-    return dict(model.named_modules())[parent] if parent else model
+    return model.get_submodule(parent) if parent else model
 
 
 def readout_of(model: nn.Module, prefix: int) -> Readout:
@@ -427,7 +444,7 @@ def attention_pass(
             elif adapter is not None:
                 stack.enter_context(_switched(module, adapter.switches))
                 recorder.watch_adapter(name, module, adapter)
-            recorder.watch_block(index, _parent(model, name))
+            recorder.watch_block(index, enclosing_module(model, name))
         output = model(images)
     order = {name: i for i, (name, _) in enumerate(attention)}
     return _checked(model, images, recorder, output, order)

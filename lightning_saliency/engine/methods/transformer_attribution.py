@@ -38,6 +38,8 @@ from lightning_saliency.engine.attention import (
     AttentionPass,
     attention_pass,
     check_transformer,
+    enclosing_module,
+    split_heads,
     transformer_of,
 )
 from lightning_saliency.engine.methods.base import MethodOptions, SaliencyMethod, register
@@ -143,27 +145,32 @@ def _head(model: nn.Module) -> nn.Linear | None:
 
 
 class _Inputs:
-    """Hooks that record what the rules read, per block, during one forward."""
+    """Hooks that record what the rules read, per block, during one forward: ``seen[block]``
+    maps ``x`` (the block's input), ``attention_in``, ``attention_out``, ``qkv_out``,
+    ``proj_in``, ``fc1_in``, ``fc2_in`` and ``mlp_out`` to their tensors."""
 
     def __init__(self) -> None:
-        self.seen: dict[tuple[int, str], Tensor] = {}
+        self.seen: dict[int, dict[str, Tensor]] = {}
 
     def watch(self, index: int, block: nn.Module, parts: BlockParts) -> list[Any]:
-        def keep(name: str, output: bool = False) -> Any:
-            def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-                value = out if output else args[0]
-                self.seen[(index, name)] = (
-                    value[0] if isinstance(value, tuple) else value
-                ).detach()
+        seen = self.seen.setdefault(index, {})
+
+        def entering(name: str) -> Any:
+            def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+                seen[name] = args[0].detach()
 
             return hook
 
-        def entering(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            self.seen[(index, "x")] = args[0].detach()
+        def keep(name: str, output: bool = False) -> Any:
+            def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+                value = out if output else args[0]
+                seen[name] = (value[0] if isinstance(value, tuple) else value).detach()
 
-        handles = [block.register_forward_pre_hook(entering)]
+            return hook
+
+        handles = [block.register_forward_pre_hook(entering("x"))]
+        handles.append(parts.attention.register_forward_pre_hook(entering("attention_in")))
         handles.append(parts.attention.register_forward_hook(keep("attention_out", True)))
-        handles.append(parts.attention.register_forward_pre_hook(keep_pre(self, index)))
         if parts.qkv is not None:
             handles.append(parts.qkv.register_forward_hook(keep("qkv_out", True)))
         handles.append(parts.proj.register_forward_hook(keep("proj_in")))
@@ -171,15 +178,6 @@ class _Inputs:
         handles.append(parts.fc2.register_forward_hook(keep("fc2_in")))
         handles.append(parts.mlp.register_forward_hook(keep("mlp_out", True)))
         return handles
-
-
-def keep_pre(inputs: _Inputs, index: int) -> Any:
-    """A pre-hook keeping the attention's input (the normed tokens its projections read)."""
-
-    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        inputs.seen[(index, "attention_in")] = args[0].detach()
-
-    return hook
 
 
 @contextlib.contextmanager
@@ -192,11 +190,6 @@ def _recorded(blocks: list[tuple[nn.Module, BlockParts]], inputs: _Inputs) -> It
             handle.remove()
 
 
-def _split_heads(t: Tensor, heads: int) -> Tensor:
-    n, tokens, width = t.shape
-    return t.reshape(n, tokens, heads, width // heads).transpose(1, 2)
-
-
 def _qkv(parts: BlockParts, seen: dict[str, Tensor], heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """The block's queries, keys and values, ``(N, heads, T, d)`` each."""
     if parts.qkv is None:
@@ -206,7 +199,7 @@ def _qkv(parts: BlockParts, seen: dict[str, Tensor], heads: int) -> tuple[Tensor
     else:
         packed = seen["qkv_out"]
     q, k, v = packed.chunk(3, dim=-1)
-    return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+    return split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
 
 
 def _attention_relevance(
@@ -219,7 +212,7 @@ def _attention_relevance(
     heads = probs.shape[1]
     mixed = linear_relevance(seen["proj_in"], parts.proj.weight, relevance)
     q, k, v = _qkv(parts, seen, heads)
-    r_probs, r_v = product_relevance(probs, v, _split_heads(mixed, heads))
+    r_probs, r_v = product_relevance(probs, v, split_heads(mixed, heads))
     r_q, r_k = product_relevance(q, k.transpose(-2, -1), r_probs)
     r_k = r_k.transpose(-2, -1)
     packed = torch.stack([r_q, r_k, r_v]).permute(1, 3, 0, 2, 4)  # (N, T, 3, heads, d)
@@ -240,7 +233,7 @@ def block_relevances(
     out: list[Tensor] = [torch.empty(0)] * len(blocks)
     for index in reversed(range(len(blocks))):
         parts = blocks[index][1]
-        seen = {name: t.float() for (i, name), t in inputs.seen.items() if i == index}
+        seen = {name: t.float() for name, t in inputs.seen[index].items()}
         mid = seen["x"] + seen["attention_out"]
         r_mid, r_mlp = add_relevance(mid, seen["mlp_out"], relevance)
         r_mlp = linear_relevance(seen["fc2_in"], parts.fc2.weight, r_mlp)
@@ -254,10 +247,9 @@ def block_relevances(
 
 
 def _blocks(model: nn.Module, names: list[str]) -> list[tuple[nn.Module, BlockParts]]:
-    modules = dict(model.named_modules())
     blocks = []
     for name in names:
-        block = modules[name.rpartition(".")[0]]
+        block = enclosing_module(model, name)
         parts = _parts(block)
         if parts is None:
             raise SaliencyConfigError(
@@ -322,7 +314,7 @@ def transformer_attribution(session: ExplainSession, options: AttributionOptions
     grads = torch.autograd.grad(score, found.probabilities, allow_unused=True)
     weights = session.target_weights(head.out_features, "transformer_attribution")
     relevance = linear_relevance(captured["head_in"], head.weight.float(), weights)
-    last = inputs.seen[(len(blocks) - 1, "x")]
+    last = inputs.seen[len(blocks) - 1]["x"]
     tokens = torch.zeros(last.shape, device=last.device, dtype=torch.float32)
     tokens[:, 0] = relevance  # the class token's pick passes relevance unchanged
     relevances = block_relevances(blocks, inputs, found, tokens)
